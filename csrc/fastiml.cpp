@@ -1,0 +1,48 @@
+// Op schemas of the fastiml library and the Python module that carries them.
+// Each backend file registers its own dispatch key (ops/cpu/*_kernel.cpp, ops/cuda/*_kernel.cu).
+#include <Python.h>
+#include <torch/library.h>
+
+// Bumped whenever a schema changes: fastiml/ops.py refuses a compiled module of another version.
+#define FASTIML_ABI_VERSION 1
+
+TORCH_LIBRARY(fastiml, m) {
+  // DESIGN 2.1. k, k_label and k_group are None for self-contrast (k is q): the kernels then
+  // use the symmetry of the similarity matrix and return one gradient.
+  m.def("pair_stats(Tensor q, Tensor? k, Tensor q_label, Tensor? k_label, Tensor? q_group, "
+        "Tensor? k_group, float tau, bool exclude_self, bool negatives_only, int ignore_index) "
+        "-> (Tensor lse, Tensor pos_mean, Tensor pos_count)");
+  m.def("pair_stats_backward(Tensor grad_lse, Tensor grad_pos_mean, Tensor q, Tensor? k, "
+        "Tensor q_label, Tensor? k_label, Tensor? q_group, Tensor? k_group, Tensor lse, "
+        "Tensor pos_count, float tau, bool exclude_self, bool negatives_only, int ignore_index, "
+        "bool q_needs_grad, bool k_needs_grad) -> (Tensor grad_q, Tensor grad_k)");
+  // DESIGN 2.2.
+  m.def("contour_mine(Tensor mask, int patch, float lo, float hi, Tensor? valid) "
+        "-> (Tensor frac, Tensor klass)");
+  m.def("contour_band(Tensor mask, int radius, Tensor? valid) -> Tensor");
+  // DESIGN 2.3.
+  m.def("pivot_consistency(Tensor logit_a, Tensor logit_b, Tensor klass, int patch, "
+        "float weight_contour, float weight_other) -> Tensor");
+  m.def("pivot_consistency_backward(Tensor grad, Tensor logit_a, Tensor logit_b, Tensor klass, "
+        "int patch, float weight_contour, float weight_other) -> (Tensor grad_a, Tensor grad_b)");
+}
+
+static PyObject* abi_version(PyObject*, PyObject*) { return PyLong_FromLong(FASTIML_ABI_VERSION); }
+
+static PyObject* compiled_with_cuda(PyObject*, PyObject*) {
+#ifdef WITH_CUDA
+  Py_RETURN_TRUE;
+#else
+  Py_RETURN_FALSE;
+#endif
+}
+
+static PyMethodDef methods[] = {
+    {"abi_version", abi_version, METH_NOARGS, "Schema version of this compiled module."},
+    {"compiled_with_cuda", compiled_with_cuda, METH_NOARGS, "Whether CUDA kernels were built."},
+    {nullptr, nullptr, 0, nullptr}};
+
+static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, methods};
+
+// Importing the module loads the library, which runs the registrations above.
+PyMODINIT_FUNC PyInit__C(void) { return PyModule_Create(&module); }

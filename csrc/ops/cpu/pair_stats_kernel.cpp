@@ -1,0 +1,393 @@
+// pair_stats on the CPU: tiles of rows spread over threads, tiles of columns walked with an online
+// log-sum-exp. Each tile's similarities come from one float32 (float64 for double inputs) matrix
+// product; half inputs are converted a tile at a time. Nothing of size N x M is ever allocated.
+//
+// Two schedules:
+//  * general: a chunk of threads' work owns whole row tiles and walks every column tile;
+//  * self (k is q): only tiles on or above the diagonal are computed, each one feeding the rows
+//    of both its row tile and its column tile (the similarity matrix and the masks are
+//    symmetric). Forward needs a fixed log-sum-exp shift for that (see kMaxFixedShiftSpan), so
+//    that partial sums of one row from several chunks simply add up.
+// Results are deterministic for a given number of threads.
+#include <ATen/ATen.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <vector>
+
+#include "ops/pair_stats_host.h"
+#include "ops/pair_stats.h"
+
+namespace fastiml {
+namespace pair_stats {
+namespace {
+
+constexpr int64_t kTile = 256;
+// Upper bound on the per-chunk gradient accumulators of the self backward.
+constexpr int64_t kAccumulatorBudgetBytes = int64_t(256) << 20;
+
+int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// Rows [start, start + len) of x in the accumulation dtype: a view when x already is, else a
+// converted copy of just this tile.
+at::Tensor tile_rows(const at::Tensor& x, int64_t start, int64_t len, at::ScalarType acc) {
+  at::Tensor t = x.narrow(0, start, len);
+  return t.scalar_type() == acc ? t : t.to(acc);
+}
+
+// A contiguous rows x cols matrix over the front of a scratch buffer.
+at::Tensor scratch_matrix(const at::Tensor& buffer, int64_t rows, int64_t cols) {
+  return buffer.narrow(0, 0, rows * cols).view({rows, cols});
+}
+
+// Splits `count` work items into `chunks` contiguous ranges of near-equal size.
+std::pair<int64_t, int64_t> chunk_range(int64_t count, int64_t chunks, int64_t chunk) {
+  return {count * chunk / chunks, count * (chunk + 1) / chunks};
+}
+
+// Calls fn(r, c) for the upper-triangular tile pairs (c >= r) with linear index in [begin, end).
+template <typename Fn>
+void for_upper_pairs(int64_t tiles, int64_t begin, int64_t end, Fn fn) {
+  int64_t index = 0;
+  for (int64_t r = 0; r < tiles && index < end; ++r) {
+    const int64_t row_pairs = tiles - r;
+    if (index + row_pairs <= begin) {
+      index += row_pairs;
+      continue;
+    }
+    for (int64_t c = r; c < tiles; ++c, ++index) {
+      if (index >= begin && index < end) fn(r, c);
+    }
+  }
+}
+
+// Per-row running sums of one chunk of work.
+template <typename acc_t>
+struct RowSums {
+  std::vector<acc_t> max, sum, pos_sum;
+  std::vector<int32_t> pos_count;
+  explicit RowSums(int64_t n, acc_t initial_max)
+      : max(n, initial_max), sum(n, 0), pos_sum(n, 0), pos_count(n, 0) {}
+};
+
+// Forward epilogue of one tile: scales s by 1/tau and adds each row's terms to `rows`; with
+// `mirror`, also adds each column's terms (the transposed tile) to `cols` at the column indices.
+// `fixed` selects a constant shift over the running max (required with mirror).
+template <typename acc_t, bool mirror, bool fixed>
+void forward_tile(acc_t* s, int64_t r0, int64_t br, int64_t c0, int64_t bc, const Codes& codes,
+                  acc_t inv_tau, acc_t shift, bool exclude_self, bool negatives_only,
+                  RowSums<acc_t>& rows, RowSums<acc_t>& cols) {
+  const int32_t* klab = codes.col_label + c0;
+  const int32_t* kgrp = codes.col_group + c0;
+  acc_t* col_sum = cols.sum.data() + c0;
+  acc_t* col_pos_sum = cols.pos_sum.data() + c0;
+  int32_t* col_pos_count = cols.pos_count.data() + c0;
+  for (int64_t ii = 0; ii < br; ++ii) {
+    const int64_t i = r0 + ii;
+    const int32_t li = codes.row_label[i], gi = codes.row_group[i];
+    if (gi < 0) continue;  // ignored row
+    acc_t* srow = s + ii * bc;
+    const int64_t self_j = exclude_self ? i - c0 : -1;  // column index of i in this tile
+    acc_t m = fixed ? shift : rows.max[i];
+    if (!fixed) {
+      acc_t tile_max = neg_inf<acc_t>();
+      for (int64_t jj = 0; jj < bc; ++jj) {
+        const PairMask pm = pair_mask(li, gi, klab[jj], kgrp[jj], jj == self_j, negatives_only);
+        const acc_t v = srow[jj] * inv_tau;
+        tile_max = (pm.den && v > tile_max) ? v : tile_max;
+      }
+      lse_raise_max(rows.max[i], rows.sum[i], tile_max);
+      m = rows.max[i];
+      if (m == neg_inf<acc_t>()) m = 0;  // nothing in the denominator yet: any shift works
+    }
+    acc_t sum = 0, pos_sum = 0;
+    int32_t pos_count = 0;
+    for (int64_t jj = 0; jj < bc; ++jj) {
+      const PairMask pm = pair_mask(li, gi, klab[jj], kgrp[jj], jj == self_j, negatives_only);
+      const acc_t v = srow[jj] * inv_tau;
+      const acc_t e = pm.den ? exp_acc(v - m) : acc_t(0);
+      const acc_t p = pm.pos ? v : acc_t(0);
+      sum += e;
+      pos_sum += p;
+      pos_count += pm.pos;
+      if (mirror) {
+        col_sum[jj] += e;
+        col_pos_sum[jj] += p;
+        col_pos_count[jj] += pm.pos;
+      }
+    }
+    rows.sum[i] += sum;
+    rows.pos_sum[i] += pos_sum;
+    rows.pos_count[i] += pos_count;
+  }
+}
+
+// Backward epilogue: overwrites the raw products s with G (general) or with G + G^T (self).
+template <typename acc_t, bool symmetric>
+void gradient_tile(acc_t* s, int64_t r0, int64_t br, int64_t c0, int64_t bc, const Codes& codes,
+                   acc_t inv_tau, bool exclude_self, bool negatives_only,
+                   const RowGrad<acc_t>* row_grads) {
+  const int32_t* klab = codes.col_label + c0;
+  const int32_t* kgrp = codes.col_group + c0;
+  const RowGrad<acc_t>* col_grads = row_grads + c0;  // self: columns are rows too
+  for (int64_t ii = 0; ii < br; ++ii) {
+    const int64_t i = r0 + ii;
+    acc_t* srow = s + ii * bc;
+    const int32_t li = codes.row_label[i], gi = codes.row_group[i];
+    if (gi < 0) {
+      std::fill(srow, srow + bc, acc_t(0));
+      continue;
+    }
+    const RowGrad<acc_t> ri = row_grads[i];
+    const int64_t self_j = exclude_self ? i - c0 : -1;
+    for (int64_t jj = 0; jj < bc; ++jj) {
+      const PairMask pm = pair_mask(li, gi, klab[jj], kgrp[jj], jj == self_j, negatives_only);
+      const acc_t v = srow[jj] * inv_tau;
+      acc_t g = pair_grad(v, ri, pm);
+      if (symmetric) g += pair_grad(v, col_grads[jj], pm);
+      srow[jj] = g;
+    }
+  }
+}
+
+struct Problem {
+  at::Tensor q, k;  // k is q in self mode
+  bool self;
+  int64_t n, m, d;
+  double tau;
+  bool exclude_self, negatives_only;
+  at::ScalarType acc;
+};
+
+template <typename acc_t>
+std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_impl(const Problem& p, const Codes& codes) {
+  const auto stat_options = p.q.options().dtype(p.acc);
+  at::Tensor lse = at::empty({p.n}, stat_options);
+  at::Tensor pos_mean = at::empty({p.n}, stat_options);
+  at::Tensor pos_count = at::empty({p.n}, p.q.options().dtype(at::kLong));
+
+  const acc_t inv_tau = acc_t(1.0 / p.tau);
+  const double bound = max_row_norm(p.q) * (p.self ? max_row_norm(p.q) : max_row_norm(p.k)) / p.tau;
+  const bool fixed = 2.0 * bound <= kMaxFixedShiftSpan;
+  const bool symmetric = p.self && fixed;
+  const acc_t shift = fixed ? acc_t(bound) : acc_t(0);
+
+  const int64_t row_tiles = ceil_div(p.n, kTile), col_tiles = ceil_div(p.m, kTile);
+  const int64_t items = symmetric ? row_tiles * (row_tiles + 1) / 2 : row_tiles;
+  const int64_t chunks = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), items));
+  const acc_t initial_max = fixed ? shift : neg_inf<acc_t>();
+  std::vector<RowSums<acc_t>> sums;
+  sums.reserve(chunks);
+  for (int64_t c = 0; c < chunks; ++c) sums.emplace_back(p.n, initial_max);
+
+  at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
+    at::Tensor buffer = at::empty({kTile * kTile}, stat_options);
+    acc_t* s = buffer.data_ptr<acc_t>();
+    for (int64_t chunk = begin; chunk < end; ++chunk) {
+      RowSums<acc_t>& acc = sums[chunk];
+      auto [first, last] = chunk_range(items, chunks, chunk);
+      auto tile = [&](int64_t r, int64_t c, bool mirror) {
+        const int64_t r0 = r * kTile, br = std::min(kTile, p.n - r0);
+        const int64_t c0 = c * kTile, bc = std::min(kTile, p.m - c0);
+        at::Tensor S = scratch_matrix(buffer, br, bc);
+        at::mm_out(S, tile_rows(p.q, r0, br, p.acc), tile_rows(p.k, c0, bc, p.acc).t());
+        const bool excl = p.exclude_self;
+        if (mirror)
+          forward_tile<acc_t, true, true>(s, r0, br, c0, bc, codes, inv_tau, shift, excl,
+                                          p.negatives_only, acc, acc);
+        else if (fixed)
+          forward_tile<acc_t, false, true>(s, r0, br, c0, bc, codes, inv_tau, shift, excl,
+                                           p.negatives_only, acc, acc);
+        else
+          forward_tile<acc_t, false, false>(s, r0, br, c0, bc, codes, inv_tau, shift, excl,
+                                            p.negatives_only, acc, acc);
+      };
+      if (symmetric) {
+        for_upper_pairs(row_tiles, first, last, [&](int64_t r, int64_t c) { tile(r, c, c != r); });
+      } else {
+        for (int64_t r = first; r < last; ++r)
+          for (int64_t c = 0; c < col_tiles; ++c) tile(r, c, false);
+      }
+    }
+  });
+
+  acc_t* lse_p = lse.data_ptr<acc_t>();
+  acc_t* mean_p = pos_mean.data_ptr<acc_t>();
+  int64_t* count_p = pos_count.data_ptr<int64_t>();
+  at::parallel_for(0, p.n, 4096, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      acc_t m = neg_inf<acc_t>(), l = 0, ps = 0;
+      int64_t pc = 0;
+      for (const auto& a : sums) {
+        lse_merge(m, l, a.max[i], a.sum[i]);
+        ps += a.pos_sum[i];
+        pc += a.pos_count[i];
+      }
+      lse_p[i] = lse_finish(m, l);
+      mean_p[i] = pc > 0 ? ps / acc_t(pc) : acc_t(0);
+      count_p[i] = pc;
+    }
+  });
+  return {lse, pos_mean, pos_count};
+}
+
+template <typename acc_t>
+std::vector<RowGrad<acc_t>> row_grads_of(const at::Tensor& grad_lse, const at::Tensor& grad_pos,
+                                         const at::Tensor& lse, const at::Tensor& pos_count) {
+  const int64_t n = lse.size(0);
+  auto gl = grad_lse.to(lse.scalar_type()).contiguous();
+  auto gp = grad_pos.to(lse.scalar_type()).contiguous();
+  auto l = lse.contiguous();
+  auto pc = pos_count.contiguous();
+  std::vector<RowGrad<acc_t>> out(n);
+  for (int64_t i = 0; i < n; ++i)
+    out[i] = row_grad(gl.data_ptr<acc_t>()[i], l.data_ptr<acc_t>()[i], gp.data_ptr<acc_t>()[i],
+                      pc.data_ptr<int64_t>()[i]);
+  return out;
+}
+
+// Self mode: grad = (G + G^T) X / tau over the upper tiles, each tile adding to both its row
+// tile and (transposed) its column tile, into one accumulator per chunk.
+template <typename acc_t>
+at::Tensor backward_self(const Problem& p, const Codes& codes,
+                         const std::vector<RowGrad<acc_t>>& rg) {
+  const auto options = p.q.options().dtype(p.acc);
+  const int64_t tiles = ceil_div(p.n, kTile);
+  const int64_t items = tiles * (tiles + 1) / 2;
+  const int64_t bytes = std::max<int64_t>(1, p.n * p.d * int64_t(sizeof(acc_t)));
+  const int64_t chunks = std::max<int64_t>(
+      1, std::min({int64_t(at::get_num_threads()), items, kAccumulatorBudgetBytes / bytes}));
+  std::vector<at::Tensor> grads(chunks);
+  const acc_t inv_tau = acc_t(1.0 / p.tau);
+  at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
+    at::Tensor buffer = at::empty({kTile * kTile}, options);
+    for (int64_t chunk = begin; chunk < end; ++chunk) {
+      at::Tensor grad = at::zeros({p.n, p.d}, options);
+      auto [first, last] = chunk_range(items, chunks, chunk);
+      for_upper_pairs(tiles, first, last, [&](int64_t r, int64_t c) {
+        const int64_t r0 = r * kTile, br = std::min(kTile, p.n - r0);
+        const int64_t c0 = c * kTile, bc = std::min(kTile, p.n - c0);
+        at::Tensor xr = tile_rows(p.q, r0, br, p.acc), xc = tile_rows(p.q, c0, bc, p.acc);
+        at::Tensor H = scratch_matrix(buffer, br, bc);
+        at::mm_out(H, xr, xc.t());
+        gradient_tile<acc_t, true>(H.data_ptr<acc_t>(), r0, br, c0, bc, codes, inv_tau,
+                                   p.exclude_self, p.negatives_only, rg.data());
+        grad.narrow(0, r0, br).addmm_(H, xc);
+        if (c != r) grad.narrow(0, c0, bc).addmm_(H.t(), xr);
+      });
+      grads[chunk] = grad;
+    }
+  });
+  at::Tensor total = grads[0];
+  for (int64_t c = 1; c < chunks; ++c) total.add_(grads[c]);
+  return total.mul_(inv_tau).to(p.q.scalar_type());
+}
+
+// General mode: dq from a pass over row tiles, dk from a pass over column tiles; each pass
+// recomputes its tiles, so no two threads ever write the same rows.
+template <typename acc_t>
+at::Tensor backward_general(const Problem& p, const Codes& codes,
+                            const std::vector<RowGrad<acc_t>>& rg, bool for_k) {
+  const auto options = p.q.options().dtype(p.acc);
+  const int64_t own_len = for_k ? p.m : p.n;
+  const int64_t other_len = for_k ? p.n : p.m;
+  const int64_t own_tiles = ceil_div(own_len, kTile), other_tiles = ceil_div(other_len, kTile);
+  at::Tensor grad = at::zeros({own_len, p.d}, options);
+  const acc_t inv_tau = acc_t(1.0 / p.tau);
+  at::parallel_for(0, own_tiles, 1, [&](int64_t begin, int64_t end) {
+    at::Tensor buffer = at::empty({kTile * kTile}, options);
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t o0 = t * kTile, bo = std::min(kTile, own_len - o0);
+      at::Tensor own = grad.narrow(0, o0, bo);
+      for (int64_t u = 0; u < other_tiles; ++u) {
+        const int64_t x0 = u * kTile, bx = std::min(kTile, other_len - x0);
+        const int64_t r0 = for_k ? x0 : o0, br = for_k ? bx : bo;
+        const int64_t c0 = for_k ? o0 : x0, bc = for_k ? bo : bx;
+        at::Tensor qr = tile_rows(p.q, r0, br, p.acc), kc = tile_rows(p.k, c0, bc, p.acc);
+        at::Tensor G = scratch_matrix(buffer, br, bc);
+        at::mm_out(G, qr, kc.t());
+        gradient_tile<acc_t, false>(G.data_ptr<acc_t>(), r0, br, c0, bc, codes, inv_tau,
+                                    p.exclude_self, p.negatives_only, rg.data());
+        if (for_k)
+          own.addmm_(G.t(), qr);
+        else
+          own.addmm_(G, kc);
+      }
+    }
+  });
+  return grad.mul_(inv_tau).to(for_k ? p.k.scalar_type() : p.q.scalar_type());
+}
+
+Problem make_problem(const at::Tensor& q, const std::optional<at::Tensor>& k, double tau,
+                     bool exclude_self, bool negatives_only) {
+  // Detached: the tile products are internal, and worker threads do not inherit guards.
+  Problem p;
+  p.q = q.detach();
+  p.self = !k.has_value();
+  p.k = p.self ? p.q : k->detach();
+  p.n = q.size(0);
+  p.m = p.k.size(0);
+  p.d = q.size(1);
+  p.tau = tau;
+  p.exclude_self = exclude_self;
+  p.negatives_only = negatives_only;
+  p.acc = at::toOpMathType(q.scalar_type());
+  return p;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> pair_stats_cpu(
+    const at::Tensor& q, const std::optional<at::Tensor>& k, const at::Tensor& q_label,
+    const std::optional<at::Tensor>& k_label, const std::optional<at::Tensor>& q_group,
+    const std::optional<at::Tensor>& k_group, double tau, bool exclude_self, bool negatives_only,
+    int64_t ignore_index) {
+  check_pair_stats_inputs(q, k, q_label, k_label, q_group, k_group, tau, exclude_self);
+  const Problem p = make_problem(q, k, tau, exclude_self, negatives_only);
+  const CodeTensors codes = make_codes(q_label, k_label, q_group, k_group, ignore_index);
+  std::tuple<at::Tensor, at::Tensor, at::Tensor> out;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "pair_stats_cpu",
+                                  [&] {
+                                    using acc_t = at::opmath_type<scalar_t>;
+                                    out = forward_impl<acc_t>(p, codes.view());
+                                  });
+  return out;
+}
+
+std::tuple<at::Tensor, at::Tensor> pair_stats_backward_cpu(
+    const at::Tensor& grad_lse, const at::Tensor& grad_pos_mean, const at::Tensor& q,
+    const std::optional<at::Tensor>& k, const at::Tensor& q_label,
+    const std::optional<at::Tensor>& k_label, const std::optional<at::Tensor>& q_group,
+    const std::optional<at::Tensor>& k_group, const at::Tensor& lse, const at::Tensor& pos_count,
+    double tau, bool exclude_self, bool negatives_only, int64_t ignore_index, bool q_needs_grad,
+    bool k_needs_grad) {
+  check_pair_stats_inputs(q, k, q_label, k_label, q_group, k_group, tau, exclude_self);
+  check_pair_stats_grads(grad_lse, grad_pos_mean, lse, pos_count, q.size(0));
+  const Problem p = make_problem(q, k, tau, exclude_self, negatives_only);
+  const CodeTensors codes = make_codes(q_label, k_label, q_group, k_group, ignore_index);
+  at::Tensor grad_q = at::Tensor(), grad_k = at::Tensor();
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kHalf, at::kBFloat16, q.scalar_type(), "pair_stats_backward_cpu", [&] {
+        using acc_t = at::opmath_type<scalar_t>;
+        const auto rg = row_grads_of<acc_t>(grad_lse, grad_pos_mean, lse, pos_count);
+        if (p.self) {
+          if (q_needs_grad) grad_q = backward_self<acc_t>(p, codes.view(), rg);
+        } else {
+          if (q_needs_grad) grad_q = backward_general<acc_t>(p, codes.view(), rg, false);
+          if (k_needs_grad) grad_k = backward_general<acc_t>(p, codes.view(), rg, true);
+        }
+      });
+  // Unrequested gradients come back as empty tensors (the schema returns Tensors).
+  if (!grad_q.defined()) grad_q = at::empty({0}, q.options());
+  if (!grad_k.defined()) grad_k = at::empty({0}, q.options());
+  return {grad_q, grad_k};
+}
+
+}  // namespace
+}  // namespace pair_stats
+}  // namespace fastiml
+
+TORCH_LIBRARY_IMPL(fastiml, CPU, m) {
+  m.impl("pair_stats", &fastiml::pair_stats::pair_stats_cpu);
+  m.impl("pair_stats_backward", &fastiml::pair_stats::pair_stats_backward_cpu);
+}

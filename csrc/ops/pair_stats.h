@@ -1,0 +1,88 @@
+// pair_stats: the math shared by the CPU and CUDA kernels (DESIGN 2.1).
+//
+// Rows q_i and columns k_j carry int32 *codes*: labels compacted to small integers and groups
+// compacted to codes >= 0, where an ignored row or column (label == ignore_index) gets the group
+// code kIgnored. A row with a negative group code is skipped; a column with one never matches a
+// row's group, so it is never counted.
+#pragma once
+
+#include "ops/common.h"
+
+namespace fastiml {
+namespace pair_stats {
+
+constexpr int32_t kIgnored = -1;
+
+struct PairMask {
+  bool den;  // j is in the log-sum-exp denominator of row i
+  bool pos;  // j is a positive of row i
+};
+
+// Which sums column j joins for row i. `same_index` is (exclude_self && i == j).
+FASTIML_HD PairMask pair_mask(int32_t row_label, int32_t row_group, int32_t col_label,
+                              int32_t col_group, bool same_index, bool negatives_only) {
+  const bool counted = (col_group == row_group) && !same_index;
+  const bool same = col_label == row_label;
+  return {counted && !(negatives_only && same), counted && same};
+}
+
+// Online log-sum-exp (FlashAttention): raise the running max m to `tile_max`, rescaling the
+// running sum l so that l * exp(m) is unchanged.
+template <typename T>
+FASTIML_HD void lse_raise_max(T& m, T& l, T tile_max) {
+  if (tile_max > m) {
+    l = (m == neg_inf<T>()) ? T(0) : l * exp_acc(m - tile_max);
+    m = tile_max;
+  }
+}
+
+// Merges the partial state (m2, l2) into (m, l).
+template <typename T>
+FASTIML_HD void lse_merge(T& m, T& l, T m2, T l2) {
+  if (l2 == T(0)) return;
+  if (l == T(0)) {
+    m = m2;
+    l = l2;
+    return;
+  }
+  const T mx = m > m2 ? m : m2;
+  l = l * exp_acc(m - mx) + l2 * exp_acc(m2 - mx);
+  m = mx;
+}
+
+// log(l * exp(m)); an empty denominator (l == 0) gives -inf.
+template <typename T>
+FASTIML_HD T lse_finish(T m, T l) {
+  return l > T(0) ? m + log_acc(l) : neg_inf<T>();
+}
+
+// A fixed shift may replace the running max when every similarity lies in [-bound, bound]
+// (bound = max|q| max|k| / tau): then exp(s - bound) >= exp(-2 bound) stays a normal float32
+// for 2 bound <= kMaxFixedShiftSpan (normalised rows and tau >= 0.025).
+constexpr double kMaxFixedShiftSpan = 80.0;
+
+// Per-row factors of the backward: G_ij = a_i exp(s_ij - lse_i) [j in den] + b_i [j positive],
+// with a_i = dL/dlse_i and b_i = (dL/dpos_mean_i) / pos_count_i. Rows with an empty denominator
+// or no positive contribute nothing (and must not turn -inf or 0 into NaN).
+template <typename T>
+struct RowGrad {
+  T a, b, lse;
+};
+
+template <typename T>
+FASTIML_HD RowGrad<T> row_grad(T grad_lse, T lse, T grad_pos_mean, int64_t pos_count) {
+  const bool finite = lse > neg_inf<T>();
+  return {finite ? grad_lse : T(0), pos_count > 0 ? grad_pos_mean / T(pos_count) : T(0),
+          finite ? lse : T(0)};
+}
+
+// dL/ds_ij for one (row, column) pair.
+template <typename T>
+FASTIML_HD T pair_grad(T s, const RowGrad<T>& row, PairMask mask) {
+  // The exp argument is selected before the call: a non-denominator entry may exceed lse.
+  const T e = exp_acc(mask.den ? s - row.lse : T(-87));
+  return (mask.den ? row.a * e : T(0)) + (mask.pos ? row.b : T(0));
+}
+
+}  // namespace pair_stats
+}  // namespace fastiml

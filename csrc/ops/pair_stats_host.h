@@ -1,0 +1,122 @@
+// pair_stats host-side helpers used by both backends: argument checks and the compaction of
+// labels and groups to the int32 codes of ops/pair_stats.h.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <optional>
+
+#include "ops/pair_stats.h"
+
+namespace fastiml {
+namespace pair_stats {
+
+// The op's own checks, for callers of torch.ops.fastiml.* who bypass fastiml.ops (which raises
+// ValueError/TypeError with the same content first).
+inline void check_pair_stats_inputs(const at::Tensor& q, const std::optional<at::Tensor>& k,
+                                    const at::Tensor& q_label,
+                                    const std::optional<at::Tensor>& k_label,
+                                    const std::optional<at::Tensor>& q_group,
+                                    const std::optional<at::Tensor>& k_group, double tau,
+                                    bool exclude_self) {
+  TORCH_CHECK(q.dim() == 2, "pair_stats: q must be 2-D [N, D], got ", q.dim(), "-D");
+  TORCH_CHECK(at::isFloatingType(q.scalar_type()), "pair_stats: q must be floating, got ",
+              q.scalar_type());
+  TORCH_CHECK(tau > 0, "pair_stats: tau must be > 0, got ", tau);
+  TORCH_CHECK(q_label.dim() == 1 && q_label.size(0) == q.size(0) &&
+                  q_label.scalar_type() == at::kLong,
+              "pair_stats: q_label must be int64 [", q.size(0), "], got ", q_label.scalar_type(),
+              " ", q_label.sizes());
+  TORCH_CHECK(q_label.device() == q.device(), "pair_stats: q_label must be on ", q.device());
+  TORCH_CHECK(k.has_value() == k_label.has_value(),
+              "pair_stats: k and k_label must both be given, or both None (self-contrast)");
+  TORCH_CHECK(!q_group.has_value() || q_group->sizes() == q_label.sizes(),
+              "pair_stats: q_group must be int64 [", q.size(0), "]");
+  int64_t m = q.size(0);
+  if (k.has_value()) {
+    TORCH_CHECK(k->dim() == 2 && k->size(1) == q.size(1), "pair_stats: k must be [M, ",
+                q.size(1), "], got ", k->sizes());
+    TORCH_CHECK(k->scalar_type() == q.scalar_type() && k->device() == q.device(),
+                "pair_stats: k must have q's dtype and device");
+    m = k->size(0);
+    TORCH_CHECK(k_label->dim() == 1 && k_label->size(0) == m &&
+                    k_label->scalar_type() == at::kLong && k_label->device() == q.device(),
+                "pair_stats: k_label must be int64 [", m, "] on ", q.device());
+    TORCH_CHECK(q_group.has_value() == k_group.has_value(),
+                "pair_stats: q_group and k_group must both be given or both None");
+    TORCH_CHECK(!k_group.has_value() || k_group->sizes() == k_label->sizes(),
+                "pair_stats: k_group must be int64 [", m, "]");
+  } else {
+    TORCH_CHECK(!k_group.has_value(), "pair_stats: k_group given without k");
+  }
+  for (const auto* g : {&q_group, &k_group}) {
+    TORCH_CHECK(!g->has_value() || ((*g)->scalar_type() == at::kLong &&
+                                    (*g)->device() == q.device()),
+                "pair_stats: groups must be int64 on ", q.device());
+  }
+  TORCH_CHECK(!exclude_self || m == q.size(0),
+              "pair_stats: exclude_self needs q and k of equal length, got ", q.size(0), " and ",
+              m);
+}
+
+inline void check_pair_stats_grads(const at::Tensor& grad_lse, const at::Tensor& grad_pos_mean,
+                                   const at::Tensor& lse, const at::Tensor& pos_count, int64_t n) {
+  for (const auto* t : {&grad_lse, &grad_pos_mean, &lse, &pos_count})
+    TORCH_CHECK(t->dim() == 1 && t->size(0) == n,
+                "pair_stats_backward: statistics and their gradients must be [", n, "]");
+  TORCH_CHECK(pos_count.scalar_type() == at::kLong, "pair_stats_backward: pos_count must be int64");
+}
+
+// Raw pointers to the codes, as the tile epilogues take them.
+struct Codes {
+  const int32_t* row_label;
+  const int32_t* row_group;
+  const int32_t* col_label;
+  const int32_t* col_group;
+};
+
+struct CodeTensors {
+  at::Tensor row_label, row_group, col_label, col_group;  // int32, contiguous
+  Codes view() const {
+    return {row_label.data_ptr<int32_t>(), row_group.data_ptr<int32_t>(),
+            col_label.data_ptr<int32_t>(), col_group.data_ptr<int32_t>()};
+  }
+};
+
+// Labels and groups compacted to int32 codes (any int64 values allowed); ignored entries get the
+// group code kIgnored. Without k (self-contrast) the column codes are the row codes.
+inline CodeTensors make_codes(const at::Tensor& q_label, const std::optional<at::Tensor>& k_label,
+                              const std::optional<at::Tensor>& q_group,
+                              const std::optional<at::Tensor>& k_group, int64_t ignore_index) {
+  const int64_t n = q_label.size(0);
+  const bool self = !k_label.has_value();
+  const at::Tensor labels = self ? q_label : at::cat({q_label, *k_label});
+  const auto compact = [](const at::Tensor& values) {
+    if (values.numel() == 0) return values.to(at::kInt);
+    return std::get<1>(at::_unique2(values, /*sorted=*/false, /*return_inverse=*/true,
+                                    /*return_counts=*/false))
+        .to(at::kInt);
+  };
+  at::Tensor label_codes = compact(labels);
+  at::Tensor group_codes;
+  if (q_group.has_value())
+    group_codes = compact(self ? *q_group : at::cat({*q_group, *k_group}));
+  else
+    group_codes = at::zeros_like(label_codes);
+  group_codes.masked_fill_(labels == ignore_index, kIgnored);
+  CodeTensors c;
+  c.row_label = label_codes.narrow(0, 0, n).contiguous();
+  c.row_group = group_codes.narrow(0, 0, n).contiguous();
+  c.col_label = self ? c.row_label : label_codes.narrow(0, n, labels.size(0) - n).contiguous();
+  c.col_group = self ? c.row_group : group_codes.narrow(0, n, labels.size(0) - n).contiguous();
+  return c;
+}
+
+// max_i |x_i| (plus 1% for the rounding of half-precision norms); 0 for no rows.
+inline double max_row_norm(const at::Tensor& x) {
+  if (x.size(0) == 0) return 0.0;
+  return at::linalg_vector_norm(x, 2, {1}).max().item<double>() * 1.01;
+}
+
+}  // namespace pair_stats
+}  // namespace fastiml

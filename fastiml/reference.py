@@ -1,0 +1,82 @@
+"""Plain-PyTorch versions of every fastiml op and loss.
+
+The ground truth for the tests and the baseline of the benchmarks: each materialises whatever it
+needs (the N x M similarity matrix, upsampled masks) and relies on autograd for gradients. They
+compute in the dtype they are given; tests pass float64 for ground truth.
+"""
+from typing import Optional, Tuple
+
+import torch
+from torch import Tensor
+
+
+def pair_masks(q_label: Tensor, k_label: Tensor, q_group: Optional[Tensor],
+               k_group: Optional[Tensor], exclude_self: bool, ignore_index: int
+               ) -> Tuple[Tensor, Tensor]:
+    """(counted, positive) boolean N x M matrices of DESIGN 2.1."""
+    counted = (q_label[:, None] != ignore_index) & (k_label[None, :] != ignore_index)
+    if q_group is not None:
+        counted &= q_group[:, None] == k_group[None, :]
+    if exclude_self:
+        counted &= ~torch.eye(len(q_label), len(k_label), dtype=torch.bool,
+                              device=q_label.device)
+    positive = counted & (q_label[:, None] == k_label[None, :])
+    return counted, positive
+
+
+def pair_stats(q: Tensor, k: Optional[Tensor], q_label: Tensor, k_label: Optional[Tensor],
+               q_group: Optional[Tensor] = None, k_group: Optional[Tensor] = None, *,
+               tau: float = 0.1, exclude_self: bool = False, denominator: str = "all",
+               ignore_index: int = -1) -> Tuple[Tensor, Tensor, Tensor]:
+    """Reference of :func:`fastiml.ops.pair_stats` through the materialised similarity matrix."""
+    if k is None:
+        k, k_label, k_group = q, q_label, q_group
+    s = q @ k.t() / tau
+    counted, positive = pair_masks(q_label, k_label, q_group, k_group, exclude_self, ignore_index)
+    den = counted if denominator == "all" else counted & ~positive
+    has_den = den.any(1)
+    # Empty rows get a finite stand-in before logsumexp so that no NaN reaches the gradient.
+    s_den = torch.where(den, s, torch.full_like(s, float("-inf")))
+    s_den = torch.where(has_den[:, None], s_den, torch.zeros_like(s))
+    lse = torch.where(has_den, torch.logsumexp(s_den, dim=1),
+                      torch.full_like(has_den, float("-inf"), dtype=s.dtype))
+    pos_count = positive.sum(1)
+    pos_mean = (s * positive).sum(1) / pos_count.clamp(min=1)
+    return lse, pos_mean, pos_count
+
+
+def supcontrast_loss(features: Tensor, labels: Optional[Tensor] = None,
+                     mask: Optional[Tensor] = None, temperature: float = 0.07,
+                     contrast_mode: str = "all", base_temperature: float = 0.07) -> Tensor:
+    """The SupCon loss exactly as the SupContrast reference code computes it (Khosla et al.).
+
+    ``features`` [bsz, n_views, ...]; ``labels`` [bsz] or ``mask`` [bsz, bsz] (neither: SimCLR).
+    Anchors without a positive contribute 0 and still count in the mean (as that code does).
+    """
+    bsz, n_views = features.shape[0], features.shape[1]
+    features = features.reshape(bsz, n_views, -1)
+    if labels is not None:
+        labels = labels.reshape(-1, 1)
+        mask = (labels == labels.t()).to(features.dtype)
+    elif mask is None:
+        mask = torch.eye(bsz, dtype=features.dtype, device=features.device)
+    else:
+        mask = mask.to(features.dtype)
+    contrast = torch.cat(torch.unbind(features, dim=1), dim=0)
+    if contrast_mode == "one":
+        anchor, anchor_count = features[:, 0], 1
+    else:
+        anchor, anchor_count = contrast, n_views
+    logits = anchor @ contrast.t() / temperature
+    logits = logits - logits.max(dim=1, keepdim=True).values.detach()
+    mask = mask.repeat(anchor_count, n_views)
+    not_self = torch.ones_like(mask)
+    idx = torch.arange(bsz * anchor_count, device=features.device)
+    not_self[idx, idx] = 0
+    mask = mask * not_self
+    log_prob = logits - torch.log((torch.exp(logits) * not_self).sum(1, keepdim=True))
+    pairs = mask.sum(1)
+    pairs = torch.where(pairs < 1e-6, torch.ones_like(pairs), pairs)
+    mean_log_prob_pos = (mask * log_prob).sum(1) / pairs
+    loss = -(temperature / base_temperature) * mean_log_prob_pos
+    return loss.view(anchor_count, bsz).mean()

@@ -1,0 +1,152 @@
+"""Builds fastiml and its C++/CUDA extension ``fastiml._C``.
+
+The CPU sources always build. The CUDA sources join when torch was built with CUDA and a CUDA
+toolkit is found -- whether or not this machine has a GPU (build machines often have none).
+
+Environment variables:
+  FASTIML_CUDA=1|0        force the CUDA sources in (fail if impossible) or out
+  TORCH_CUDA_ARCH_LIST    e.g. "8.0;9.0" (default), turned into -gencode flags
+  FASTIML_CPU_FLAGS       extra C++ flags for the CPU kernels (default: -mavx2 -mfma when the
+                          build machine has them; set to "" for a portable build)
+  DEBUG=1                 -O0 -g
+  MAX_JOBS                parallel compile jobs (default: from cores and memory)
+"""
+import glob
+import os
+import platform
+import shutil
+import sys
+
+from setuptools import find_packages, setup
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+
+
+def _toolkit_root():
+    """The CUDA toolkit root: the folder whose bin/nvcc is the compiler and that holds libcudart.
+
+    A PATH entry for nvcc may be a wrapper script (e.g. /usr/local/bin/nvcc), whose parent is not
+    a toolkit, so candidates are checked for the runtime library rather than trusted.
+    """
+    candidates = [os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH")]
+    nvcc = shutil.which("nvcc")
+    if nvcc:
+        candidates.append(os.path.dirname(os.path.dirname(os.path.realpath(nvcc))))
+        try:  # a wrapper script names the real compiler
+            with open(nvcc, "rb") as f:
+                head = f.read(4096).decode("utf-8", "ignore")
+            for token in head.split():
+                if token.endswith("/bin/nvcc") and os.path.isfile(token):
+                    candidates.append(os.path.dirname(os.path.dirname(token)))
+        except OSError:
+            pass
+    candidates += sorted(glob.glob("/usr/local/cuda-*"), reverse=True) + ["/usr/local/cuda"]
+    for root in candidates:
+        if not root or not os.path.isfile(os.path.join(root, "bin", "nvcc")):
+            continue
+        libs = glob.glob(os.path.join(root, "lib64", "libcudart*")) + glob.glob(
+            os.path.join(root, "targets", "*", "lib", "libcudart*"))
+        if libs:
+            return os.path.realpath(root)
+    return None
+
+
+def _flag(name):
+    value = os.environ.get(name)
+    return None if value is None or value == "" else value not in ("0", "false", "False", "no")
+
+
+want_cuda = _flag("FASTIML_CUDA")
+cuda_root = _toolkit_root() if want_cuda is not False else None
+if cuda_root:
+    # Must be set before torch.utils.cpp_extension is imported: it reads CUDA_HOME once.
+    os.environ["CUDA_HOME"] = cuda_root
+
+import torch  # noqa: E402
+from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension  # noqa: E402
+
+with_cuda = bool(cuda_root) and torch.version.cuda is not None and want_cuda is not False
+if want_cuda and not with_cuda:
+    sys.exit("FASTIML_CUDA=1 but CUDA cannot be built: torch.version.cuda=%s, toolkit=%s"
+             % (torch.version.cuda, cuda_root))
+
+debug = _flag("DEBUG") is True
+opt = ["-O0", "-g"] if debug else ["-O3"]
+
+
+def _cpu_flags():
+    if "FASTIML_CPU_FLAGS" in os.environ:
+        return os.environ["FASTIML_CPU_FLAGS"].split()
+    if platform.machine() not in ("x86_64", "AMD64"):
+        return []
+    try:
+        with open("/proc/cpuinfo") as f:
+            info = f.read()
+    except OSError:
+        return []
+    return ["-mavx2", "-mfma"] if (" avx2" in info and " fma" in info) else []
+
+
+def _gencode():
+    archs = os.environ.get("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
+    flags = []
+    for arch in archs.replace(",", ";").replace(" ", ";").split(";"):
+        if not arch:
+            continue
+        ptx = arch.endswith("+PTX")
+        num = arch.replace("+PTX", "").replace(".", "")
+        flags.append(f"-gencode=arch=compute_{num},code=sm_{num}")
+        if ptx:
+            flags.append(f"-gencode=arch=compute_{num},code=compute_{num}")
+    # We pass -gencode ourselves; keep torch from appending its own (GPU-probing) list.
+    os.environ["TORCH_CUDA_ARCH_LIST"] = archs
+    return flags
+
+
+sources = ["csrc/fastiml.cpp"] + sorted(glob.glob("csrc/ops/cpu/*.cpp"))
+include_dirs = [os.path.join(ROOT, "csrc")]
+cxx_flags = opt + ["-std=c++20", "-fopenmp"] + _cpu_flags()
+extra_compile_args = {"cxx": cxx_flags}
+define_macros = []
+if with_cuda:
+    sources += sorted(glob.glob("csrc/ops/cuda/*.cu"))
+    define_macros.append(("WITH_CUDA", None))
+    extra_compile_args["cxx"].append("-DWITH_CUDA")
+    extra_compile_args["nvcc"] = (opt + ["-std=c++20", "-DWITH_CUDA", "--expt-relaxed-constexpr",
+                                         "-lineinfo"] + _gencode())
+    # The CUDA build of torch ships headers that a bare toolkit may lack (cusparse.h, ...).
+    for site_dir in sys.path:
+        extra = os.path.join(site_dir, "nvidia", "cu13", "include")
+        if os.path.isdir(extra):
+            include_dirs.append(extra)
+            break
+    Extension = CUDAExtension
+else:
+    Extension = CppExtension
+
+if "MAX_JOBS" not in os.environ:
+    try:
+        mem_gb = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    except (ValueError, OSError):
+        mem_gb = 8
+    os.environ["MAX_JOBS"] = str(max(1, min(os.cpu_count() or 1, int(mem_gb // 4))))
+
+print(f"fastiml build: cuda={'yes (' + cuda_root + ')' if with_cuda else 'no'}, "
+      f"cpu_flags={_cpu_flags()}, debug={debug}, MAX_JOBS={os.environ['MAX_JOBS']}, "
+      f"arch={os.environ.get('TORCH_CUDA_ARCH_LIST') if with_cuda else '-'}")
+
+setup(
+    name="fastiml",
+    version="0.1.0",
+    description="Fused contrastive losses for image manipulation localization (NCL, MPC)",
+    packages=find_packages(include=["fastiml", "fastiml.*"]),
+    python_requires=">=3.9",
+    install_requires=["torch", "numpy", "opencv-python-headless"],
+    extras_require={"test": ["pytest", "pytest-benchmark", "scikit-learn",
+                             "pytorch-metric-learning"]},
+    ext_modules=[Extension("fastiml._C", sources, include_dirs=include_dirs,
+                           define_macros=define_macros, extra_compile_args=extra_compile_args,
+                           extra_link_args=["-fopenmp"])],
+    cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
+    entry_points={"console_scripts": ["fastiml=fastiml.cli:main"]},
+)
