@@ -178,3 +178,168 @@ def _pair_stats_backward(ctx, grad_lse, grad_pos_mean, _grad_count):
 
 torch.library.register_autograd("fastiml::pair_stats", _pair_stats_backward,
                                 setup_context=_pair_stats_setup_context)
+
+
+# ---------------------------------------------------------------------------------------------
+# contour_mine, contour_band
+# ---------------------------------------------------------------------------------------------
+
+_MASK_DTYPES = (torch.bool, torch.uint8, torch.float32, torch.float64, torch.float16,
+                torch.bfloat16)
+
+
+def _check_mask(mask, valid: Optional[Tensor]) -> Tensor:
+    """Validates a B x H x W (or B x 1 x H x W) mask and returns it as B x H x W."""
+    if not isinstance(mask, Tensor):
+        raise TypeError(f"mask must be a Tensor, got {type(mask).__name__}")
+    if mask.dim() == 4 and mask.shape[1] == 1:
+        mask = mask[:, 0]
+    if mask.dim() != 3:
+        raise ValueError(f"mask must be [B, H, W] (or [B, 1, H, W]), got shape "
+                         f"{tuple(mask.shape)}")
+    if mask.dtype not in _MASK_DTYPES:
+        raise TypeError(f"mask must be bool, uint8 (0/1 or 0/255) or float in [0, 1], got "
+                        f"{mask.dtype}")
+    if mask.numel() and mask.dtype == torch.uint8:
+        if bool(((mask != 0) & (mask != 1) & (mask != 255)).any()):
+            raise ValueError("mask of dtype uint8 must hold only 0/1 or 0/255 values")
+    elif mask.numel() and mask.dtype.is_floating_point:
+        if bool(((mask < 0) | (mask > 1) | mask.isnan()).any()):
+            raise ValueError("a float mask must hold values in [0, 1]")
+    if valid is not None:
+        if not isinstance(valid, Tensor) or valid.dtype != torch.bool:
+            raise TypeError("valid must be a bool Tensor")
+        if valid.dim() == 4 and valid.shape[1] == 1:
+            valid = valid[:, 0]
+        if valid.shape != mask.shape or valid.device != mask.device:
+            raise ValueError(f"valid must have mask's shape {tuple(mask.shape)} and device, got "
+                             f"{tuple(valid.shape)} on {valid.device}")
+    return mask, valid
+
+
+def contour_mine(mask: Tensor, patch: int, *, lo: float = 0.0, hi: float = 1.0,
+                 valid: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
+    """Classifies the p x p cells of a mask as authentic, tampered or contour (NCL's patches).
+
+    Args:
+        mask: Tensor[B, H, W] (or [B, 1, H, W]): bool, uint8 with 0/1 or 0/255 values (any
+            non-zero is tampered), or float in [0, 1] (soft: the value is the tampered weight).
+            Read in its own dtype: no float copy is made.
+        patch: cell size p > 0. H and W need not be multiples of p: the last cell is partial.
+        lo, hi: class thresholds, 0 <= lo < hi <= 1.
+        valid: optional bool Tensor like mask; pixels outside it (zero padding) are ignored.
+
+    Returns:
+        ``frac`` float32 Tensor[B, ceil(H/p), ceil(W/p)]: tampered fraction of the valid pixels
+        of each cell (0 for a cell without any); ``klass`` int8 Tensor of the same shape: 0
+        authentic (frac <= lo), 1 tampered (frac >= hi), 2 contour (in between), -1 no valid
+        pixel. Not differentiable. Deterministic.
+    """
+    mask, valid = _check_mask(mask, valid)
+    if isinstance(patch, bool) or not isinstance(patch, int) or patch <= 0:
+        raise ValueError(f"patch must be an int > 0, got {patch!r}")
+    if not (0.0 <= lo < hi <= 1.0):
+        raise ValueError(f"need 0 <= lo < hi <= 1, got lo={lo}, hi={hi}")
+    return torch.ops.fastiml.contour_mine(mask, patch, float(lo), float(hi), valid)
+
+
+def contour_band(mask: Tensor, radius: int, *, valid: Optional[Tensor] = None) -> Tensor:
+    """Pixels within ``radius`` (Chebyshev distance) of the tampered/authentic boundary.
+
+    ``band[b, y, x]`` is True when the pixel is valid and the (2r+1) x (2r+1) window around it
+    holds both a tampered and an authentic valid pixel (float masks split at 0.5). Returns a
+    bool Tensor[B, H, W]; all False for radius 0. Used by pixel-level NCL and by metrics that
+    leave out the boundary. Not differentiable. Deterministic.
+    """
+    mask, valid = _check_mask(mask, valid)
+    if isinstance(radius, bool) or not isinstance(radius, int) or radius < 0:
+        raise ValueError(f"radius must be an int >= 0, got {radius!r}")
+    return torch.ops.fastiml.contour_band(mask, radius, valid)
+
+
+@torch.library.register_fake("fastiml::contour_mine")
+def _contour_mine_fake(mask, patch, lo, hi, valid):
+    shape = (mask.shape[0], -(-mask.shape[1] // patch), -(-mask.shape[2] // patch))
+    return mask.new_empty(shape, dtype=torch.float32), mask.new_empty(shape, dtype=torch.int8)
+
+
+@torch.library.register_fake("fastiml::contour_band")
+def _contour_band_fake(mask, radius, valid):
+    return mask.new_empty(mask.shape, dtype=torch.bool)
+
+
+# ---------------------------------------------------------------------------------------------
+# pivot_consistency
+# ---------------------------------------------------------------------------------------------
+
+def pivot_consistency(logit_a: Tensor, logit_b: Tensor, klass: Tensor, patch: int, *,
+                      weight_contour: float = 1.0, weight_other: float = 0.0) -> Tensor:
+    """NCL's pivot-consistent loss: weighted mean symmetric KL between the two branches.
+
+    Per pixel, ``J = KL(pa || pb) + KL(pb || pa)`` for Bernoulli(sigmoid(a)), Bernoulli(sigmoid(b)),
+    which equals ``(sigmoid(a) - sigmoid(b)) * (a - b)`` exactly (finite for any logits). A pixel
+    weighs ``weight_contour`` when its patch ``klass[b, y // p, x // p]`` is contour (2),
+    ``weight_other`` when authentic/tampered, 0 when padding (-1). Loss = sum(w J) / sum(w), or 0
+    when sum(w) = 0.
+
+    Args:
+        logit_a, logit_b: Tensor[B, 1, H, W] logits (float32/float16/bfloat16/float64).
+        klass: int8 Tensor[B, ceil(H/p), ceil(W/p)] from :func:`contour_mine`.
+        patch: p, the cell size klass was mined with, in pixels of the logit maps.
+
+    Returns a scalar float32 Tensor (float64 for float64 logits); gradients in the logits'
+    dtype, closed form. Reads klass by index: no upsampled mask is made. Deterministic.
+    """
+    for name, x in (("logit_a", logit_a), ("logit_b", logit_b)):
+        if not isinstance(x, Tensor):
+            raise TypeError(f"{name} must be a Tensor, got {type(x).__name__}")
+        if x.dim() != 4 or x.shape[1] != 1:
+            raise ValueError(f"{name} must be [B, 1, H, W], got shape {tuple(x.shape)}")
+        if x.dtype not in _FLOAT_DTYPES:
+            raise TypeError(f"{name} must be a floating tensor, got {x.dtype}")
+    if logit_b.shape != logit_a.shape or logit_b.dtype != logit_a.dtype:
+        raise ValueError(f"logit_b must match logit_a ({tuple(logit_a.shape)}, {logit_a.dtype}), "
+                         f"got {tuple(logit_b.shape)}, {logit_b.dtype}")
+    if logit_b.device != logit_a.device:
+        raise ValueError(f"logit_b must be on {logit_a.device}, got {logit_b.device}")
+    if isinstance(patch, bool) or not isinstance(patch, int) or patch <= 0:
+        raise ValueError(f"patch must be an int > 0, got {patch!r}")
+    b, _, h, w = logit_a.shape
+    grid = (b, -(-h // patch), -(-w // patch))
+    if not isinstance(klass, Tensor) or klass.dtype != torch.int8:
+        raise TypeError("klass must be an int8 Tensor (from contour_mine)")
+    if tuple(klass.shape) != grid or klass.device != logit_a.device:
+        raise ValueError(f"klass must have shape {list(grid)} (B, ceil(H/patch), ceil(W/patch)) "
+                         f"on {logit_a.device}, got {list(klass.shape)} on {klass.device}")
+    if weight_contour < 0 or weight_other < 0:
+        raise ValueError(f"weights must be >= 0, got weight_contour={weight_contour}, "
+                         f"weight_other={weight_other}")
+    return torch.ops.fastiml.pivot_consistency(logit_a, logit_b, klass, patch,
+                                               float(weight_contour), float(weight_other))
+
+
+@torch.library.register_fake("fastiml::pivot_consistency")
+def _pivot_fake(logit_a, logit_b, klass, patch, weight_contour, weight_other):
+    return logit_a.new_empty((), dtype=_stat_dtype(logit_a.dtype))
+
+
+@torch.library.register_fake("fastiml::pivot_consistency_backward")
+def _pivot_backward_fake(grad, logit_a, logit_b, klass, patch, weight_contour, weight_other):
+    return torch.empty_like(logit_a), torch.empty_like(logit_b)
+
+
+def _pivot_setup_context(ctx, inputs, output):
+    logit_a, logit_b, klass, patch, weight_contour, weight_other = inputs
+    ctx.save_for_backward(logit_a, logit_b, klass)
+    ctx.args = (patch, weight_contour, weight_other)
+
+
+def _pivot_backward(ctx, grad):
+    logit_a, logit_b, klass = ctx.saved_tensors
+    grad_a, grad_b = torch.ops.fastiml.pivot_consistency_backward(grad, logit_a, logit_b, klass,
+                                                                  *ctx.args)
+    return grad_a, grad_b, None, None, None, None
+
+
+torch.library.register_autograd("fastiml::pivot_consistency", _pivot_backward,
+                                setup_context=_pivot_setup_context)

@@ -80,3 +80,69 @@ def supcontrast_loss(features: Tensor, labels: Optional[Tensor] = None,
     mean_log_prob_pos = (mask * log_prob).sum(1) / pairs
     loss = -(temperature / base_temperature) * mean_log_prob_pos
     return loss.view(anchor_count, bsz).mean()
+
+
+def _tampered_weight(mask: Tensor) -> Tensor:
+    if mask.dtype == torch.bool:
+        return mask.double()
+    if mask.dtype == torch.uint8:
+        return (mask != 0).double()
+    return mask.double()
+
+
+def contour_mine(mask: Tensor, patch: int, *, lo: float = 0.0, hi: float = 1.0,
+                 valid: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
+    """Reference of :func:`fastiml.ops.contour_mine`: zero-pad to whole cells, sum-pool."""
+    import torch.nn.functional as F
+    if mask.dim() == 4:
+        mask = mask[:, 0]
+    b, h, w = mask.shape
+    keep = torch.ones_like(mask, dtype=torch.double) if valid is None else valid.double()
+    if valid is not None and valid.dim() == 4:
+        keep = valid[:, 0].double()
+    weight = _tampered_weight(mask) * keep
+    gh, gw = -(-h // patch), -(-w // patch)
+    pad = (0, gw * patch - w, 0, gh * patch - h)
+    tampered = F.avg_pool2d(F.pad(weight, pad)[:, None], patch, divisor_override=1)[:, 0]
+    count = F.avg_pool2d(F.pad(keep, pad)[:, None], patch, divisor_override=1)[:, 0]
+    # float32 division of the float32 sums: the kernel's exact arithmetic.
+    frac = torch.where(count > 0, tampered.float() / count.float().clamp(min=1),
+                       torch.zeros_like(tampered, dtype=torch.float32))
+    klass = torch.full_like(frac, 2, dtype=torch.int8)
+    klass[frac >= torch.tensor(hi, dtype=torch.float32)] = 1
+    klass[frac <= torch.tensor(lo, dtype=torch.float32)] = 0
+    klass[count == 0] = -1
+    return frac, klass
+
+
+def contour_band(mask: Tensor, radius: int, *, valid: Optional[Tensor] = None) -> Tensor:
+    """Reference of :func:`fastiml.ops.contour_band`: max-pool dilations of both classes."""
+    import torch.nn.functional as F
+    if mask.dim() == 4:
+        mask = mask[:, 0]
+    keep = torch.ones_like(mask, dtype=torch.bool) if valid is None else valid.reshape(mask.shape)
+    if radius == 0:
+        return torch.zeros_like(keep)
+    tampered = (_tampered_weight(mask) >= 0.5) & keep
+    authentic = ~tampered & keep
+    near = lambda m: F.max_pool2d(m.double()[:, None], 2 * radius + 1, 1, radius)[:, 0] > 0  # noqa
+    return keep & near(tampered) & near(authentic)
+
+
+def pivot_consistency(logit_a: Tensor, logit_b: Tensor, klass: Tensor, patch: int, *,
+                      weight_contour: float = 1.0, weight_other: float = 0.0) -> Tensor:
+    """Reference of :func:`fastiml.ops.pivot_consistency`: KL terms through an upsampled klass."""
+    import torch.nn.functional as F
+    h, w = logit_a.shape[-2:]
+    up = klass.repeat_interleave(patch, 1).repeat_interleave(patch, 2)[:, :h, :w][:, None]
+    weight = torch.where(up == 2, weight_contour, torch.where(up == -1, 0.0, weight_other))
+    weight = weight.to(logit_a.dtype)
+    pa, pb = torch.sigmoid(logit_a), torch.sigmoid(logit_b)
+    # Written as two KL divergences (log-sigmoids), not through the closed form the kernel uses.
+    kl_ab = pa * (F.logsigmoid(logit_a) - F.logsigmoid(logit_b)) + (1 - pa) * (
+        F.logsigmoid(-logit_a) - F.logsigmoid(-logit_b))
+    kl_ba = pb * (F.logsigmoid(logit_b) - F.logsigmoid(logit_a)) + (1 - pb) * (
+        F.logsigmoid(-logit_b) - F.logsigmoid(-logit_a))
+    total = weight.sum()
+    return torch.where(total > 0, (weight * (kl_ab + kl_ba)).sum() / total.clamp(min=1e-30),
+                       torch.zeros_like(total))

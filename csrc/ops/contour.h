@@ -1,0 +1,44 @@
+// contour_mine and contour_band: the math shared by the CPU and CUDA kernels (DESIGN 2.2).
+#pragma once
+
+#include "ops/common.h"
+
+namespace fastiml {
+namespace contour {
+
+// Patch classes (int8): a cell with no valid pixel is padding.
+constexpr int8_t kPadding = -1;
+constexpr int8_t kAuthentic = 0;
+constexpr int8_t kTampered = 1;
+constexpr int8_t kContour = 2;
+
+// How much one mask pixel counts as tampered. uint8 masks are 0/1 or 0/255 (any non-zero value
+// is tampered); float masks are soft, in [0, 1].
+FASTIML_HD float tampered_weight(bool v) { return v ? 1.0f : 0.0f; }
+FASTIML_HD float tampered_weight(uint8_t v) { return v != 0 ? 1.0f : 0.0f; }
+FASTIML_HD float tampered_weight(float v) { return v; }
+FASTIML_HD float tampered_weight(double v) { return static_cast<float>(v); }
+
+// Which side of the boundary a pixel lies on, for contour_band (soft masks split at 0.5).
+template <typename T>
+FASTIML_HD bool is_tampered(T v) {
+  return tampered_weight(v) >= 0.5f;
+}
+
+// Tampered fraction of a cell: 0 when it has no valid pixel.
+FASTIML_HD float cell_fraction(float tampered_sum, int64_t valid_count) {
+  return valid_count > 0 ? tampered_sum / static_cast<float>(valid_count) : 0.0f;
+}
+
+FASTIML_HD int8_t classify_cell(float frac, int64_t valid_count, float lo, float hi) {
+  if (valid_count == 0) return kPadding;
+  if (frac <= lo) return kAuthentic;
+  if (frac >= hi) return kTampered;
+  return kContour;
+}
+
+// The grid of p x p cells over an extent: the last cell may be partial.
+FASTIML_HD int64_t cells(int64_t extent, int64_t patch) { return (extent + patch - 1) / patch; }
+
+}  // namespace contour
+}  // namespace fastiml
