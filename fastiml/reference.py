@@ -146,3 +146,33 @@ def pivot_consistency(logit_a: Tensor, logit_b: Tensor, klass: Tensor, patch: in
     total = weight.sum()
     return torch.where(total > 0, (weight * (kl_ab + kl_ba)).sum() / total.clamp(min=1e-30),
                        torch.zeros_like(total))
+
+
+def mpc_loss(feats_a, feats_b, mask: Tensor, tau: float = 0.1, max_pixels: Optional[int] = None,
+             generator: Optional[torch.Generator] = None):
+    """Reference of :class:`fastiml.losses.MPCLoss`, one image and one term at a time.
+
+    Builds the same pixel sets (and, with ``max_pixels``, draws the same sample from the same
+    generator), then materialises each image's anchor x anchor and anchor x negative matrices.
+    """
+    from fastiml.losses.mpc import TERM_SETS, TERMS, check_mpc_inputs, mpc_sets
+    mask = check_mpc_inputs(feats_a, feats_b, mask)
+    sets = mpc_sets(feats_a, feats_b, mask, max_pixels, generator)
+    batch = mask.shape[0]
+    per_image = {name: [] for name in TERMS}
+    for name, (a_name, c_name) in zip(TERMS, TERM_SETS):
+        a_set, c_set = sets[a_name], sets[c_name]
+        for b in range(batch):
+            anchors = a_set.rows[(a_set.image == b) & (a_set.label == 0)]
+            negatives = c_set.rows[(c_set.image == b) & (c_set.label == 1)]
+            if len(anchors) < 2 or len(negatives) == 0:
+                per_image[name].append(anchors.sum() * 0 + negatives.sum() * 0)
+                continue
+            sim = anchors @ anchors.t() / tau
+            p = (sim.sum(1) - sim.diagonal()) / (len(anchors) - 1)
+            neg = anchors @ negatives.t() / tau
+            logits = torch.cat([p[:, None], neg], dim=1)
+            per_image[name].append((torch.logsumexp(logits, 1) - p).mean())
+    terms = {name: torch.stack(v) for name, v in per_image.items()}
+    total = torch.stack(list(terms.values())).sum(0).mean()
+    return total, {name: t.mean() for name, t in terms.items()}
