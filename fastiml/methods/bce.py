@@ -1,0 +1,21 @@
+"""The baseline: NCL's network with the BCE terms only (no contrast, no pivot term)."""
+from fastiml.losses.ncl import masked_bce
+from fastiml.methods.base import Method
+from fastiml.models import NCLNet
+
+
+class BCE(Method):
+    name = "bce"
+
+    def build_model(self):
+        return NCLNet(**self.model_options)
+
+    def training_loss(self, model, batch, stage):
+        out = model(batch["image"])
+        mask, valid = batch["mask"], batch.get("valid")
+        parts = {"bce_a": masked_bce(out["logit_a"][:, 0], mask, valid),
+                 "bce_b": masked_bce(out["logit_b"][:, 0], mask, valid)}
+        return parts["bce_a"] + parts["bce_b"], {k: v.detach() for k, v in parts.items()}
+
+
+METHOD = BCE
