@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from fastiml import ops
-from fastiml.losses.functional import supcon_per_row
+from fastiml.losses.functional import mean_across_ranks, supcon_per_row, world
 
 IGNORE = -1
 _CONTOUR_AS = {"tampered": 1, "authentic": 0}
@@ -43,13 +43,26 @@ def patch_labels(klass: Tensor, contour_as: Optional[str]) -> Tensor:
     return torch.where(klass < 0, torch.full_like(labels, IGNORE), labels)
 
 
-def masked_bce(logit: Tensor, target: Tensor, valid: Optional[Tensor]) -> Tensor:
-    """Mean BCE-with-logits over valid pixels (float32 math)."""
+def masked_bce(logit: Tensor, target: Tensor, valid: Optional[Tensor],
+               gather: bool = False) -> Tensor:
+    """Mean BCE-with-logits over valid pixels (float32 math); see ``mean_across_ranks``."""
     loss = F.binary_cross_entropy_with_logits(logit.float(), target, reduction="none")
     if valid is None:
-        return loss.mean()
+        return mean_across_ranks(loss.sum(), loss.new_tensor(float(loss.numel())), gather)
     weight = valid.float()
-    return (loss * weight).sum() / weight.sum().clamp(min=1)
+    return mean_across_ranks((loss * weight).sum(), weight.sum(), gather)
+
+
+def pivot_weight_sum(klass: Tensor, height: int, width: int, patch: int,
+                     weight_contour: float, weight_other: float) -> Tensor:
+    """The denominator of ``pivot_consistency``: sum over pixels of their weights."""
+    gh, gw = klass.shape[-2:]
+    starts_y = torch.arange(gh, device=klass.device) * patch
+    starts_x = torch.arange(gw, device=klass.device) * patch
+    area = ((height - starts_y).clamp(max=patch)[:, None]
+            * (width - starts_x).clamp(max=patch)[None, :]).float()
+    weight = torch.where(klass == 2, weight_contour, torch.where(klass < 0, 0.0, weight_other))
+    return (weight * area).sum()
 
 
 class NCLLoss(nn.Module):
@@ -63,7 +76,9 @@ class NCLLoss(nn.Module):
     full-resolution mask). A patch's embedding is the mean of its projected pixels,
     L2-normalised. Branch A labels contour patches tampered, branch B authentic; SupCon runs
     through the fused ``pair_stats`` over all patches of the batch (``within_image=True``:
-    within each image). ``patch=1`` is pixel-level NCL: every pixel of the stride-4 map is an
+    within each image). Under torch.distributed (``gather_across_ranks``), each rank's patches
+    are contrasted with every rank's, and all terms are scaled so that DDP's averaged gradient
+    equals that of one process on the whole batch. ``patch=1`` is pixel-level NCL: every pixel of the stride-4 map is an
     anchor (131,072 rows for a batch of 8 at 512^2), affordable only because no similarity matrix
     is formed. ``contour="drop"`` ignores contour patches in both branches and drops the pivot
     term -- the paper's ablation.
@@ -81,7 +96,8 @@ class NCLLoss(nn.Module):
     def __init__(self, patch: int = 4, tau: float = 0.1, lambda_contrast: float = 0.1,
                  lambda_pivot: float = 1.0, lo: float = 0.0, hi: float = 1.0,
                  within_image: bool = False, contour: str = "pivot",
-                 weight_contour: float = 1.0, weight_other: float = 0.0):
+                 weight_contour: float = 1.0, weight_other: float = 0.0,
+                 gather_across_ranks: bool = True):
         super().__init__()
         if isinstance(patch, bool) or not isinstance(patch, int) or patch <= 0:
             raise ValueError(f"patch must be an int > 0, got {patch!r}")
@@ -95,6 +111,7 @@ class NCLLoss(nn.Module):
         self.lambda_contrast, self.lambda_pivot = lambda_contrast, lambda_pivot
         self.lo, self.hi, self.within_image, self.contour = lo, hi, within_image, contour
         self.weight_contour, self.weight_other = weight_contour, weight_other
+        self.gather = gather_across_ranks
 
     def forward(self, proj_a: Tensor, proj_b: Tensor, logit_a: Tensor, logit_b: Tensor,
                 mask: Tensor, valid: Optional[Tensor] = None) -> Tuple[Tensor, Dict[str, Tensor]]:
@@ -116,23 +133,25 @@ class NCLLoss(nn.Module):
                                         valid=small_valid)
 
         target = mask.float() if mask.dtype != torch.uint8 else (mask != 0).float()
-        parts = {"bce_a": masked_bce(logit_a[:, 0], target, valid),
-                 "bce_b": masked_bce(logit_b[:, 0], target, valid)}
+        parts = {"bce_a": masked_bce(logit_a[:, 0], target, valid, self.gather),
+                 "bce_b": masked_bce(logit_b[:, 0], target, valid, self.gather)}
         drop = self.contour == "drop"
         parts["supcon_a"] = self._supcon(proj_a, klass, None if drop else "tampered")
         parts["supcon_b"] = self._supcon(proj_b, klass, None if drop else "authentic")
-        if drop or not aligned:
+        if drop:
             pivot = logit_a.new_zeros((), dtype=torch.float32)
-            if not drop:  # mine the logit grid itself for the pivot cells
-                _, klass_logit = ops.contour_mine(mask, self.patch, lo=self.lo, hi=self.hi,
-                                                  valid=valid)
-                pivot = ops.pivot_consistency(logit_a, logit_b, klass_logit, self.patch,
-                                              weight_contour=self.weight_contour,
-                                              weight_other=self.weight_other)
         else:
-            pivot = ops.pivot_consistency(logit_a, logit_b, klass_full, full_patch,
+            # The logit grid's own cells when the projection grid does not divide it evenly.
+            pivot_patch = full_patch if aligned else self.patch
+            pivot_klass = klass_full if aligned else ops.contour_mine(
+                mask, self.patch, lo=self.lo, hi=self.hi, valid=valid)[1]
+            pivot = ops.pivot_consistency(logit_a, logit_b, pivot_klass, pivot_patch,
                                           weight_contour=self.weight_contour,
                                           weight_other=self.weight_other)
+            if self.gather and world()[1] > 1:  # local mean -> share of the global mean
+                weights = pivot_weight_sum(pivot_klass, big_h, big_w, pivot_patch,
+                                           self.weight_contour, self.weight_other)
+                pivot = mean_across_ranks(pivot * weights, weights, True)
         parts["pivot"] = pivot.float()
         total = (parts["bce_a"] + parts["bce_b"]
                  + self.lambda_contrast * (parts["supcon_a"] + parts["supcon_b"])
@@ -147,11 +166,13 @@ class NCLLoss(nn.Module):
         rows = F.normalize(proj.permute(0, 2, 3, 1).reshape(-1, d), dim=1)
         labels = patch_labels(klass, contour_as).reshape(-1)
         groups = None
-        if self.within_image:
-            groups = torch.arange(b, device=proj.device).repeat_interleave(klass[0].numel())
-        loss, keep = supcon_per_row(rows, labels, groups, tau=self.tau, ignore_index=IGNORE)
-        kept = keep.sum()
-        return torch.where(keep, loss, 0.0).sum() / kept.clamp(min=1)
+        if self.within_image:  # image index, unique across ranks
+            first = world()[0] * b
+            groups = torch.arange(first, first + b, device=proj.device).repeat_interleave(
+                klass[0].numel())
+        loss, keep = supcon_per_row(rows, labels, groups, tau=self.tau, ignore_index=IGNORE,
+                                    gather=self.gather)
+        return mean_across_ranks(torch.where(keep, loss, 0.0).sum(), keep.sum(), self.gather)
 
     @staticmethod
     def _check(proj_a, proj_b, logit_a, logit_b, mask, valid):
