@@ -24,6 +24,7 @@ template <typename T>
 FASTIML_HD bool is_tampered(T v) {
   return tampered_weight(v) >= 0.5f;
 }
+FASTIML_HD bool is_tampered(double v) { return v >= 0.5; }  // no float32 rounding first
 
 // Tampered fraction of a cell: 0 when it has no valid pixel.
 FASTIML_HD float cell_fraction(float tampered_sum, int64_t valid_count) {

@@ -70,10 +70,12 @@ def positive_logits(anchors: PixelSet, batch: int, tau: float) -> Tuple[Tensor, 
     ``pair_stats``' ``pos_mean``, which would cost a P x P pass: valid for any inputs, exact up
     to rounding. Returns (logit [P_auth], per-image authentic count [B]).
     """
-    rows = anchors.rows.float()
+    rows = anchors.rows
+    if rows.dtype not in (torch.float32, torch.float64):
+        rows = rows.float()
     sums = rows.new_zeros(batch, rows.shape[1]).index_add_(0, anchors.image, rows)
     count = torch.bincount(anchors.image, minlength=batch)
-    others = (count[anchors.image] - 1).clamp(min=1)
+    others = (count[anchors.image] - 1).clamp(min=1).to(rows.dtype)  # not int: keeps float64
     dot = (rows * sums[anchors.image]).sum(1) - (rows * rows).sum(1)
     return dot / (tau * others), count
 

@@ -54,14 +54,18 @@ def masked_bce(logit: Tensor, target: Tensor, valid: Optional[Tensor],
 
 
 def pivot_weight_sum(klass: Tensor, height: int, width: int, patch: int,
-                     weight_contour: float, weight_other: float) -> Tensor:
-    """The denominator of ``pivot_consistency``: sum over pixels of their weights."""
+                     weight_contour: float, weight_other: float,
+                     fraction: Optional[Tensor] = None) -> Tensor:
+    """The denominator of ``pivot_consistency``: sum over pixels of their weights (only over
+    the ``fraction`` of each cell's pixels, e.g. its valid ones, when given)."""
     gh, gw = klass.shape[-2:]
     starts_y = torch.arange(gh, device=klass.device) * patch
     starts_x = torch.arange(gw, device=klass.device) * patch
     area = ((height - starts_y).clamp(max=patch)[:, None]
             * (width - starts_x).clamp(max=patch)[None, :]).float()
     weight = torch.where(klass == 2, weight_contour, torch.where(klass < 0, 0.0, weight_other))
+    if fraction is not None:
+        area = area * fraction
     return (weight * area).sum()
 
 
@@ -120,19 +124,21 @@ class NCLLoss(nn.Module):
         big_h, big_w = logit_a.shape[-2:]
         stride = big_h // h
         aligned = stride * h == big_h and stride * w == big_w
-        # The patch grid at full resolution: exact fractions, and the cells the pivot term uses.
+        target = mask.float() if mask.dtype != torch.uint8 else (mask != 0).float()
+        # Cells on the logit grid: exact fractions from the full-resolution mask, and the cells
+        # of the pivot term. When the projection grid is a whole multiple of it, they are also
+        # the contrastive patches; otherwise those come from an area-resized target.
         full_patch = self.patch * stride if aligned else self.patch
         _, klass_full = ops.contour_mine(mask, full_patch, lo=self.lo, hi=self.hi, valid=valid)
         if aligned:
             klass = klass_full
-        else:  # projection grid not a whole multiple: mine an area-resized mask instead
-            small = F.interpolate(mask[:, None].float(), size=(h, w), mode="area")[:, 0]
+        else:
+            small = F.interpolate(target[:, None], size=(h, w), mode="area")[:, 0]
             small_valid = None if valid is None else F.interpolate(
                 valid[:, None].float(), size=(h, w), mode="area")[:, 0] > 0.5
             _, klass = ops.contour_mine(small, self.patch, lo=self.lo, hi=self.hi,
                                         valid=small_valid)
 
-        target = mask.float() if mask.dtype != torch.uint8 else (mask != 0).float()
         parts = {"bce_a": masked_bce(logit_a[:, 0], target, valid, self.gather),
                  "bce_b": masked_bce(logit_b[:, 0], target, valid, self.gather)}
         drop = self.contour == "drop"
@@ -141,22 +147,36 @@ class NCLLoss(nn.Module):
         if drop:
             pivot = logit_a.new_zeros((), dtype=torch.float32)
         else:
-            # The logit grid's own cells when the projection grid does not divide it evenly.
-            pivot_patch = full_patch if aligned else self.patch
-            pivot_klass = klass_full if aligned else ops.contour_mine(
-                mask, self.patch, lo=self.lo, hi=self.hi, valid=valid)[1]
-            pivot = ops.pivot_consistency(logit_a, logit_b, pivot_klass, pivot_patch,
-                                          weight_contour=self.weight_contour,
-                                          weight_other=self.weight_other)
-            if self.gather and world()[1] > 1:  # local mean -> share of the global mean
-                weights = pivot_weight_sum(pivot_klass, big_h, big_w, pivot_patch,
-                                           self.weight_contour, self.weight_other)
-                pivot = mean_across_ranks(pivot * weights, weights, True)
+            pivot = self._pivot(logit_a, logit_b, klass_full, full_patch, valid)
         parts["pivot"] = pivot.float()
         total = (parts["bce_a"] + parts["bce_b"]
                  + self.lambda_contrast * (parts["supcon_a"] + parts["supcon_b"])
                  + self.lambda_pivot * parts["pivot"])
         return total, {name: value.detach() for name, value in parts.items()}
+
+    def _pivot(self, logit_a: Tensor, logit_b: Tensor, klass: Tensor, patch: int,
+               valid: Optional[Tensor]) -> Tensor:
+        """The pivot-consistent term over valid pixels (a rank's share of it under DDP)."""
+        height, width = logit_a.shape[-2:]
+        weights = lambda fraction=None: pivot_weight_sum(  # noqa: E731
+            klass, height, width, patch, self.weight_contour, self.weight_other, fraction)
+        if valid is None:
+            pivot = ops.pivot_consistency(logit_a, logit_b, klass, patch,
+                                          weight_contour=self.weight_contour,
+                                          weight_other=self.weight_other)
+            share = weights() if self.gather and world()[1] > 1 else None
+        else:
+            # Padded pixels of partially valid cells: equal logits give J = 0 and no gradient
+            # there, and the mean is re-normalised to the weight of the valid pixels.
+            pad = ~valid[:, None]
+            pivot = ops.pivot_consistency(logit_a.masked_fill(pad, 0), logit_b.masked_fill(pad, 0),
+                                          klass, patch, weight_contour=self.weight_contour,
+                                          weight_other=self.weight_other)
+            share = weights(ops.contour_mine(valid, patch)[0])
+            pivot = pivot * weights() / share.clamp(min=1e-12)
+        if share is not None and self.gather and world()[1] > 1:  # a share of the global mean
+            pivot = mean_across_ranks(pivot * share, share, True)
+        return pivot
 
     def _supcon(self, proj: Tensor, klass: Tensor, contour_as: Optional[str]) -> Tensor:
         """SupCon over the patch embeddings of one branch."""

@@ -31,13 +31,13 @@ void check_mask(const at::Tensor& mask, const std::optional<at::Tensor>& valid, 
                      AT_DISPATCH_CASE(at::kHalf, __VA_ARGS__)                              \
                      AT_DISPATCH_CASE(at::kBFloat16, __VA_ARGS__))
 
-// Half masks are read through float; every other dtype has its own tampered_weight overload.
+// Half masks are read through float; every other dtype has its own overloads.
 template <typename T>
-float weight_of(T v) {
+auto readable(T v) {
   if constexpr (std::is_same_v<T, at::Half> || std::is_same_v<T, at::BFloat16>)
-    return tampered_weight(static_cast<float>(v));
+    return static_cast<float>(v);
   else
-    return tampered_weight(v);
+    return v;
 }
 
 std::tuple<at::Tensor, at::Tensor> contour_mine_cpu(const at::Tensor& mask_in, int64_t patch,
@@ -77,7 +77,7 @@ std::tuple<at::Tensor, at::Tensor> contour_mine_cpu(const at::Tensor& mask_in, i
             int64_t c = 0;
             for (int64_t x = cx * patch; x < x1; ++x) {
               const bool keep = v == nullptr || v[x];
-              s += keep ? weight_of(m[x]) : 0.0f;
+              s += keep ? tampered_weight(readable(m[x])) : 0.0f;
               c += keep;
             }
             sum[cx] += s;
@@ -120,7 +120,7 @@ at::Tensor contour_band_cpu(const at::Tensor& mask_in, int64_t radius,
         const int64_t offset = row * W;
         for (int64_t x = 0; x < W; ++x) {
           const bool keep = valid_p == nullptr || valid_p[offset + x];
-          const bool t = keep && is_tampered(weight_of(mask_p[offset + x]));
+          const bool t = keep && is_tampered(readable(mask_p[offset + x]));
           pt[x + 1] = pt[x] + t;
           pa[x + 1] = pa[x] + (keep && !t);
         }

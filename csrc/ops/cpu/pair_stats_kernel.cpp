@@ -161,6 +161,19 @@ struct Problem {
   at::ScalarType acc;
 };
 
+// max |s_ij| over the problem (from row norms): decides the fixed shift.
+double similarity_bound(const Problem& p) {
+  return max_row_norm(p.q) * (p.self ? max_row_norm(p.q) : max_row_norm(p.k)) / p.tau;
+}
+
+// Self mode takes the symmetric schedule when the fixed shift is safe. The backward must
+// follow the forward's schedule: its exp(s_ij - lse_i) is only consistent with lse_i when s_ij
+// comes from the same tile product (tile (c, r) and the transpose of tile (r, c) differ in the
+// last bits, which |s| / tau magnifies).
+bool uses_symmetric_schedule(const Problem& p, double bound) {
+  return p.self && 2.0 * bound <= kMaxFixedShiftSpan;
+}
+
 template <typename acc_t>
 std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_impl(const Problem& p, const Codes& codes) {
   const auto stat_options = p.q.options().dtype(p.acc);
@@ -169,9 +182,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_impl(const Problem& p, co
   at::Tensor pos_count = at::empty({p.n}, p.q.options().dtype(at::kLong));
 
   const acc_t inv_tau = acc_t(1.0 / p.tau);
-  const double bound = max_row_norm(p.q) * (p.self ? max_row_norm(p.q) : max_row_norm(p.k)) / p.tau;
+  const double bound = similarity_bound(p);
   const bool fixed = 2.0 * bound <= kMaxFixedShiftSpan;
-  const bool symmetric = p.self && fixed;
+  const bool symmetric = uses_symmetric_schedule(p, bound);
   const acc_t shift = fixed ? acc_t(bound) : acc_t(0);
 
   const int64_t row_tiles = ceil_div(p.n, kTile), col_tiles = ceil_div(p.m, kTile);
@@ -370,8 +383,12 @@ std::tuple<at::Tensor, at::Tensor> pair_stats_backward_cpu(
       at::kHalf, at::kBFloat16, q.scalar_type(), "pair_stats_backward_cpu", [&] {
         using acc_t = at::opmath_type<scalar_t>;
         const auto rg = row_grads_of<acc_t>(grad_lse, grad_pos_mean, lse, pos_count);
-        if (p.self) {
+        if (p.self && uses_symmetric_schedule(p, similarity_bound(p))) {
           if (q_needs_grad) grad_q = backward_self<acc_t>(p, codes.view(), rg);
+        } else if (p.self) {  // general schedule, as the forward ran: q's grad is dq + dk
+          if (q_needs_grad)
+            grad_q = backward_general<acc_t>(p, codes.view(), rg, false)
+                         .add_(backward_general<acc_t>(p, codes.view(), rg, true));
         } else {
           if (q_needs_grad) grad_q = backward_general<acc_t>(p, codes.view(), rg, false);
           if (k_needs_grad) grad_k = backward_general<acc_t>(p, codes.view(), rg, true);

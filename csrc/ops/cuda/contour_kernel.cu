@@ -1,0 +1,206 @@
+// contour_mine and contour_band on the GPU: the math of ops/contour.h, the same arithmetic in the
+// same order as the CPU kernels (ops/cpu/contour_kernel.cpp), so the results are identical.
+//
+// contour_mine: one thread per cell (a row of cells, the CPU's unit of work, would leave a GPU
+// idle: 512^2 masks at p = 4 have 128 cell rows per image). The thread reads its p x p pixels row
+// by row, in the mask's own dtype; neighbouring threads read neighbouring cells, so a warp reads
+// contiguous runs of each mask row.
+// contour_band: two passes through uint8 buffers, one thread per pixel each: the row pass marks
+// pixels whose row window [x - r, x + r] holds a tampered / an authentic valid pixel, the column
+// pass ORs those marks over [y - r, y + r]. O(r) reads per pixel and pass (they stop as soon as
+// both kinds are found), all coalesced along x.
+// Deterministic: no atomics, every output written by one thread. No host synchronisation.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <type_traits>
+
+#include "ops/contour.h"
+
+namespace fastiml {
+namespace contour {
+namespace {
+
+constexpr int kThreads = 256;
+
+int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// Blocks for a grid-stride loop over `count` items.
+unsigned blocks_for(int64_t count) {
+  return static_cast<unsigned>(std::max<int64_t>(1, std::min<int64_t>(ceil_div(count, kThreads),
+                                                                      int64_t(1) << 20)));
+}
+
+at::Tensor contiguous_if_needed(const at::Tensor& t) {
+  return t.is_contiguous() ? t : t.contiguous();
+}
+
+void check_mask(const at::Tensor& mask, const std::optional<at::Tensor>& valid, const char* op) {
+  TORCH_CHECK(mask.dim() == 3, op, ": mask must be [B, H, W], got ", mask.sizes());
+  TORCH_CHECK(mask.is_cuda(), op, ": mask must be a CUDA tensor here, got ", mask.device());
+  TORCH_CHECK(!valid.has_value() || (valid->sizes() == mask.sizes() &&
+                                     valid->scalar_type() == at::kBool &&
+                                     valid->device() == mask.device()),
+              op, ": valid must be a bool tensor of mask's shape ", mask.sizes(), " on ",
+              mask.device());
+}
+
+#define FASTIML_DISPATCH_MASK(TYPE, NAME, ...)                                             \
+  AT_DISPATCH_SWITCH(TYPE, NAME, AT_DISPATCH_CASE(at::kBool, __VA_ARGS__)                 \
+                     AT_DISPATCH_CASE(at::kByte, __VA_ARGS__)                              \
+                     AT_DISPATCH_CASE(at::kFloat, __VA_ARGS__)                             \
+                     AT_DISPATCH_CASE(at::kDouble, __VA_ARGS__)                            \
+                     AT_DISPATCH_CASE(at::kHalf, __VA_ARGS__)                              \
+                     AT_DISPATCH_CASE(at::kBFloat16, __VA_ARGS__))
+
+// Half masks are read through float; every other dtype has its own tampered_weight overload.
+template <typename T>
+__device__ __forceinline__ float weight_of(T v) {
+  if constexpr (std::is_same_v<T, at::Half> || std::is_same_v<T, at::BFloat16>)
+    return tampered_weight(static_cast<float>(v));
+  else
+    return tampered_weight(v);
+}
+
+template <typename scalar_t>
+__global__ void __launch_bounds__(kThreads)
+    contour_mine_kernel(const scalar_t* __restrict__ mask, const bool* __restrict__ valid,
+                        int64_t B, int64_t H, int64_t W, int64_t patch, float lo, float hi,
+                        float* __restrict__ frac, int8_t* __restrict__ klass) {
+  const int64_t gh = cells(H, patch), gw = cells(W, patch), total = B * gh * gw;
+  for (int64_t cell = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; cell < total;
+       cell += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t cx = cell % gw, row = cell / gw;  // row = b * gh + cy, as on the CPU
+    const int64_t b = row / gh, y0 = (row % gh) * patch, y1 = min(H, y0 + patch);
+    const int64_t x0 = cx * patch, x1 = min(W, x0 + patch);
+    float sum = 0.0f;
+    int64_t count = 0;
+    for (int64_t y = y0; y < y1; ++y) {  // per mask row, then into the cell: the CPU's order
+      const int64_t offset = (b * H + y) * W;
+      float s = 0.0f;
+      int64_t c = 0;
+      for (int64_t x = x0; x < x1; ++x) {
+        const bool keep = valid == nullptr || valid[offset + x];
+        s += keep ? weight_of(mask[offset + x]) : 0.0f;
+        c += keep;
+      }
+      sum += s;
+      count += c;
+    }
+    const float f = cell_fraction(sum, count);
+    frac[cell] = f;
+    klass[cell] = classify_cell(f, count, lo, hi);
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor> contour_mine_cuda(const at::Tensor& mask_in, int64_t patch,
+                                                     double lo, double hi,
+                                                     const std::optional<at::Tensor>& valid_in) {
+  check_mask(mask_in, valid_in, "contour_mine");
+  TORCH_CHECK(patch > 0, "contour_mine: patch must be > 0, got ", patch);
+  TORCH_CHECK(lo < hi, "contour_mine: need lo < hi, got lo=", lo, " hi=", hi);
+  const c10::cuda::CUDAGuard guard(mask_in.device());
+  const at::Tensor mask = contiguous_if_needed(mask_in);
+  const at::Tensor valid = valid_in.has_value() ? contiguous_if_needed(*valid_in) : at::Tensor();
+  const int64_t B = mask.size(0), H = mask.size(1), W = mask.size(2);
+  const int64_t gh = cells(H, patch), gw = cells(W, patch);
+  at::Tensor frac = at::empty({B, gh, gw}, mask.options().dtype(at::kFloat));
+  at::Tensor klass = at::empty({B, gh, gw}, mask.options().dtype(at::kChar));
+  if (frac.numel() == 0) return {frac, klass};
+  const bool* valid_p = valid.defined() ? valid.const_data_ptr<bool>() : nullptr;
+  FASTIML_DISPATCH_MASK(mask.scalar_type(), "contour_mine_cuda", [&] {
+    contour_mine_kernel<scalar_t>
+        <<<blocks_for(frac.numel()), kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
+            mask.const_data_ptr<scalar_t>(), valid_p, B, H, W, patch, static_cast<float>(lo),
+            static_cast<float>(hi), frac.data_ptr<float>(), klass.data_ptr<int8_t>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return {frac, klass};
+}
+
+// Row pass: rt / ra = whether the row window of the pixel holds a tampered / authentic valid
+// pixel.
+template <typename scalar_t>
+__global__ void __launch_bounds__(kThreads)
+    band_rows_kernel(const scalar_t* __restrict__ mask, const bool* __restrict__ valid,
+                     int64_t total, int64_t W, int64_t radius, uint8_t* __restrict__ rt,
+                     uint8_t* __restrict__ ra) {
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < total;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t x = i % W, offset = i - x;
+    const int64_t x0 = max(int64_t(0), x - radius), x1 = min(W, x + radius + 1);
+    bool t = false, a = false;
+    for (int64_t xx = x0; xx < x1 && !(t && a); ++xx) {
+      const bool keep = valid == nullptr || valid[offset + xx];
+      const bool tampered = keep && is_tampered(weight_of(mask[offset + xx]));
+      t = t || tampered;
+      a = a || (keep && !tampered);
+    }
+    rt[i] = t;
+    ra[i] = a;
+  }
+}
+
+// Column pass: band = valid & (a tampered mark within [y - r, y + r]) & (an authentic one).
+__global__ void __launch_bounds__(kThreads)
+    band_columns_kernel(const uint8_t* __restrict__ rt, const uint8_t* __restrict__ ra,
+                        const bool* __restrict__ valid, int64_t total, int64_t H, int64_t W,
+                        int64_t radius, bool* __restrict__ band) {
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < total;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t x = i % W, y = (i / W) % H, image = i - y * W - x;  // image = b * H * W
+    const bool keep = valid == nullptr || valid[i];
+    bool t = false, a = false;
+    if (keep) {
+      const int64_t y0 = max(int64_t(0), y - radius), y1 = min(H, y + radius + 1);
+      for (int64_t yy = y0; yy < y1 && !(t && a); ++yy) {
+        const int64_t j = image + yy * W + x;
+        t = t || rt[j] != 0;
+        a = a || ra[j] != 0;
+      }
+    }
+    band[i] = keep && t && a;
+  }
+}
+
+at::Tensor contour_band_cuda(const at::Tensor& mask_in, int64_t radius,
+                             const std::optional<at::Tensor>& valid_in) {
+  check_mask(mask_in, valid_in, "contour_band");
+  TORCH_CHECK(radius >= 0, "contour_band: radius must be >= 0, got ", radius);
+  const c10::cuda::CUDAGuard guard(mask_in.device());
+  const at::Tensor mask = contiguous_if_needed(mask_in);
+  const at::Tensor valid = valid_in.has_value() ? contiguous_if_needed(*valid_in) : at::Tensor();
+  const int64_t B = mask.size(0), H = mask.size(1), W = mask.size(2);
+  if (B * H * W == 0 || radius == 0) return at::zeros({B, H, W}, mask.options().dtype(at::kBool));
+  at::Tensor band = at::empty({B, H, W}, mask.options().dtype(at::kBool));
+  at::Tensor row_t = at::empty({B, H, W}, mask.options().dtype(at::kByte));
+  at::Tensor row_a = at::empty({B, H, W}, mask.options().dtype(at::kByte));
+  const bool* valid_p = valid.defined() ? valid.const_data_ptr<bool>() : nullptr;
+  const int64_t total = B * H * W;
+  const auto stream = at::cuda::getCurrentCUDAStream();
+  FASTIML_DISPATCH_MASK(mask.scalar_type(), "contour_band_cuda", [&] {
+    band_rows_kernel<scalar_t><<<blocks_for(total), kThreads, 0, stream>>>(
+        mask.const_data_ptr<scalar_t>(), valid_p, total, W, radius, row_t.data_ptr<uint8_t>(),
+        row_a.data_ptr<uint8_t>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  band_columns_kernel<<<blocks_for(total), kThreads, 0, stream>>>(
+      row_t.const_data_ptr<uint8_t>(), row_a.const_data_ptr<uint8_t>(), valid_p, total, H, W,
+      radius, band.data_ptr<bool>());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return band;
+}
+
+}  // namespace
+}  // namespace contour
+}  // namespace fastiml
+
+TORCH_LIBRARY_IMPL(fastiml, CUDA, m) {
+  m.impl("contour_mine", &fastiml::contour::contour_mine_cuda);
+  m.impl("contour_band", &fastiml::contour::contour_band_cuda);
+}
