@@ -135,8 +135,9 @@ def pivot_consistency(logit_a: Tensor, logit_b: Tensor, klass: Tensor, patch: in
     import torch.nn.functional as F
     h, w = logit_a.shape[-2:]
     up = klass.repeat_interleave(patch, 1).repeat_interleave(patch, 2)[:, :h, :w][:, None]
-    weight = torch.where(up == 2, weight_contour, torch.where(up == -1, 0.0, weight_other))
-    weight = weight.to(logit_a.dtype)
+    scalar = lambda v: torch.tensor(v, dtype=logit_a.dtype, device=logit_a.device)  # noqa: E731
+    weight = torch.where(up == 2, scalar(weight_contour),
+                         torch.where(up == -1, scalar(0.0), scalar(weight_other)))
     pa, pb = torch.sigmoid(logit_a), torch.sigmoid(logit_b)
     # Written as two KL divergences (log-sigmoids), not through the closed form the kernel uses.
     kl_ab = pa * (F.logsigmoid(logit_a) - F.logsigmoid(logit_b)) + (1 - pa) * (

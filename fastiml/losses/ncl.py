@@ -142,8 +142,11 @@ class NCLLoss(nn.Module):
         parts = {"bce_a": masked_bce(logit_a[:, 0], target, valid, self.gather),
                  "bce_b": masked_bce(logit_b[:, 0], target, valid, self.gather)}
         drop = self.contour == "drop"
-        parts["supcon_a"] = self._supcon(proj_a, klass, None if drop else "tampered")
-        parts["supcon_b"] = self._supcon(proj_b, klass, None if drop else "authentic")
+        # Projection pixels that mostly cover padding stay out of the patch means.
+        proj_valid = None if valid is None else F.interpolate(
+            valid[:, None].float(), size=(h, w), mode="area") > 0.5
+        parts["supcon_a"] = self._supcon(proj_a, klass, None if drop else "tampered", proj_valid)
+        parts["supcon_b"] = self._supcon(proj_b, klass, None if drop else "authentic", proj_valid)
         if drop:
             pivot = logit_a.new_zeros((), dtype=torch.float32)
         else:
@@ -178,10 +181,17 @@ class NCLLoss(nn.Module):
             pivot = mean_across_ranks(pivot * share, share, True)
         return pivot
 
-    def _supcon(self, proj: Tensor, klass: Tensor, contour_as: Optional[str]) -> Tensor:
-        """SupCon over the patch embeddings of one branch."""
+    def _supcon(self, proj: Tensor, klass: Tensor, contour_as: Optional[str],
+                proj_valid: Optional[Tensor]) -> Tensor:
+        """SupCon over the patch embeddings (means of valid projected pixels) of one branch."""
+        if proj_valid is not None:
+            weight = proj_valid.to(proj.dtype)
+            proj = proj * weight
         if self.patch > 1:
-            proj = F.avg_pool2d(proj, self.patch, ceil_mode=True)  # partial cells: real pixels
+            # ceil_mode: the last, partial cells average over their real pixels only.
+            proj = F.avg_pool2d(proj, self.patch, ceil_mode=True)
+            if proj_valid is not None:  # sum of valid pixels / their number
+                proj = proj / F.avg_pool2d(weight, self.patch, ceil_mode=True).clamp(min=1e-12)
         b, d = proj.shape[:2]
         rows = F.normalize(proj.permute(0, 2, 3, 1).reshape(-1, d), dim=1)
         labels = patch_labels(klass, contour_as).reshape(-1)

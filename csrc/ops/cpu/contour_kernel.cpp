@@ -23,6 +23,11 @@ void check_mask(const at::Tensor& mask, const std::optional<at::Tensor>& valid, 
               op, ": valid must be a bool tensor of mask's shape ", mask.sizes());
 }
 
+// Rows of `width` pixels per parallel task: at least ~64K pixels, so small masks run inline.
+int64_t rows_per_task(int64_t width) {
+  return std::max<int64_t>(1, (int64_t(1) << 16) / std::max<int64_t>(1, width));
+}
+
 #define FASTIML_DISPATCH_MASK(TYPE, NAME, ...)                                             \
   AT_DISPATCH_SWITCH(TYPE, NAME, AT_DISPATCH_CASE(at::kBool, __VA_ARGS__)                 \
                      AT_DISPATCH_CASE(at::kByte, __VA_ARGS__)                              \
@@ -60,7 +65,7 @@ std::tuple<at::Tensor, at::Tensor> contour_mine_cpu(const at::Tensor& mask_in, i
   FASTIML_DISPATCH_MASK(mask.scalar_type(), "contour_mine_cpu", [&] {
     const scalar_t* mask_p = mask.const_data_ptr<scalar_t>();
     // One task per row of cells: the p mask rows under it are read once, left to right.
-    at::parallel_for(0, B * gh, 1, [&](int64_t begin, int64_t end) {
+    at::parallel_for(0, B * gh, rows_per_task(patch * W), [&](int64_t begin, int64_t end) {
       std::vector<float> sum(gw);
       std::vector<int64_t> count(gw);
       for (int64_t row = begin; row < end; ++row) {
@@ -114,7 +119,7 @@ at::Tensor contour_band_cpu(const at::Tensor& mask_in, int64_t radius,
   uint8_t* ra = row_a.data_ptr<uint8_t>();
   FASTIML_DISPATCH_MASK(mask.scalar_type(), "contour_band_cpu", [&] {
     const scalar_t* mask_p = mask.const_data_ptr<scalar_t>();
-    at::parallel_for(0, B * H, 16, [&](int64_t begin, int64_t end) {
+    at::parallel_for(0, B * H, rows_per_task(W), [&](int64_t begin, int64_t end) {
       std::vector<int32_t> pt(W + 1), pa(W + 1);  // prefix counts along the row
       for (int64_t row = begin; row < end; ++row) {
         const int64_t offset = row * W;
@@ -135,7 +140,8 @@ at::Tensor contour_band_cpu(const at::Tensor& mask_in, int64_t radius,
   // Column pass: a sliding window of 2r+1 rows over strips of columns.
   bool* out = band.data_ptr<bool>();
   const int64_t strips = cells(W, kStrip);
-  at::parallel_for(0, B * strips, 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, B * strips, std::max<int64_t>(1, rows_per_task(H * kStrip)),
+                   [&](int64_t begin, int64_t end) {
     std::vector<int32_t> ct(kStrip), ca(kStrip);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t b = task / strips, xs = (task % strips) * kStrip;

@@ -59,7 +59,7 @@ at::Tensor pivot_forward_cpu(const at::Tensor& logit_a, const at::Tensor& logit_
     const int8_t* pk = klass.const_data_ptr<int8_t>();
     const acc_t wc = acc_t(weight_contour), wo = acc_t(weight_other);
     std::vector<double> row_sum(B * H, 0.0);
-    at::parallel_for(0, B * H, 8, [&](int64_t begin, int64_t end) {
+    at::parallel_for(0, B * H, std::max<int64_t>(1, (int64_t(1) << 15) / std::max<int64_t>(1, W)), [&](int64_t begin, int64_t end) {
       for (int64_t row = begin; row < end; ++row) {
         const int64_t bi = row / H, y = row % H;
         const int8_t* krow = pk + (bi * gh + y / patch) * gw;
@@ -102,7 +102,7 @@ std::tuple<at::Tensor, at::Tensor> pivot_backward_cpu(const at::Tensor& grad,
     scalar_t* ga = grad_a.data_ptr<scalar_t>();
     scalar_t* gb = grad_b.data_ptr<scalar_t>();
     const acc_t wc = acc_t(weight_contour * scale), wo = acc_t(weight_other * scale);
-    at::parallel_for(0, B * H, 8, [&](int64_t begin, int64_t end) {
+    at::parallel_for(0, B * H, std::max<int64_t>(1, (int64_t(1) << 15) / std::max<int64_t>(1, W)), [&](int64_t begin, int64_t end) {
       for (int64_t row = begin; row < end; ++row) {
         const int64_t bi = row / H, y = row % H;
         const int8_t* krow = pk + (bi * gh + y / patch) * gw;
