@@ -4,7 +4,10 @@
 
 #include <ATen/ATen.h>
 
+#include <algorithm>
+#include <limits>
 #include <optional>
+#include <vector>
 
 #include "ops/pair_stats.h"
 
@@ -91,9 +94,11 @@ inline CodeTensors make_codes(const at::Tensor& q_label, const std::optional<at:
   const int64_t n = q_label.size(0);
   const bool self = !k_label.has_value();
   const at::Tensor labels = self ? q_label : at::cat({q_label, *k_label});
+  // Sorted codes keep the order of the values: rows sorted by group (image-major pixel sets)
+  // give tiles with narrow code ranges, which the kernels use to skip cross-group tiles.
   const auto compact = [](const at::Tensor& values) {
     if (values.numel() == 0) return values.to(at::kInt);
-    return std::get<1>(at::_unique2(values, /*sorted=*/false, /*return_inverse=*/true,
+    return std::get<1>(at::_unique2(values, /*sorted=*/true, /*return_inverse=*/true,
                                     /*return_counts=*/false))
         .to(at::kInt);
   };
@@ -110,6 +115,26 @@ inline CodeTensors make_codes(const at::Tensor& q_label, const std::optional<at:
   c.col_label = self ? c.row_label : label_codes.narrow(0, n, labels.size(0) - n).contiguous();
   c.col_group = self ? c.row_group : group_codes.narrow(0, n, labels.size(0) - n).contiguous();
   return c;
+}
+
+// [min, max] of the non-negative group codes of each tile of `tile` entries; an empty range
+// (min > max) for a tile with no counted entry. Tiles whose ranges do not intersect share no
+// pair that counts, so their product can be skipped.
+struct GroupRange {
+  int32_t lo, hi;
+  bool meets(const GroupRange& o) const { return lo <= o.hi && o.lo <= hi; }
+};
+
+inline std::vector<GroupRange> tile_group_ranges(const int32_t* groups, int64_t n, int64_t tile) {
+  std::vector<GroupRange> ranges((n + tile - 1) / tile,
+                                 {std::numeric_limits<int32_t>::max(), -1});
+  for (int64_t i = 0; i < n; ++i) {
+    if (groups[i] < 0) continue;
+    GroupRange& r = ranges[i / tile];
+    r.lo = std::min(r.lo, groups[i]);
+    r.hi = std::max(r.hi, groups[i]);
+  }
+  return ranges;
 }
 
 // max_i |x_i| (plus 1% for the rounding of half-precision norms); 0 for no rows.

@@ -8,6 +8,8 @@
 //    of both its row tile and its column tile (the similarity matrix and the masks are
 //    symmetric). Forward needs a fixed log-sum-exp shift for that (see kMaxFixedShiftSpan), so
 //    that partial sums of one row from several chunks simply add up.
+// Tiles whose rows and columns share no group are skipped (groups sorted by image make
+// within-image contrast over a batch cost one image's work per image, not the batch's).
 // Results are deterministic for a given number of threads.
 #include <ATen/ATen.h>
 #include <ATen/OpMathType.h>
@@ -195,6 +197,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_impl(const Problem& p, co
   sums.reserve(chunks);
   for (int64_t c = 0; c < chunks; ++c) sums.emplace_back(p.n, initial_max);
 
+  const auto row_ranges = tile_group_ranges(codes.row_group, p.n, kTile);
+  const auto col_ranges = tile_group_ranges(codes.col_group, p.m, kTile);
   at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
     at::Tensor buffer = at::empty({kTile * kTile}, stat_options);
     acc_t* s = buffer.data_ptr<acc_t>();
@@ -202,6 +206,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_impl(const Problem& p, co
       RowSums<acc_t>& acc = sums[chunk];
       auto [first, last] = chunk_range(items, chunks, chunk);
       auto tile = [&](int64_t r, int64_t c, bool mirror) {
+        if (!row_ranges[r].meets(col_ranges[c])) return;  // no pair in a common group
         const int64_t r0 = r * kTile, br = std::min(kTile, p.n - r0);
         const int64_t c0 = c * kTile, bc = std::min(kTile, p.m - c0);
         at::Tensor S = scratch_matrix(buffer, br, bc);
@@ -274,12 +279,14 @@ at::Tensor backward_self(const Problem& p, const Codes& codes,
       1, std::min({int64_t(at::get_num_threads()), items, kAccumulatorBudgetBytes / bytes}));
   std::vector<at::Tensor> grads(chunks);
   const acc_t inv_tau = acc_t(1.0 / p.tau);
+  const auto ranges = tile_group_ranges(codes.row_group, p.n, kTile);
   at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
     at::Tensor buffer = at::empty({kTile * kTile}, options);
     for (int64_t chunk = begin; chunk < end; ++chunk) {
       at::Tensor grad = at::zeros({p.n, p.d}, options);
       auto [first, last] = chunk_range(items, chunks, chunk);
       for_upper_pairs(tiles, first, last, [&](int64_t r, int64_t c) {
+        if (!ranges[r].meets(ranges[c])) return;
         const int64_t r0 = r * kTile, br = std::min(kTile, p.n - r0);
         const int64_t c0 = c * kTile, bc = std::min(kTile, p.n - c0);
         at::Tensor xr = tile_rows(p.q, r0, br, p.acc), xc = tile_rows(p.q, c0, bc, p.acc);
@@ -309,12 +316,15 @@ at::Tensor backward_general(const Problem& p, const Codes& codes,
   const int64_t own_tiles = ceil_div(own_len, kTile), other_tiles = ceil_div(other_len, kTile);
   at::Tensor grad = at::zeros({own_len, p.d}, options);
   const acc_t inv_tau = acc_t(1.0 / p.tau);
+  const auto row_ranges = tile_group_ranges(codes.row_group, p.n, kTile);
+  const auto col_ranges = tile_group_ranges(codes.col_group, p.m, kTile);
   at::parallel_for(0, own_tiles, 1, [&](int64_t begin, int64_t end) {
     at::Tensor buffer = at::empty({kTile * kTile}, options);
     for (int64_t t = begin; t < end; ++t) {
       const int64_t o0 = t * kTile, bo = std::min(kTile, own_len - o0);
       at::Tensor own = grad.narrow(0, o0, bo);
       for (int64_t u = 0; u < other_tiles; ++u) {
+        if (!row_ranges[for_k ? u : t].meets(col_ranges[for_k ? t : u])) continue;
         const int64_t x0 = u * kTile, bx = std::min(kTile, other_len - x0);
         const int64_t r0 = for_k ? x0 : o0, br = for_k ? bx : bo;
         const int64_t c0 = for_k ? o0 : x0, bc = for_k ? bo : bx;

@@ -35,14 +35,15 @@
 //   fp32 fwd / bwd      17408    16640             -        512     34560
 //   fp64 fwd / bwd      34816     8320             -        512     43648
 // The budget is set by the backward's second product on tensor cores (a 64 x 128 operand tile in
-// 16-bit plus the 64 x 64 G tile) and by the float accumulator tile S, kept in shared memory so that
-// the epilogue can give each thread whole half-rows. Registers: the tensor-core backward holds
-// 2 x 4 accumulator fragments (64 floats per thread) across the whole column walk and 2 x 2 for S;
-// the forward holds 32 shifted similarities per thread in the epilogue. With ~128-170 registers per
-// thread that is 3-4 blocks (12-16 warps) per SM on sm_80/sm_90, which also fit their shared
-// memory (3 x 44.5 KiB < 164 / 228 KiB). No cp.async double buffering yet: each D chunk is loaded,
-// synchronised and multiplied in turn (a known next step, as is a split over columns for N <<
-// M, where ceil(N / 64) blocks cannot fill the GPU).
+// 16-bit plus the 64 x 64 G tile) and by the float accumulator tile S, kept in shared memory so
+// that the epilogue can give each thread whole half-rows. Registers (ptxas, sm_80): the tensor-core
+// backward holds 2 x 4 accumulator fragments (64 floats per thread) across its whole walk plus
+// 2 x 2 for S, and uses ~168 registers (a few bytes of spill); the forward holds 32 shifted
+// similarities per thread in the epilogue and uses 96-124. That is 3 blocks (12 warps) per SM for
+// the backward and 4-5 for the forward on sm_80/sm_90, which their shared memory also allows
+// (3 x 44.5 KiB, 5 x 27.5 KiB < 164 KiB on sm_80). Not done yet (known next steps): cp.async
+// double buffering (each D chunk is loaded, synchronised and multiplied in turn), exp2 with a
+// pre-scaled log2(e), and a split over columns when N << M (ceil(N / 64) blocks cannot fill a GPU).
 #pragma once
 
 #include <cuda_bf16.h>
@@ -480,7 +481,8 @@ __global__ void __launch_bounds__(kThreads) pair_stats_backward_kernel(
     }
     __syncthreads();
 
-    // The gradient tile += G X_tile (dq) or G^T X_tile (dk), X_tile = X[x0 : x0 + 64, d0 : d0 + kDV].
+    // The gradient tile += G X_tile (dq) or G^T X_tile (dk),
+    // X_tile = X[x0 : x0 + 64, d0 : d0 + kDV].
     if constexpr (kTensorCores) {
       op_t* xs = reinterpret_cast<op_t*>(u);
       load_tile_16bit<kBN, C::kDV, C::kLdX>(xs, X, x0, other_len, p.d, d0, p.vec);

@@ -161,7 +161,8 @@ Shape shape_of(const at::Tensor& a, int64_t patch) {
 // Blocks of the partial sums: set by the shape alone, so that results do not depend on the GPU.
 int reduce_blocks(const Shape& s) {
   const int64_t items = std::max(s.B * s.H * s.W, s.B * s.gh * s.gw);
-  return static_cast<int>(std::max<int64_t>(1, std::min(kMaxReduceBlocks, ceil_div(items, kThreads))));
+  return static_cast<int>(
+      std::max<int64_t>(1, std::min(kMaxReduceBlocks, ceil_div(items, kThreads))));
 }
 
 at::Tensor pivot_forward_cuda(const at::Tensor& logit_a, const at::Tensor& logit_b,
@@ -178,7 +179,8 @@ at::Tensor pivot_forward_cuda(const at::Tensor& logit_a, const at::Tensor& logit
   const int blocks = reduce_blocks(s);
   at::Tensor partial = at::empty({2 * blocks}, a.options().dtype(at::kDouble));
   const auto stream = at::cuda::getCurrentCUDAStream();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.scalar_type(), "pivot_forward_cuda", [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.scalar_type(), "pivot_forward_cuda",
+                                  [&] {
     using acc_t = at::opmath_type<scalar_t>;
     partial_sums_kernel<scalar_t, acc_t><<<blocks, kThreads, 0, stream>>>(
         a.const_data_ptr<scalar_t>(), b.const_data_ptr<scalar_t>(),
@@ -212,7 +214,8 @@ std::tuple<at::Tensor, at::Tensor> pivot_backward_cuda(const at::Tensor& grad,
   at::Tensor scale = at::empty({}, a.options().dtype(at::kDouble));
   const at::Tensor grad64 = grad.reshape({}).to(at::kDouble);
   const auto stream = at::cuda::getCurrentCUDAStream();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.scalar_type(), "pivot_backward_cuda", [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.scalar_type(), "pivot_backward_cuda",
+                                  [&] {
     using acc_t = at::opmath_type<scalar_t>;
     // Weights only (logits = false): the loss partials stay 0.
     partial_sums_kernel<scalar_t, acc_t><<<blocks, kThreads, 0, stream>>>(
