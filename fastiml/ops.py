@@ -200,12 +200,16 @@ def _check_mask(mask, valid: Optional[Tensor]) -> Tensor:
     if mask.dtype not in _MASK_DTYPES:
         raise TypeError(f"mask must be bool, uint8 (0/1 or 0/255) or float in [0, 1], got "
                         f"{mask.dtype}")
+    # One reduction pass each (the kernels read every byte anyway; no temporaries here).
     if mask.numel() and mask.dtype == torch.uint8:
-        if bool(((mask != 0) & (mask != 1) & (mask != 255)).any()):
+        # Seen as int8, exactly 0, 1 and 255 (-1) lie in [-1, 1].
+        low, high = torch.aminmax(mask.view(torch.int8))
+        if not (int(low) >= -1 and int(high) <= 1):
             raise ValueError("mask of dtype uint8 must hold only 0/1 or 0/255 values")
     elif mask.numel() and mask.dtype.is_floating_point:
-        if bool(((mask < 0) | (mask > 1) | mask.isnan()).any()):
-            raise ValueError("a float mask must hold values in [0, 1]")
+        low, high = torch.aminmax(mask)  # NaN propagates, and fails both comparisons
+        if not (float(low) >= 0 and float(high) <= 1):
+            raise ValueError("a float mask must hold values in [0, 1] (no NaN)")
     if valid is not None:
         if not isinstance(valid, Tensor) or valid.dtype != torch.bool:
             raise TypeError("valid must be a bool Tensor")

@@ -343,6 +343,53 @@ at::Tensor backward_general(const Problem& p, const Codes& codes,
   return grad.mul_(inv_tau).to(for_k ? p.k.scalar_type() : p.q.scalar_type());
 }
 
+// General mode with both gradients: one pass over row tiles, each tile's G feeding dq (rows
+// owned by the chunk) and a per-chunk dk accumulator, summed at the end -- three products per
+// tile instead of four. Returns false (nothing done) when the accumulators would exceed the
+// budget; the two-pass backward_general then runs instead.
+template <typename acc_t>
+bool backward_general_one_pass(const Problem& p, const Codes& codes,
+                               const std::vector<RowGrad<acc_t>>& rg, at::Tensor& grad_q,
+                               at::Tensor& grad_k) {
+  const auto options = p.q.options().dtype(p.acc);
+  const int64_t row_tiles = ceil_div(p.n, kTile), col_tiles = ceil_div(p.m, kTile);
+  const int64_t bytes = std::max<int64_t>(1, p.m * p.d * int64_t(sizeof(acc_t)));
+  const int64_t chunks = std::min<int64_t>(at::get_num_threads(), row_tiles);
+  if (chunks < 1 || chunks * bytes > kAccumulatorBudgetBytes) return false;
+  at::Tensor dq = at::zeros({p.n, p.d}, options);
+  std::vector<at::Tensor> dk(chunks);
+  const acc_t inv_tau = acc_t(1.0 / p.tau);
+  const auto row_ranges = tile_group_ranges(codes.row_group, p.n, kTile);
+  const auto col_ranges = tile_group_ranges(codes.col_group, p.m, kTile);
+  at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
+    at::Tensor buffer = at::empty({kTile * kTile}, options);
+    for (int64_t chunk = begin; chunk < end; ++chunk) {
+      at::Tensor acc = at::zeros({p.m, p.d}, options);
+      auto [first, last] = chunk_range(row_tiles, chunks, chunk);
+      for (int64_t r = first; r < last; ++r) {
+        const int64_t r0 = r * kTile, br = std::min(kTile, p.n - r0);
+        at::Tensor qr = tile_rows(p.q, r0, br, p.acc);
+        for (int64_t c = 0; c < col_tiles; ++c) {
+          if (!row_ranges[r].meets(col_ranges[c])) continue;
+          const int64_t c0 = c * kTile, bc = std::min(kTile, p.m - c0);
+          at::Tensor kc = tile_rows(p.k, c0, bc, p.acc);
+          at::Tensor G = scratch_matrix(buffer, br, bc);
+          at::mm_out(G, qr, kc.t());
+          gradient_tile<acc_t, false>(G.data_ptr<acc_t>(), r0, br, c0, bc, codes, inv_tau,
+                                      p.exclude_self, p.negatives_only, rg.data());
+          dq.narrow(0, r0, br).addmm_(G, kc);
+          acc.narrow(0, c0, bc).addmm_(G.t(), qr);
+        }
+      }
+      dk[chunk] = acc;
+    }
+  });
+  for (int64_t c = 1; c < chunks; ++c) dk[0].add_(dk[c]);
+  grad_q = dq.mul_(inv_tau).to(p.q.scalar_type());
+  grad_k = dk[0].mul_(inv_tau).to(p.k.scalar_type());
+  return true;
+}
+
 Problem make_problem(const at::Tensor& q, const std::optional<at::Tensor>& k, double tau,
                      bool exclude_self, bool negatives_only) {
   // Detached: the tile products are internal, and worker threads do not inherit guards.
@@ -399,7 +446,8 @@ std::tuple<at::Tensor, at::Tensor> pair_stats_backward_cpu(
           if (q_needs_grad)
             grad_q = backward_general<acc_t>(p, codes.view(), rg, false)
                          .add_(backward_general<acc_t>(p, codes.view(), rg, true));
-        } else {
+        } else if (!(q_needs_grad && k_needs_grad &&
+                     backward_general_one_pass<acc_t>(p, codes.view(), rg, grad_q, grad_k))) {
           if (q_needs_grad) grad_q = backward_general<acc_t>(p, codes.view(), rg, false);
           if (k_needs_grad) grad_k = backward_general<acc_t>(p, codes.view(), rg, true);
         }

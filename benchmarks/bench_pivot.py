@@ -1,0 +1,166 @@
+"""Pivot-consistent loss, forward + backward: fused ``pivot_consistency`` against autograd
+through the plain-PyTorch reference (DESIGN 2.3, 8).
+
+Input: two B x 1 x H x W logit maps (default 8 x 1 x 512 x 512) that require grad, and the
+klass grid that ``contour_mine`` gives at patch p = 16 for random-blob masks of the same size
+(weight_contour = 1, weight_other = 0: NCL's setting). Providers, each in its own subprocess:
+
+* ``fused``      ``fastiml.ops.pivot_consistency`` (reads klass by index; closed-form backward).
+* ``reference``  ``fastiml.reference.pivot_consistency`` (upsampled klass, log-sigmoid KL terms,
+                 autograd), computed in the input dtype.
+
+    python -m benchmarks.bench_pivot [--dtypes float32 bfloat16] [--batch 8] [--size 512]
+        [--patch 16] [--repeat 5] [--json out.json] [--max-gb 12]
+"""
+import sys
+from typing import List, Optional
+
+import torch
+
+from benchmarks import harness as H
+from benchmarks.bench_contour import make_masks
+
+BENCHMARK = "pivot"
+MODULE = "benchmarks.bench_pivot"
+PROVIDERS = ("fused", "reference")
+
+# Rough peak bytes per logit pixel (memory guard only): the reference keeps about a dozen
+# float32 maps for autograd.
+_BYTES_PER_PIXEL = {"fused": 12.0, "reference": 160.0}
+
+
+def estimate_bytes(provider: str, pixels: int) -> float:
+    return (16.0 + _BYTES_PER_PIXEL[provider]) * pixels
+
+
+def make_inputs(batch: int, size: int, patch: int, dtype: torch.dtype, device, seed: int = 0):
+    """Logits a, b [batch, 1, size, size] (leaves requiring grad) and klass from contour_mine."""
+    from fastiml import ops
+    g = torch.Generator().manual_seed(seed)
+    a = (3 * torch.randn(batch, 1, size, size, generator=g)).to(device=device, dtype=dtype)
+    b = (a.float() + torch.randn(batch, 1, size, size, generator=g).to(device)).to(dtype)
+    _, klass = ops.contour_mine(make_masks(batch, size, device, seed=seed), patch)
+    return a.requires_grad_(), b.requires_grad_(), klass
+
+
+def loss_fn_of(provider: str):
+    from fastiml import ops, reference
+    if provider == "fused":
+        return ops.pivot_consistency
+    if provider == "reference":
+        return reference.pivot_consistency
+    raise ValueError(f"unknown provider {provider!r}; expected one of {PROVIDERS}")
+
+
+def run_case(case: dict) -> dict:
+    """One provider, forward + backward: time, peak memory above the inputs, loss value."""
+    device = H.resolve_device(case.get("device", "cpu"))
+    threads = H.set_threads(case.get("threads"))
+    patch = int(case.get("patch", 16))
+    loss_of = loss_fn_of(case["provider"])
+    a, b, klass = make_inputs(int(case["batch"]), int(case["size"]), patch,
+                              H.dtype_of(case.get("dtype", "float32")), device)
+    last = {}
+
+    def step():
+        a.grad = b.grad = None
+        loss = loss_of(a, b, klass, patch)
+        loss.backward()
+        last["loss"] = loss.detach()
+
+    meter = H.MemoryMeter(device)
+    meter.start()
+    timing = H.time_fn(step, repeat=int(case.get("repeat", 5)), device=device)
+    return {**timing, **meter.stop(), "loss": float(last["loss"]), "threads": threads}
+
+
+# -------------------------------------------------------------------------------- the run
+
+def run(args) -> List[H.Result]:
+    results = []
+    pixels = args.batch * args.size * args.size
+    for dtype_name in args.dtypes:
+        for provider in PROVIDERS:
+            params = {"B": args.batch, "H": args.size, "W": args.size, "patch": args.patch,
+                      "dtype": dtype_name, "device": args.device}
+            status = H.memory_guard(estimate_bytes(provider, pixels), args.max_gb)
+            if status is not None:
+                results.append(H.Result(BENCHMARK, provider, params, status))
+                continue
+            case = {"provider": provider, "batch": args.batch, "size": args.size,
+                    "patch": args.patch, "dtype": dtype_name, "device": args.device,
+                    "threads": args.threads, "repeat": args.repeat}
+            H.progress(f"[pivot] {dtype_name} {provider} ...")
+            out = H.run_case_anywhere(MODULE, run_case, case, args.in_process, args.timeout)
+            r = H.result_from_child(BENCHMARK, provider, params, out, keep=("loss",))
+            H.progress(f"[pivot] {dtype_name} {provider}: {H.fmt_seconds(r)} s, "
+                       f"{H.fmt_mb(r)} MB above inputs")
+            results.append(r)
+    _derive(results)
+    return results
+
+
+def _find(results, provider, dtype_name) -> Optional[H.Result]:
+    for r in results:
+        if r.provider == provider and r.params["dtype"] == dtype_name:
+            return r
+    return None
+
+
+def _derive(results):
+    for fused in [r for r in results if r.provider == "fused" and r.ok]:
+        ref = _find(results, "reference", fused.params["dtype"])
+        s = H.ratio(ref, fused)
+        if s is not None:
+            fused.metrics["speedup_vs_reference"] = s
+        if ref is not None and ref.ok:
+            x = fused.metrics["loss"]
+            fused.metrics["loss_rel_diff_vs_reference"] = abs(ref.metrics["loss"] - x) / max(
+                abs(x), 1e-12)
+
+
+def table(results: List[H.Result]) -> str:
+    headers = ["B×1×H×W", "patch", "dtype", "fused s", "reference s", "speed-up",
+               "peak MB above inputs: fused", "reference", "loss rel. diff"]
+    rows = []
+    dtypes = []
+    for r in results:
+        if r.params["dtype"] not in dtypes:
+            dtypes.append(r.params["dtype"])
+    for dt in dtypes:
+        f, ref = _find(results, "fused", dt), _find(results, "reference", dt)
+        any_r = f or ref
+        diff = f.get("loss_rel_diff_vs_reference") if f is not None else None
+        rows.append([f"{any_r.params['B']}×1×{any_r.params['H']}×{any_r.params['W']}",
+                     any_r.params["patch"], dt, H.fmt_seconds(f), H.fmt_seconds(ref),
+                     H.fmt_ratio(H.ratio(ref, f)), H.fmt_mb(f), H.fmt_mb(ref),
+                     "—" if diff is None else f"{diff:.1e}"])
+    return H.markdown_table(headers, rows)
+
+
+def parser():
+    p = H.base_parser(" ".join(__doc__.split("\n\n")[0].split()), repeat=5)
+    p.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"],
+                   choices=("float32", "float16", "bfloat16"))
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--size", type=int, default=512, help="H = W of the logits (default 512)")
+    p.add_argument("--patch", type=int, default=16, help="klass grid cell (default 16)")
+    p.add_argument("--in-process", action="store_true",
+                   help="run every case in this process (debugging; memory figures are then "
+                        "not per provider)")
+    return p
+
+
+def main(argv=None) -> int:
+    args = parser().parse_args(argv)
+    if args.case is not None:
+        return H.child_main(run_case, args.case)
+    H.resolve_device(args.device)
+    info = H.RunInfo.collect(args.device)
+    results = run(args)
+    H.finish(args, info, BENCHMARK, results, table(results))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,148 @@
+"""Smoke tests of the benchmark scripts (benchmarks/): every case function runs on tiny inputs
+in this process and returns the fields the tables and the CSV need. No timing assertions."""
+import csv
+import importlib.util
+import json
+
+import pytest
+import torch
+
+from benchmarks import bench_contour, bench_pair_stats, bench_pivot, harness, plot
+
+HAS_PML = importlib.util.find_spec("pytorch_metric_learning") is not None
+
+
+@pytest.fixture(autouse=True)
+def _restore_threads():
+    before = torch.get_num_threads()
+    yield
+    torch.set_num_threads(before)
+
+
+def _check_case(out: dict) -> None:
+    for key in ("time_s", "times", "repeat", "inputs_mb", "peak_mb", "peak_above_inputs_mb"):
+        assert key in out, f"missing {key} in {sorted(out)}"
+    assert out["time_s"] > 0 and all(t > 0 for t in out["times"])
+    assert out["peak_above_inputs_mb"] >= 0 and out["peak_mb"] > 0
+
+
+@pytest.mark.parametrize("provider", [
+    "fused", "naive", "supcontrast",
+    pytest.param("pml", marks=pytest.mark.skipif(not HAS_PML,
+                                                 reason="pytorch-metric-learning not installed"))])
+def test_pair_stats_case(provider):
+    out = bench_pair_stats.run_case({"provider": provider, "n": 256, "dtype": "float32",
+                                     "repeat": 1, "threads": 1,
+                                     "time_mm": "float32" if provider == "fused" else None})
+    _check_case(out)
+    # Every provider computes the same SupCon loss on the same inputs.
+    fused = bench_pair_stats.run_case({"provider": "fused", "n": 256, "repeat": 1,
+                                       "threads": 1})
+    assert out["loss"] == pytest.approx(fused["loss"], rel=1e-4)
+    if provider == "fused":
+        assert out["mm_s"] > 0
+
+
+def test_pair_stats_bf16_case():
+    _check_case(bench_pair_stats.run_case({"provider": "fused", "n": 128, "dtype": "bfloat16",
+                                           "repeat": 1, "threads": 1}))
+
+
+@pytest.mark.parametrize("op,param", [("contour_mine", 4), ("contour_band", 3)])
+def test_contour_cases(op, param):
+    sums = set()
+    for provider in bench_contour.PROVIDERS:
+        out = bench_contour.run_case({"op": op, "provider": provider, "param": param,
+                                      "batch": 2, "size": 64, "repeat": 1, "threads": 1})
+        _check_case(out)
+        sums.add(out["checksum"])
+    assert len(sums) == 1 and sums.pop() > 0  # same cells / pixels, and some of them
+
+
+def test_pivot_cases():
+    losses = []
+    for provider in bench_pivot.PROVIDERS:
+        out = bench_pivot.run_case({"provider": provider, "batch": 2, "size": 64, "patch": 16,
+                                    "dtype": "float32", "repeat": 1, "threads": 1})
+        _check_case(out)
+        losses.append(out["loss"])
+    assert losses[0] == pytest.approx(losses[1], rel=1e-4)
+
+
+def test_pair_stats_main_in_process(tmp_path):
+    """The whole driver: guards, derived columns, CSV and JSON."""
+    csv_path, json_path = tmp_path / "r.csv", tmp_path / "r.json"
+    argv = ["--sizes", "128", "--dtypes", "float32", "--repeat", "1", "--threads", "1",
+            "--providers", "fused", "naive", "supcontrast", "--in-process",
+            "--csv", str(csv_path), "--json", str(json_path)]
+    assert bench_pair_stats.main(argv) == 0
+    payload = json.loads(json_path.read_text())
+    fused = [r for r in payload["results"] if r["provider"] == "fused"][0]
+    for key in ("time_s", "mm_s", "roofline", "speedup_vs_naive", "speedup_vs_supcontrast",
+                "peak_above_inputs_mb"):
+        assert key in fused["metrics"], key
+    assert "| N | dtype | fused s |" in payload["table_markdown"]
+    with open(csv_path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert rows and set(rows[0]) == set(harness.CSV_COLUMNS)
+    assert {r["provider"] for r in rows} == {"fused", "naive", "supcontrast"}
+    assert all(r["commit"] and r["machine"] and r["torch"] for r in rows)
+
+
+def test_memory_guard_skips(tmp_path):
+    argv = ["--sizes", "65536", "--dtypes", "float32", "--providers", "naive", "--in-process",
+            "--no-csv", "--json", str(tmp_path / "r.json")]
+    assert bench_pair_stats.main(argv) == 0
+    (result,) = json.loads((tmp_path / "r.json").read_text())["results"]
+    assert result["status"].startswith("skipped (needs ~") and result["status"].endswith("GB)")
+
+
+def test_guards_and_table():
+    assert harness.memory_guard(20e9, 12) == "skipped (needs ~20 GB)"
+    assert harness.memory_guard(1e9, 12) is None
+    guard = harness.TimeGuard(max_s=10)
+    assert guard.check(("naive", "float32"), 4096) is None
+    guard.record(("naive", "float32"), 1024, 1.0)
+    assert guard.check(("naive", "float32"), 2048) is None  # ~4 s
+    assert guard.check(("naive", "float32"), 4096).startswith("skipped (est. ~16 s")
+    t = harness.markdown_table(["a", "b"], [[1, 2]])
+    assert t.splitlines() == ["| a | b |", "|---|---|", "| 1 | 2 |"]
+
+
+def test_time_fn_slow_first_run_is_the_measurement():
+    out = harness.time_fn(lambda: None, repeat=3, slow_s=0.0)
+    assert out["repeat"] == 1 and len(out["times"]) == 1
+    out = harness.time_fn(lambda: sum(range(1000)), repeat=3)
+    assert out["repeat"] == 3 and out["time_s"] > 0
+
+
+def test_subprocess_case():
+    """One case through the real child protocol (fresh interpreter, tagged JSON line)."""
+    out = harness.run_in_subprocess(bench_pivot.MODULE,
+                                    {"provider": "fused", "batch": 1, "size": 32, "patch": 16,
+                                     "repeat": 1, "threads": 1}, timeout=120)
+    assert out["status"] == "ok", out
+    _check_case(out)
+
+
+def test_child_reports_failure(capsys):
+    assert harness.child_main(bench_pivot.run_case, json.dumps({"provider": "nope"})) == 0
+    line = capsys.readouterr().out.strip().splitlines()[-1]
+    assert line.startswith(harness.RESULT_TAG)
+    assert json.loads(line[len(harness.RESULT_TAG):])["status"].startswith("failed (")
+
+
+def test_plot_runs_or_explains(tmp_path):
+    csv_path = tmp_path / "r.csv"
+    info = harness.RunInfo("2025-01-01T00:00:00+00:00", "abc", "test machine", "2.x")
+    harness.append_csv(csv_path, info, [
+        harness.Result("pivot", "fused", {"B": 1, "H": 8, "W": 8, "patch": 4,
+                                          "dtype": "float32"}, metrics={"time_s": 0.1,
+                                                                        "peak_above_inputs_mb": 1}),
+        harness.Result("pivot", "reference", {"B": 1, "H": 8, "W": 8, "patch": 4,
+                                              "dtype": "float32"}, status="skipped (x)")])
+    loaded = plot.load(csv_path)
+    entries = loaded["pivot"]["2025-01-01T00:00:00+00:00"]
+    assert {e["provider"]: e["status"] for e in entries} == {"fused": "ok",
+                                                            "reference": "skipped (x)"}
+    assert plot.main(["--csv", str(csv_path), "--out", str(tmp_path / "plots")]) == 0
