@@ -1,0 +1,458 @@
+"""``fastiml selftest``: every fused op against its plain-PyTorch reference, on every device.
+
+The first thing to run on a new machine (DESIGN 7): the CUDA kernels were compiled where no GPU
+exists, so this is where they first meet one. For each available device ("cpu", and "cuda" when
+``torch.cuda.is_available()``) and each dtype (float32, float16, bfloat16) it runs
+
+* ``pair_stats`` forward and backward in five modes: general (q vs k), self (k = None with
+  exclude_self), groups, negatives-only denominator, ignored labels;
+* ``contour_mine`` and ``contour_band`` (on masks of several dtypes: their outputs are exact);
+* ``pivot_consistency`` forward and backward;
+
+and compares each output with ``fastiml.reference`` computed in float64 from the *same* rounded
+inputs. Tolerances follow FlashAttention's rule instead of fixed numbers: the kernel's error must
+be at most twice the error of the plain-PyTorch reference run in the same low dtype (on the same
+device), plus an absolute floor of a few units in the last place of that dtype at the scale
+(max |exact|) of the result. Integer and boolean outputs must match exactly, as must the pattern
+of ``-inf`` entries. An op whose kernel is not registered for a device (not built yet, or built
+without CUDA) is reported as SKIP with the reason, never as a crash.
+
+Usage: ``python -m fastiml.selftest [--device cpu|cuda ...] [--quiet]``; the exit status is
+non-zero when any check fails. ``run()`` returns the rows as dicts.
+"""
+import argparse
+import math
+import sys
+import time
+from typing import Callable, Dict, List, Optional, Sequence
+
+import torch
+
+DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+# The absolute floor of the tolerance: this many units in the last place of the dtype, at the
+# scale of the exact result (max |exact|). Accumulated float32 sums over a few hundred
+# terms need more than a half-precision rounding does.
+FLOOR_ULPS = {torch.float32: 64, torch.float16: 4, torch.bfloat16: 4, torch.float64: 64}
+# The tolerance is FACTOR x (error of the reference run in the same dtype) + floor.
+FACTOR = 2.0
+TAU = 0.1
+
+_DISPATCH_KEYS = {"cpu": "CPU", "cuda": "CUDA"}
+
+
+def _dtype_name(dtype) -> str:
+    return str(dtype).replace("torch.", "")
+
+
+def _has_kernel(op: str, device: str) -> Optional[str]:
+    """None when fastiml::op has a kernel for the device's dispatch key, else the reason."""
+    key = _DISPATCH_KEYS[device]
+    try:
+        ok = torch._C._dispatch_has_kernel_for_dispatch_key(f"fastiml::{op}", key)
+    except RuntimeError as e:  # the schema itself is missing: stale module
+        return f"fastiml::{op} is not defined ({e})"
+    return None if ok else f"fastiml::{op} has no {key} kernel in this build"
+
+
+def _api(name: str):
+    """The Python entry point fastiml.ops.<name>, or None when this version has none."""
+    from fastiml import ops
+    return getattr(ops, name, None)
+
+
+# ------------------------------------------------------------------------------ comparisons
+
+def _max_error(actual: torch.Tensor, exact: torch.Tensor) -> float:
+    a, e = actual.detach().double().cpu(), exact.detach().double().cpu()
+    finite = torch.isfinite(e)
+    if not finite.any():
+        return 0.0
+    return (a[finite] - e[finite]).abs().max().item()
+
+
+def _floor(exact: torch.Tensor, dtype: torch.dtype) -> float:
+    """FLOOR_ULPS units in the last place of `dtype` at the scale max |exact| of the result --
+    relative to the result, so that small outputs (per-pixel gradients) are checked as closely
+    as large ones."""
+    e = exact.detach().double().cpu()
+    e = e[torch.isfinite(e)]
+    scale = e.abs().max().item() if e.numel() else 0.0
+    return FLOOR_ULPS[dtype] * torch.finfo(dtype).eps * max(scale, torch.finfo(dtype).tiny)
+
+
+class _Checks:
+    """The checks of one row: each output's error and tolerance; the row fails on any."""
+
+    def __init__(self):
+        self.items: List[Dict] = []
+
+    def close(self, name: str, actual: torch.Tensor, exact: torch.Tensor,
+              reference_low: torch.Tensor, dtype: torch.dtype) -> None:
+        """FlashAttention's rule; -inf entries must match, no NaN / +inf anywhere."""
+        problem = None
+        a = actual.detach().double().cpu()
+        e = exact.detach().double().cpu()
+        if a.shape != e.shape:
+            problem = f"shape {tuple(a.shape)} != {tuple(e.shape)}"
+        elif torch.isnan(a).any() or torch.isposinf(a).any():
+            problem = "NaN or +inf in the result"
+        elif not torch.equal(torch.isneginf(a), torch.isneginf(e)):
+            problem = "-inf entries differ"
+        err = _max_error(a, e) if problem is None else math.inf
+        err_ref = _max_error(reference_low, e)
+        tol = FACTOR * err_ref + _floor(e, dtype)
+        self.items.append(dict(name=name, error=err, tolerance=tol, problem=problem,
+                               ok=problem is None and err <= tol))
+
+    def exact(self, name: str, actual: torch.Tensor, expected: torch.Tensor) -> None:
+        """Integer / boolean outputs: equal; the error is the number of mismatches."""
+        a, e = actual.detach().cpu(), expected.detach().cpu()
+        if a.shape != e.shape:
+            self.items.append(dict(name=name, error=math.inf, tolerance=0.0, ok=False,
+                                   problem=f"shape {tuple(a.shape)} != {tuple(e.shape)}"))
+            return
+        if a.dtype.is_floating_point or e.dtype.is_floating_point:
+            mismatches = (a.double() != e.double()).sum().item()
+        else:
+            mismatches = (a.long() != e.long()).sum().item()
+        self.items.append(dict(name=name, error=float(mismatches), tolerance=0.0,
+                               problem=None, ok=mismatches == 0))
+
+    def row(self, op: str, device: str, dtype: str, shape: str, seconds: float) -> Dict:
+        # The reported output is the worst one relative to its tolerance.
+        def ratio(item):
+            if not item["ok"]:
+                return math.inf
+            return item["error"] / item["tolerance"] if item["tolerance"] > 0 else 0.0
+        worst = max(self.items, key=ratio)
+        failed = [i["name"] + (f" ({i['problem']})" if i["problem"] else "")
+                  for i in self.items if not i["ok"]]
+        return dict(op=op, device=device, dtype=dtype, shape=shape, output=worst["name"],
+                    error=worst["error"], tolerance=worst["tolerance"],
+                    status="FAIL" if failed else "PASS",
+                    reason="failed: " + ", ".join(failed) if failed else "",
+                    checks=self.items, seconds=seconds)
+
+
+def _skip(op: str, device: str, dtype: str, shape: str, reason: str) -> Dict:
+    return dict(op=op, device=device, dtype=dtype, shape=shape, output="", error=math.nan,
+                tolerance=math.nan, status="SKIP", reason=reason, checks=[], seconds=0.0)
+
+
+def _error_row(op: str, device: str, dtype: str, shape: str, exc: BaseException) -> Dict:
+    return dict(op=op, device=device, dtype=dtype, shape=shape, output="", error=math.inf,
+                tolerance=math.nan, status="FAIL", reason=f"{type(exc).__name__}: {exc}",
+                checks=[], seconds=0.0)
+
+
+# ------------------------------------------------------------------------------ pair_stats
+
+# mode -> (N, M, D, options). D values cover: a multiple of 8 but not of 16 (padding), odd D,
+# D > 128 (two column blocks of the CUDA backward), small D; N and M span several 64-tiles.
+PAIR_MODES = {
+    "general": (300, 257, 72, dict()),
+    "self": (300, None, 37, dict(exclude_self=True)),
+    "groups": (260, 260, 64, dict(groups=True, exclude_self=True)),
+    "negatives": (200, 330, 136, dict(denominator="negatives")),
+    "ignore": (310, 190, 16, dict(ignore=True)),
+}
+
+
+def _pair_inputs(mode: str, dtype: torch.dtype, device: str, seed: int = 0):
+    n, m, d, opt = PAIR_MODES[mode]
+    g = torch.Generator().manual_seed(seed)
+    q = torch.nn.functional.normalize(torch.randn(n, d, generator=g, dtype=torch.float64), dim=1)
+    q_label = torch.randint(0, 4, (n,), generator=g)
+    k = k_label = q_group = k_group = None
+    if m is not None:
+        k = torch.nn.functional.normalize(torch.randn(m, d, generator=g, dtype=torch.float64),
+                                          dim=1)
+        k_label = torch.randint(0, 4, (m,), generator=g)
+    if opt.get("groups"):
+        q_group = torch.randint(0, 3, (n,), generator=g)
+        k_group = q_group.clone() if opt.get("exclude_self") else torch.randint(0, 3, (m,),
+                                                                                 generator=g)
+        if opt.get("exclude_self"):  # the same set on both sides
+            k, k_label = q.clone(), q_label.clone()
+    if opt.get("ignore"):
+        q_label[torch.rand(n, generator=g) < 0.15] = -1
+        k_label[torch.rand(m, generator=g) < 0.15] = -1
+    # Upstream gradients of lse and pos_mean, rounded to the dtype like the inputs.
+    w_lse = torch.randn(n, generator=g, dtype=torch.float64).to(dtype)
+    w_pos = torch.randn(n, generator=g, dtype=torch.float64).to(dtype)
+    kwargs = dict(tau=TAU, exclude_self=bool(opt.get("exclude_self")),
+                  denominator=opt.get("denominator", "all"))
+    rounded = lambda t: None if t is None else t.to(dtype)  # noqa: E731
+    to_dev = lambda t: None if t is None else t.to(device)  # noqa: E731
+    return dict(q=rounded(q), k=rounded(k), q_label=q_label, k_label=k_label, q_group=q_group,
+                k_group=k_group, w_lse=w_lse, w_pos=w_pos, kwargs=kwargs, to_dev=to_dev,
+                shape=f"N={n} M={m if m is not None else n} D={d}")
+
+
+def _pair_loss(lse, pos_mean, w_lse, w_pos):
+    finite = torch.isfinite(lse)
+    lse0 = torch.where(finite, lse, torch.zeros_like(lse))
+    return (lse0 * w_lse.to(lse.dtype)).sum() + (pos_mean * w_pos.to(pos_mean.dtype)).sum()
+
+
+def _pair_run(fn, x, device, dtype):
+    """Runs fn (ops.pair_stats or reference.pair_stats) on `device` in `dtype` with autograd;
+    returns (lse, pos_mean, pos_count, grad_q, grad_k)."""
+    dev = x["to_dev"]
+    q = dev(x["q"]).to(dtype).requires_grad_()
+    k = None if x["k"] is None else dev(x["k"]).to(dtype).requires_grad_()
+    lse, pos_mean, pos_count = fn(q, k, dev(x["q_label"]), dev(x["k_label"]), dev(x["q_group"]),
+                                  dev(x["k_group"]), **x["kwargs"])
+    loss = _pair_loss(lse, pos_mean, dev(x["w_lse"]), dev(x["w_pos"]))
+    grads = torch.autograd.grad(loss, [t for t in (q, k) if t is not None])
+    return lse, pos_mean, pos_count, grads[0], (grads[1] if k is not None else None)
+
+
+def pair_stats_case(device: str, dtype: torch.dtype, mode: str,
+                    impl: Optional[Callable] = None) -> Dict:
+    """One row: ops.pair_stats (or `impl`, same signature) in `mode` against the reference."""
+    from fastiml import reference
+    op = f"pair_stats/{mode}"
+    x = _pair_inputs(mode, dtype, device)
+    if impl is None:
+        impl = _api("pair_stats")
+        if impl is None:
+            return _skip(op, device, _dtype_name(dtype), x["shape"],
+                         "fastiml.ops has no pair_stats")
+        for name in ("pair_stats", "pair_stats_backward"):
+            reason = _has_kernel(name, device)
+            if reason:
+                return _skip(op, device, _dtype_name(dtype), x["shape"], reason)
+    start = time.perf_counter()
+    try:
+        got = _pair_run(impl, x, device, dtype)
+        if device == "cuda":
+            torch.cuda.synchronize()
+        exact = _pair_run(reference.pair_stats, dict(x, to_dev=lambda t: t), "cpu", torch.float64)
+        low = _pair_run(reference.pair_stats, x, device, dtype)
+    except Exception as e:  # noqa: BLE001 - a crash is a failed check, reported as such
+        return _error_row(op, device, _dtype_name(dtype), x["shape"], e)
+    checks = _Checks()
+    for i, name in ((0, "lse"), (1, "pos_mean"), (3, "grad_q"), (4, "grad_k")):
+        if exact[i] is None:
+            continue
+        if got[i] is None:
+            checks.items.append(dict(name=name, error=math.inf, tolerance=0.0, ok=False,
+                                     problem="missing"))
+            continue
+        checks.close(name, got[i], exact[i], low[i], dtype)
+    checks.exact("pos_count", got[2], exact[2])
+    for i, name, want in ((0, "lse.dtype", torch.float32), (3, "grad_q.dtype", dtype)):
+        if got[i].dtype != want:
+            checks.items.append(dict(name=name, error=math.inf, tolerance=0.0, ok=False,
+                                     problem=f"{got[i].dtype}, expected {want}"))
+    return checks.row(op, device, _dtype_name(dtype), x["shape"], time.perf_counter() - start)
+
+
+# ------------------------------------------------------------------------------ contour ops
+
+MASK_DTYPES = (torch.bool, torch.uint8, torch.float32, torch.float16, torch.bfloat16)
+
+
+def _mask(dtype: torch.dtype, device: str, seed: int = 1):
+    """A 2 x 37 x 45 mask with blob-like regions (so that cells of all three classes occur);
+    soft masks hold multiples of 1/8, whose sums are exact in every float dtype. Returns the
+    mask and a valid-region mask (zero padding on the right)."""
+    g = torch.Generator().manual_seed(seed)
+    b, h, w = 2, 37, 45
+    yy, xx = torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")
+    field = torch.zeros(b, h, w)
+    for i in range(b):
+        for _ in range(3):
+            cy, cx = torch.randint(0, h, (1,), generator=g), torch.randint(0, w, (1,), generator=g)
+            r = 4 + 6 * torch.rand(1, generator=g)
+            field[i] += ((yy - cy) ** 2 + (xx - cx) ** 2 < r ** 2).float()
+    tampered = field > 0
+    valid = torch.ones(b, h, w, dtype=torch.bool)
+    valid[:, :, w - 7:] = False
+    if dtype == torch.bool:
+        mask = tampered
+    elif dtype == torch.uint8:
+        mask = tampered.to(torch.uint8) * 255
+    else:
+        soft = torch.randint(0, 9, (b, h, w), generator=g).float() / 8
+        mask = torch.where(tampered, torch.clamp(soft + 0.5, max=1.0), soft * 0.25).to(dtype)
+    return mask.to(device), valid.to(device)
+
+
+def contour_mine_case(device: str, dtype: torch.dtype, impl: Optional[Callable] = None) -> Dict:
+    from fastiml import reference
+    op, shape = "contour_mine", "B=2 H=37 W=45 p=4"
+    if impl is None:
+        impl = _api("contour_mine")
+        reason = ("fastiml.ops has no contour_mine" if impl is None
+                  else _has_kernel("contour_mine", device))
+        if reason:
+            return _skip(op, device, _dtype_name(dtype), shape, reason)
+    start = time.perf_counter()
+    checks = _Checks()
+    try:
+        mask, valid = _mask(dtype, device)
+        for tag, kw in (("", dict(lo=0.0, hi=1.0)), ("valid,", dict(lo=0.2, hi=0.8))):
+            v = valid if tag else None
+            frac, klass = impl(mask, 4, valid=v, **kw)
+            frac_ref, klass_ref = reference.contour_mine(mask.cpu(), 4, valid=None if v is None
+                                                         else v.cpu(), **kw)
+            checks.exact(f"{tag}frac", frac, frac_ref)
+            checks.exact(f"{tag}klass", klass, klass_ref)
+    except Exception as e:  # noqa: BLE001
+        return _error_row(op, device, _dtype_name(dtype), shape, e)
+    return checks.row(op, device, _dtype_name(dtype), shape, time.perf_counter() - start)
+
+
+def contour_band_case(device: str, dtype: torch.dtype, impl: Optional[Callable] = None) -> Dict:
+    from fastiml import reference
+    op, shape = "contour_band", "B=2 H=37 W=45 r=1,3"
+    if impl is None:
+        impl = _api("contour_band")
+        reason = ("fastiml.ops has no contour_band" if impl is None
+                  else _has_kernel("contour_band", device))
+        if reason:
+            return _skip(op, device, _dtype_name(dtype), shape, reason)
+    start = time.perf_counter()
+    checks = _Checks()
+    try:
+        mask, valid = _mask(dtype, device)
+        for radius in (1, 3):
+            for v in (None, valid):
+                band = impl(mask, radius, valid=v)
+                want = reference.contour_band(mask.cpu(), radius,
+                                              valid=None if v is None else v.cpu())
+                checks.exact(f"r={radius}{',valid' if v is not None else ''}", band, want)
+    except Exception as e:  # noqa: BLE001
+        return _error_row(op, device, _dtype_name(dtype), shape, e)
+    return checks.row(op, device, _dtype_name(dtype), shape, time.perf_counter() - start)
+
+
+# ------------------------------------------------------------------------------ pivot
+
+def _pivot_run(fn, a, b, klass, patch, device, dtype, grad_out):
+    a = a.to(device=device, dtype=dtype).requires_grad_()
+    b = b.to(device=device, dtype=dtype).requires_grad_()
+    loss = fn(a, b, klass.to(device), patch, weight_contour=1.0, weight_other=0.5)
+    ga, gb = torch.autograd.grad(loss, [a, b], grad_outputs=torch.full_like(loss, grad_out))
+    return loss, ga, gb
+
+
+def pivot_case(device: str, dtype: torch.dtype, impl: Optional[Callable] = None) -> Dict:
+    from fastiml import reference
+    op, shape = "pivot_consistency", "B=2 H=37 W=45 p=4"
+    if impl is None:
+        impl = _api("pivot_consistency")
+        reason = "fastiml.ops has no pivot_consistency" if impl is None else (
+            _has_kernel("pivot_consistency", device)
+            or _has_kernel("pivot_consistency_backward", device))
+        if reason:
+            return _skip(op, device, _dtype_name(dtype), shape, reason)
+    start = time.perf_counter()
+    checks = _Checks()
+    try:
+        g = torch.Generator().manual_seed(2)
+        a = (3 * torch.randn(2, 1, 37, 45, generator=g, dtype=torch.float64)).to(dtype)
+        b = (3 * torch.randn(2, 1, 37, 45, generator=g, dtype=torch.float64)).to(dtype)
+        klass = torch.randint(-1, 3, (2, 10, 12), generator=g).to(torch.int8)
+        grad_out = 0.75
+        got = _pivot_run(impl, a, b, klass, 4, device, dtype, grad_out)
+        exact = _pivot_run(reference.pivot_consistency, a, b, klass, 4, "cpu", torch.float64,
+                           grad_out)
+        low = _pivot_run(reference.pivot_consistency, a, b, klass, 4, device, dtype, grad_out)
+    except Exception as e:  # noqa: BLE001
+        return _error_row(op, device, _dtype_name(dtype), shape, e)
+    for i, name in enumerate(("loss", "grad_a", "grad_b")):
+        checks.close(name, got[i], exact[i], low[i], dtype)
+    return checks.row(op, device, _dtype_name(dtype), shape, time.perf_counter() - start)
+
+
+# ------------------------------------------------------------------------------ driver
+
+def available_devices() -> List[str]:
+    return ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+def _format(rows: Sequence[Dict]) -> str:
+    header = ("op", "device", "dtype", "shape", "max error", "tolerance", "result")
+    lines = []
+    for r in rows:
+        err = "-" if math.isnan(r["error"]) else f"{r['error']:.3g}"
+        tol = "-" if math.isnan(r["tolerance"]) else f"{r['tolerance']:.3g}"
+        if r["output"] and r["status"] != "SKIP":
+            err = f"{err} ({r['output']})"
+        result = r["status"] + (f": {r['reason']}" if r["reason"] else "")
+        lines.append((r["op"], r["device"], r["dtype"], r["shape"], err, tol, result))
+    widths = [max(len(str(x)) for x in col) for col in zip(header, *lines)]
+    fmt = lambda cells: "  ".join(str(c).ljust(w) for c, w in zip(cells, widths)).rstrip()  # noqa
+    out = [fmt(header), fmt(["-" * w for w in widths])] + [fmt(line) for line in lines]
+    return "\n".join(out)
+
+
+def run(devices: Optional[Sequence[str]] = None, verbose: bool = True) -> List[Dict]:
+    """Runs every op on every device and dtype; returns one dict per check row.
+
+    Each row has ``op, device, dtype, shape, output`` (the worst output of the row), ``error``,
+    ``tolerance``, ``status`` ("PASS", "FAIL" or "SKIP"), ``reason`` and the per-output
+    ``checks``. With ``verbose`` the table is printed.
+    """
+    if devices is None:
+        devices = available_devices()
+    rows: List[Dict] = []
+    try:
+        from fastiml import ops
+    except ImportError as e:
+        rows.append(dict(op="import fastiml.ops", device="-", dtype="-", shape="-", output="",
+                         error=math.inf, tolerance=math.nan, status="FAIL", reason=str(e),
+                         checks=[], seconds=0.0))
+        if verbose:
+            print(_format(rows))
+        return rows
+    for device in devices:
+        if device not in _DISPATCH_KEYS:
+            raise ValueError(f"unknown device {device!r}: expected 'cpu' or 'cuda'")
+        if device == "cuda" and not torch.cuda.is_available():
+            rows.append(_skip("*", device, "*", "-", "torch.cuda.is_available() is False"))
+            continue
+        if device == "cuda" and not ops.compiled_with_cuda():
+            rows.append(_skip("*", device, "*", "-",
+                              "fastiml._C was built without its CUDA kernels (rebuild with "
+                              "FASTIML_CUDA=1 where nvcc is found)"))
+            continue
+        for dtype in DTYPES:
+            for mode in PAIR_MODES:
+                rows.append(pair_stats_case(device, dtype, mode))
+        for dtype in MASK_DTYPES:
+            rows.append(contour_mine_case(device, dtype))
+            rows.append(contour_band_case(device, dtype))
+        for dtype in DTYPES:
+            rows.append(pivot_case(device, dtype))
+    if verbose:
+        print(_format(rows))
+        counts = {s: sum(r["status"] == s for r in rows) for s in ("PASS", "FAIL", "SKIP")}
+        print(f"\n{counts['PASS']} passed, {counts['FAIL']} failed, {counts['SKIP']} skipped "
+              f"(torch {torch.__version__}, devices: {', '.join(devices)}"
+              + (f", GPU: {torch.cuda.get_device_name()}" if "cuda" in devices
+                 and torch.cuda.is_available() else "") + ")")
+    return rows
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = argparse.ArgumentParser(prog="fastiml selftest", description=__doc__.split("\n")[0])
+    parser.add_argument("--device", action="append", choices=sorted(_DISPATCH_KEYS),
+                        help="device to test (repeatable; default: cpu and, if present, cuda)")
+    parser.add_argument("--quiet", action="store_true", help="print only failures")
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["--"]:  # `fastiml selftest -- --device cuda` passes the separator on
+        argv = argv[1:]
+    args = parser.parse_args(argv)
+    rows = run(devices=args.device, verbose=not args.quiet)
+    failed = [r for r in rows if r["status"] == "FAIL"]
+    if args.quiet and failed:
+        print(_format(failed))
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
