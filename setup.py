@@ -105,7 +105,13 @@ def _gencode():
 
 sources = ["csrc/fastiml.cpp"] + sorted(glob.glob("csrc/ops/cpu/*.cpp"))
 include_dirs = [os.path.join(ROOT, "csrc")]
-cxx_flags = opt + ["-std=c++20", "-fopenmp"] + _cpu_flags()
+# -fno-trapping-math changes no result (nothing here relies on floating-point exception traps);
+# without it GCC treats float comparisons as possibly trapping and will not vectorise the
+# kernels' branch-free selects. -ffp-contract=off: a vectorised loop must round s/tau - m
+# exactly as the scalar loop that found m did (FMA contraction in one and not the other made
+# the backward's exp(s - lse) disagree with the forward's lse). No fast-math: IEEE kept.
+cxx_flags = opt + ["-std=c++20", "-fopenmp", "-fno-trapping-math", "-ffp-contract=off"] \
+    + _cpu_flags()
 extra_compile_args = {"cxx": cxx_flags}
 define_macros = []
 if with_cuda:

@@ -24,7 +24,9 @@ FASTIML_HD float exp_acc(float x) {
 #else
   x = x < -87.0f ? -87.0f : x;
   x = x > 88.0f ? 88.0f : x;
-  const float n = std::floor(x * 1.44269504088896341f + 0.5f);
+  // n = round(x / ln 2) without a libm call (floor() is one unless -fno-trapping-math, and a
+  // call stops vectorisation): adding and subtracting 1.5 * 2^23 rounds to nearest.
+  const float n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
   const float r = x - n * 0.693359375f + n * 2.12194440e-4f;
   float p = 1.9875691500e-4f;
   p = p * r + 1.3981999507e-3f;

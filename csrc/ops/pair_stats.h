@@ -13,17 +13,19 @@ namespace pair_stats {
 
 constexpr int32_t kIgnored = -1;
 
+// 0/1 as int32, not bool: the same width as the float lanes, so that CPU loops vectorise.
 struct PairMask {
-  bool den;  // j is in the log-sum-exp denominator of row i
-  bool pos;  // j is a positive of row i
+  int32_t den;  // j is in the log-sum-exp denominator of row i
+  int32_t pos;  // j is a positive of row i
 };
 
 // Which sums column j joins for row i. `same_index` is (exclude_self && i == j).
 FASTIML_HD PairMask pair_mask(int32_t row_label, int32_t row_group, int32_t col_label,
                               int32_t col_group, bool same_index, bool negatives_only) {
-  const bool counted = (col_group == row_group) && !same_index;
-  const bool same = col_label == row_label;
-  return {counted && !(negatives_only && same), counted && same};
+  // Bitwise, not short-circuit: no branches, so the CPU loops calling this vectorise.
+  const int32_t counted = int32_t(col_group == row_group) & int32_t(!same_index);
+  const int32_t same = int32_t(col_label == row_label);
+  return {counted & (int32_t(!negatives_only) | (same ^ 1)), counted & same};
 }
 
 // Online log-sum-exp (FlashAttention): raise the running max m to `tile_max`, rescaling the

@@ -39,7 +39,11 @@ def pixel_set(maps: Sequence[Tensor], mask: Tensor) -> PixelSet:
         rows.append(F.normalize(precise, dim=1).to(fmap.dtype))
         labels.append((small.reshape(-1) > 0.5).long())
         images.append(torch.arange(b, device=fmap.device).repeat_interleave(h * w))
-    return PixelSet(torch.cat(rows), torch.cat(labels), torch.cat(images))
+    rows, labels, images = torch.cat(rows), torch.cat(labels), torch.cat(images)
+    if len(maps) > 1:  # image-major, so that pair_stats can skip tiles of different images
+        order = torch.argsort(images, stable=True)
+        rows, labels, images = rows[order], labels[order], images[order]
+    return PixelSet(rows, labels, images)
 
 
 def sample_pixels(s: PixelSet, max_pixels: Optional[int], generator: Optional[torch.Generator]

@@ -27,6 +27,7 @@ namespace pair_stats {
 namespace {
 
 constexpr int64_t kTile = 256;
+constexpr int64_t kLanes = 8;  // one AVX2 register of float32
 // Upper bound on the per-chunk gradient accumulators of the self backward.
 constexpr int64_t kAccumulatorBudgetBytes = int64_t(256) << 20;
 
@@ -104,25 +105,34 @@ void forward_tile(acc_t* s, int64_t r0, int64_t br, int64_t c0, int64_t bc, cons
       m = rows.max[i];
       if (m == neg_inf<acc_t>()) m = 0;  // nothing in the denominator yet: any shift works
     }
-    acc_t sum = 0, pos_sum = 0;
-    int32_t pos_count = 0;
-    for (int64_t jj = 0; jj < bc; ++jj) {
+    // Row sums in kLanes independent lanes: a vectorisable reduction without reassociating
+    // float additions (the order is fixed, so results stay deterministic).
+    acc_t sum[kLanes] = {}, pos_sum[kLanes] = {};
+    int32_t pos_count[kLanes] = {};
+    const auto column = [&](int64_t jj, int64_t lane) {
       const PairMask pm = pair_mask(li, gi, klab[jj], kgrp[jj], jj == self_j, negatives_only);
       const acc_t v = srow[jj] * inv_tau;
-      const acc_t e = pm.den ? exp_acc(v - m) : acc_t(0);
+      const acc_t e_all = exp_acc(pm.den ? v - m : acc_t(-87));  // selected, then computed
+      const acc_t e = pm.den ? e_all : acc_t(0);
       const acc_t p = pm.pos ? v : acc_t(0);
-      sum += e;
-      pos_sum += p;
-      pos_count += pm.pos;
+      sum[lane] += e;
+      pos_sum[lane] += p;
+      pos_count[lane] += pm.pos;
       if (mirror) {
         col_sum[jj] += e;
         col_pos_sum[jj] += p;
         col_pos_count[jj] += pm.pos;
       }
+    };
+    const int64_t whole = bc - bc % kLanes;
+    for (int64_t j0 = 0; j0 < whole; j0 += kLanes)
+      for (int64_t lane = 0; lane < kLanes; ++lane) column(j0 + lane, lane);
+    for (int64_t jj = whole; jj < bc; ++jj) column(jj, jj - whole);
+    for (int64_t lane = 0; lane < kLanes; ++lane) {
+      rows.sum[i] += sum[lane];
+      rows.pos_sum[i] += pos_sum[lane];
+      rows.pos_count[i] += pos_count[lane];
     }
-    rows.sum[i] += sum;
-    rows.pos_sum[i] += pos_sum;
-    rows.pos_count[i] += pos_count;
   }
 }
 
