@@ -198,21 +198,12 @@ def parser():
     p.add_argument("--radius", type=int, default=3, help="contour_band radius (default 3)")
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--size", type=int, default=1024, help="H = W of the masks (default 1024)")
-    p.add_argument("--in-process", action="store_true",
-                   help="run every case in this process (debugging; memory figures are then "
-                        "not per provider)")
     return p
 
 
 def main(argv=None) -> int:
-    args = parser().parse_args(argv)
-    if args.case is not None:
-        return H.child_main(run_case, args.case)
-    H.resolve_device(args.device)
-    info = H.RunInfo.collect(args.device)
-    results = run(args)
-    H.finish(args, info, BENCHMARK, results, table(results))
-    return 0
+    return H.main(parser(), argv, benchmark=BENCHMARK, run_case=run_case, run=run,
+                  table=lambda results, args: table(results))
 
 
 if __name__ == "__main__":

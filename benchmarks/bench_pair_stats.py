@@ -267,21 +267,12 @@ def parser():
                         "smaller N in this run, exceeds this; 0 disables (default 90)")
     p.add_argument("--no-roofline", dest="roofline", action="store_false",
                    help="do not time torch.mm")
-    p.add_argument("--in-process", action="store_true",
-                   help="run every case in this process (debugging; memory figures are then "
-                        "not per provider)")
     return p
 
 
 def main(argv=None) -> int:
-    args = parser().parse_args(argv)
-    if args.case is not None:
-        return H.child_main(run_case, args.case)
-    H.resolve_device(args.device)
-    info = H.RunInfo.collect(args.device)
-    results = run(args)
-    H.finish(args, info, BENCHMARK, results, table(results, args.providers))
-    return 0
+    return H.main(parser(), argv, benchmark=BENCHMARK, run_case=run_case, run=run,
+                  table=lambda results, args: table(results, args.providers))
 
 
 if __name__ == "__main__":

@@ -145,21 +145,12 @@ def parser():
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--size", type=int, default=512, help="H = W of the logits (default 512)")
     p.add_argument("--patch", type=int, default=16, help="klass grid cell (default 16)")
-    p.add_argument("--in-process", action="store_true",
-                   help="run every case in this process (debugging; memory figures are then "
-                        "not per provider)")
     return p
 
 
 def main(argv=None) -> int:
-    args = parser().parse_args(argv)
-    if args.case is not None:
-        return H.child_main(run_case, args.case)
-    H.resolve_device(args.device)
-    info = H.RunInfo.collect(args.device)
-    results = run(args)
-    H.finish(args, info, BENCHMARK, results, table(results))
-    return 0
+    return H.main(parser(), argv, benchmark=BENCHMARK, run_case=run_case, run=run,
+                  table=lambda results, args: table(results))
 
 
 if __name__ == "__main__":

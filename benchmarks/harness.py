@@ -458,8 +458,25 @@ def base_parser(description: str, repeat: int = 3) -> argparse.ArgumentParser:
     p.add_argument("--no-csv", action="store_true", help="do not append to the CSV")
     p.add_argument("--timeout", type=float, default=900.0,
                    help="seconds before one case's subprocess is abandoned (default 900)")
+    p.add_argument("--in-process", action="store_true",
+                   help="run every case in this process (debugging; memory figures are then "
+                        "not per provider)")
     p.add_argument("--case", default=None, help=argparse.SUPPRESS)  # child mode (internal)
     return p
+
+
+def main(parser: argparse.ArgumentParser, argv, *, benchmark: str,
+         run_case: Callable[[dict], dict], run: Callable, table: Callable) -> int:
+    """A benchmark script's entry point: a child runs its one case; the parent runs them all
+    (``run(args)``), then prints ``table(results, args)`` and writes the CSV and JSON."""
+    args = parser.parse_args(argv)
+    if args.case is not None:
+        return child_main(run_case, args.case)
+    resolve_device(args.device)
+    info = RunInfo.collect(args.device)
+    results = run(args)
+    finish(args, info, benchmark, results, table(results, args))
+    return 0
 
 
 def run_case_anywhere(module: str, run_case: Callable[[dict], dict], case: dict,

@@ -1,7 +1,22 @@
 // contour_mine and contour_band: the math shared by the CPU and CUDA kernels (DESIGN 2.2).
 #pragma once
 
+#include <ATen/Dispatch.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
+#include <type_traits>
+
 #include "ops/common.h"
+
+// The mask dtypes both backends read directly (no float copy of the mask).
+#define FASTIML_DISPATCH_MASK(TYPE, NAME, ...)                                             \
+  AT_DISPATCH_SWITCH(TYPE, NAME, AT_DISPATCH_CASE(at::kBool, __VA_ARGS__)                 \
+                     AT_DISPATCH_CASE(at::kByte, __VA_ARGS__)                              \
+                     AT_DISPATCH_CASE(at::kFloat, __VA_ARGS__)                             \
+                     AT_DISPATCH_CASE(at::kDouble, __VA_ARGS__)                            \
+                     AT_DISPATCH_CASE(at::kHalf, __VA_ARGS__)                              \
+                     AT_DISPATCH_CASE(at::kBFloat16, __VA_ARGS__))
 
 namespace fastiml {
 namespace contour {
@@ -25,6 +40,16 @@ FASTIML_HD bool is_tampered(T v) {
   return tampered_weight(v) >= 0.5f;
 }
 FASTIML_HD bool is_tampered(double v) { return v >= 0.5; }  // no float32 rounding first
+
+// A mask value in a type the overloads above take: half types through float, others as is
+// (float64 stays float64, so is_tampered splits it at 0.5 exactly).
+template <typename T>
+FASTIML_HD auto readable(T v) {
+  if constexpr (std::is_same_v<T, c10::Half> || std::is_same_v<T, c10::BFloat16>)
+    return static_cast<float>(v);
+  else
+    return v;
+}
 
 // Tampered fraction of a cell: 0 when it has no valid pixel.
 FASTIML_HD float cell_fraction(float tampered_sum, int64_t valid_count) {

@@ -28,23 +28,6 @@ int64_t rows_per_task(int64_t width) {
   return std::max<int64_t>(1, (int64_t(1) << 16) / std::max<int64_t>(1, width));
 }
 
-#define FASTIML_DISPATCH_MASK(TYPE, NAME, ...)                                             \
-  AT_DISPATCH_SWITCH(TYPE, NAME, AT_DISPATCH_CASE(at::kBool, __VA_ARGS__)                 \
-                     AT_DISPATCH_CASE(at::kByte, __VA_ARGS__)                              \
-                     AT_DISPATCH_CASE(at::kFloat, __VA_ARGS__)                             \
-                     AT_DISPATCH_CASE(at::kDouble, __VA_ARGS__)                            \
-                     AT_DISPATCH_CASE(at::kHalf, __VA_ARGS__)                              \
-                     AT_DISPATCH_CASE(at::kBFloat16, __VA_ARGS__))
-
-// Half masks are read through float; every other dtype has its own overloads.
-template <typename T>
-auto readable(T v) {
-  if constexpr (std::is_same_v<T, at::Half> || std::is_same_v<T, at::BFloat16>)
-    return static_cast<float>(v);
-  else
-    return v;
-}
-
 std::tuple<at::Tensor, at::Tensor> contour_mine_cpu(const at::Tensor& mask_in, int64_t patch,
                                                     double lo, double hi,
                                                     const std::optional<at::Tensor>& valid_in) {

@@ -50,22 +50,6 @@ void check_mask(const at::Tensor& mask, const std::optional<at::Tensor>& valid, 
               mask.device());
 }
 
-#define FASTIML_DISPATCH_MASK(TYPE, NAME, ...)                                             \
-  AT_DISPATCH_SWITCH(TYPE, NAME, AT_DISPATCH_CASE(at::kBool, __VA_ARGS__)                 \
-                     AT_DISPATCH_CASE(at::kByte, __VA_ARGS__)                              \
-                     AT_DISPATCH_CASE(at::kFloat, __VA_ARGS__)                             \
-                     AT_DISPATCH_CASE(at::kDouble, __VA_ARGS__)                            \
-                     AT_DISPATCH_CASE(at::kHalf, __VA_ARGS__)                              \
-                     AT_DISPATCH_CASE(at::kBFloat16, __VA_ARGS__))
-
-// Half masks are read through float; every other dtype has its own tampered_weight overload.
-template <typename T>
-__device__ __forceinline__ float weight_of(T v) {
-  if constexpr (std::is_same_v<T, at::Half> || std::is_same_v<T, at::BFloat16>)
-    return tampered_weight(static_cast<float>(v));
-  else
-    return tampered_weight(v);
-}
 
 template <typename scalar_t>
 __global__ void __launch_bounds__(kThreads)
@@ -86,7 +70,7 @@ __global__ void __launch_bounds__(kThreads)
       int64_t c = 0;
       for (int64_t x = x0; x < x1; ++x) {
         const bool keep = valid == nullptr || valid[offset + x];
-        s += keep ? weight_of(mask[offset + x]) : 0.0f;
+        s += keep ? tampered_weight(readable(mask[offset + x])) : 0.0f;
         c += keep;
       }
       sum += s;
@@ -137,7 +121,7 @@ __global__ void __launch_bounds__(kThreads)
     bool t = false, a = false;
     for (int64_t xx = x0; xx < x1 && !(t && a); ++xx) {
       const bool keep = valid == nullptr || valid[offset + xx];
-      const bool tampered = keep && is_tampered(weight_of(mask[offset + xx]));
+      const bool tampered = keep && is_tampered(readable(mask[offset + xx]));
       t = t || tampered;
       a = a || (keep && !tampered);
     }
