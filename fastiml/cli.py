@@ -1,0 +1,536 @@
+"""The ``fastiml`` command (also ``python -m fastiml``).
+
+    fastiml train    --config C [--set section.key=value ...] [--resume CKPT]
+    fastiml eval     --checkpoint CKPT --data PATH --out DIR [--robustness]
+    fastiml predict  --checkpoint CKPT --input FILE_OR_DIR --out DIR [--threshold 0.5]
+    fastiml synth    --out DIR --n N [--size S] [--seed K] [--source DIR]
+    fastiml demo     --out DIR [--method ncl|bce|mpc] [--minutes M]
+    fastiml bench    [NAME ...] [-- ARGS]
+    fastiml selftest [ARGS]
+
+Every bad input (missing path, bad config key, unknown method, unreadable image, a file that is
+not a fastiml checkpoint, ...) ends the command with exactly one line ``fastiml: error: ...`` on
+stderr and a non-zero exit status (2). Set ``FASTIML_DEBUG=1`` to get the traceback instead.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import inspect
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+import warnings
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence
+
+EXIT_ERROR = 2
+DEMO_METHODS = ("ncl", "bce", "mpc")
+
+
+class CLIError(Exception):
+    """A user error: printed as one ``fastiml: error:`` line."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports usage errors as one line (no usage block)."""
+
+    def error(self, message):  # noqa: D401 - argparse's hook
+        raise CLIError(f"{message} (see '{self.prog} --help')")
+
+
+def _err(msg: str) -> None:
+    sys.stderr.write(f"fastiml: error: {msg}\n")
+    sys.stderr.flush()
+
+
+def _one_line(e: BaseException) -> str:
+    text = str(e).strip()
+    if isinstance(e, KeyError):  # str(KeyError) is the repr of the key
+        text = f"missing key {text}"
+    first = text.splitlines()[0] if text else ""
+    return first or type(e).__name__
+
+
+def _showwarning(message, category, filename, lineno, file=None, line=None):
+    text = str(message).strip().splitlines()
+    sys.stderr.write(f"fastiml: warning: {text[0] if text else category.__name__}\n")
+
+
+def _print(text: str = "") -> None:
+    sys.stdout.write(text + "\n")
+    sys.stdout.flush()
+
+
+# ----------------------------------------------------------------------------------------------
+# Argument parsing
+# ----------------------------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="fastiml", description="Contrastive image manipulation localization "
+                "(NCL, MPC) with fused pixel-contrast kernels.")
+    p.add_argument("--version", action="version", version=_version())
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+
+    t = sub.add_parser("train", help="train a method from a TOML config")
+    t.add_argument("--config", help="TOML config (optional with --resume: the checkpoint's own)")
+    t.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config key, e.g. --set train.lr=3e-4 (repeatable)")
+    t.add_argument("--resume", metavar="CKPT", help="continue training from this checkpoint")
+
+    e = sub.add_parser("eval", help="evaluate a checkpoint on a data set")
+    e.add_argument("--checkpoint", required=True, metavar="CKPT")
+    e.add_argument("--data", required=True, metavar="PATH",
+                   help="a JSON list of [image, mask] pairs or a Tp/Gt(/Au) folder")
+    e.add_argument("--out", required=True, metavar="DIR", help="writes DIR/metrics.json")
+    e.add_argument("--robustness", action="store_true",
+                   help="also sweep the robustness protocol (JPEG, blur, noise, resize)")
+    e.add_argument("--batch-size", type=int, default=8)
+    e.add_argument("--threshold", type=float, default=0.5)
+    e.add_argument("--device", default="auto")
+    e.add_argument("--workers", type=int, default=2)
+
+    pr = sub.add_parser("predict", help="predict masks for images (heat-map overlays + masks)")
+    pr.add_argument("--checkpoint", required=True, metavar="CKPT")
+    pr.add_argument("--input", required=True, metavar="FILE_OR_DIR")
+    pr.add_argument("--out", required=True, metavar="DIR")
+    pr.add_argument("--threshold", type=float, default=0.5)
+    pr.add_argument("--device", default="auto")
+
+    s = sub.add_parser("synth", help="write a synthetic forgery data set")
+    s.add_argument("--out", required=True, metavar="DIR")
+    s.add_argument("--n", required=True, type=int, help="number of images")
+    s.add_argument("--size", type=int, default=256)
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--source", metavar="DIR", help="authentic images to forge (default: procedural)")
+    s.add_argument("--authentic-fraction", type=float, default=0.2)
+
+    d = sub.add_parser("demo", help="synthesize data, train on the CPU, evaluate, report")
+    d.add_argument("--out", required=True, metavar="DIR")
+    d.add_argument("--method", default="ncl", choices=DEMO_METHODS)
+    d.add_argument("--minutes", type=float, default=9.0,
+                   help="total wall-clock budget, data synthesis and evaluation included")
+    d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--n-train", type=int, default=0, help="training images (0 = the config's)")
+    d.add_argument("--n-test", type=int, default=0, help="held-out images (0 = the config's)")
+    d.add_argument("--threads", type=int, default=2)
+    d.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a key of the demo's training config")
+
+    b = sub.add_parser("bench", help="run benchmarks (python -m benchmarks.bench_NAME)")
+    b.add_argument("names", nargs="*", metavar="NAME")
+
+    sub.add_parser("selftest", help="check the kernels against the references on this machine "
+                   "(fastiml selftest --help for its options)", add_help=False)
+    return p
+
+
+def _version() -> str:
+    from fastiml import __version__
+    return f"fastiml {__version__}"
+
+
+# ----------------------------------------------------------------------------------------------
+# Commands
+# ----------------------------------------------------------------------------------------------
+def _require_path(path: str, what: str, kind: str = "any") -> str:
+    if not os.path.exists(path):
+        raise CLIError(f"{what} not found: {path}")
+    if kind == "dir" and not os.path.isdir(path):
+        raise CLIError(f"{what} must be a folder: {path}")
+    if kind == "file" and not os.path.isfile(path):
+        raise CLIError(f"{what} must be a file: {path}")
+    return path
+
+
+def _writable_dir(path: str, what: str = "output folder") -> str:
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise CLIError(f"{what} exists and is not a folder: {path}")
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as e:
+        raise CLIError(f"cannot create {what} {path}: {e.strerror or e}") from None
+    return path
+
+
+def cmd_train(args) -> int:
+    if not args.config and not args.resume:
+        raise CLIError("train needs --config C (or --resume CKPT to continue a run)")
+    if args.config:
+        _require_path(args.config, "config file", "file")
+    if args.resume:
+        _require_path(args.resume, "checkpoint", "file")
+    from fastiml.engine import load_checkpoint, load_config, train
+
+    if args.config:
+        cfg = load_config(args.config, args.overrides)
+    else:
+        state = load_checkpoint(args.resume)
+        cfg = load_config(None, args.overrides, base=state["config"])
+    if args.resume:
+        load_checkpoint(args.resume)  # a clear error before any work
+    result = train(cfg, resume=args.resume)
+    from fastiml.engine import distributed as D
+    if D.rank() == 0:
+        _print(f"checkpoint: {result['checkpoint']}")
+        _print(f"steps: {result['steps']}, training time {result['train_s']:.1f} s, "
+               f"{result['imgs_per_s']:.2f} img/s, data-wait fraction "
+               f"{result['data_wait_fraction']:.3f}")
+        for split, m in result["metrics"].items():
+            _print(f"{split}: " + _metric_line(m))
+    return 0
+
+
+def _metric_line(m: Dict) -> str:
+    keys = ("pixel_f1", "pixel_iou", "pixel_auc", "image_auc", "image_acc")
+    return ", ".join(f"{k} {_fmt(m.get(k))}" for k in keys)
+
+
+def _fmt(x) -> str:
+    if x is None or (isinstance(x, float) and math.isnan(x)):
+        return "n/a"
+    return f"{x:.4f}" if isinstance(x, float) else str(x)
+
+
+def _load_model(path: str, device: str):
+    import torch  # noqa: F401
+    from fastiml.engine import model_from_checkpoint
+    from fastiml.engine.distributed import resolve_device
+
+    _require_path(path, "checkpoint", "file")
+    dev = resolve_device(device)
+    model, method, state = model_from_checkpoint(path, dev)
+    return model, method, state, dev
+
+
+def cmd_eval(args) -> int:
+    from fastiml.data import ForgeryDataset
+    from fastiml.engine import evaluate, robustness
+
+    if args.batch_size < 1:
+        raise CLIError(f"--batch-size must be >= 1, got {args.batch_size}")
+    if not 0.0 <= args.threshold <= 1.0:
+        raise CLIError(f"--threshold must be in [0, 1], got {args.threshold}")
+    _require_path(args.checkpoint, "checkpoint", "file")
+    _require_path(args.data, "data set")
+    model, method, state, dev = _load_model(args.checkpoint, args.device)
+    out = _writable_dir(args.out)
+    dc = state["config"]["data"]
+    amp = state["config"]["train"].get("amp", "off")
+    ds = ForgeryDataset(args.data, size=dc["size"], mode=dc["mode"])
+    kw = dict(batch_size=args.batch_size, device=dev, amp=amp, num_workers=max(0, args.workers),
+              threshold=args.threshold, input_filter_kind=dc.get("input_filter", "none"))
+    metrics = evaluate(model, method, ds, **kw)
+    result = dict(metrics)
+    result.update(checkpoint=os.path.abspath(args.checkpoint), data=os.path.abspath(args.data),
+                  method=state["method"]["name"], size=dc["size"], mode=dc["mode"],
+                  threshold=args.threshold)
+    _print(f"{len(ds)} images: " + _metric_line(metrics))
+    if args.robustness:
+        result["robustness"] = robustness(model, method, args.data, size=dc["size"],
+                                          mode=dc["mode"], log=_print, **kw)
+    path = os.path.join(out, "metrics.json")
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(result, f, indent=2)
+    _print(f"wrote {path}")
+    return 0
+
+
+def _list_images(path: str) -> List[str]:
+    from fastiml.data import IMAGE_EXTENSIONS
+
+    if os.path.isfile(path):
+        return [path]
+    if os.path.isdir(path):
+        files = sorted(os.path.join(path, f) for f in os.listdir(path)
+                       if f.lower().endswith(IMAGE_EXTENSIONS) and not f.startswith(".")
+                       and os.path.isfile(os.path.join(path, f)))
+        if not files:
+            raise CLIError(f"no image files ({', '.join(IMAGE_EXTENSIONS)}) in folder: {path}")
+        return files
+    raise CLIError(f"input not found: {path}")
+
+
+def cmd_predict(args) -> int:
+    from fastiml.data import read_image
+    from fastiml.engine import predict_image
+    from fastiml.engine.report import binary_mask, heatmap_overlay, write_png
+
+    if not 0.0 <= args.threshold <= 1.0:
+        raise CLIError(f"--threshold must be in [0, 1], got {args.threshold}")
+    _require_path(args.checkpoint, "checkpoint", "file")
+    files = _list_images(args.input)
+    model, method, state, dev = _load_model(args.checkpoint, args.device)
+    out = _writable_dir(args.out)
+    dc = state["config"]["data"]
+    amp = state["config"]["train"].get("amp", "off")
+    for path in files:
+        img = read_image(path)  # ValueError naming the file when it cannot be decoded
+        prob = predict_image(model, method, img, size=dc["size"], mode=dc["mode"], device=dev,
+                             amp=amp, input_filter_kind=dc.get("input_filter", "none"))
+        stem = Path(path).stem
+        write_png(os.path.join(out, f"{stem}_overlay.png"), heatmap_overlay(img, prob))
+        write_png(os.path.join(out, f"{stem}_mask.png"), binary_mask(prob, args.threshold))
+        _print(f"{path}: max probability {float(prob.max()):.3f}, "
+               f"{100.0 * float((prob > args.threshold).mean()):.1f}% of pixels above "
+               f"{args.threshold:g}")
+    _print(f"wrote {2 * len(files)} PNG files to {out}")
+    return 0
+
+
+def cmd_synth(args) -> int:
+    if args.n < 1:
+        raise CLIError(f"--n must be >= 1, got {args.n}")
+    if args.size < 8:
+        raise CLIError(f"--size must be >= 8, got {args.size}")
+    if args.seed < 0:
+        raise CLIError(f"--seed must be >= 0, got {args.seed}")
+    if args.source:
+        _require_path(args.source, "source folder", "dir")
+    _writable_dir(args.out)
+    from fastiml.data import synthesize
+
+    t0 = time.perf_counter()
+    r = synthesize(args.out, args.n, size=args.size, seed=args.seed, source_dir=args.source,
+                   authentic_fraction=args.authentic_fraction)
+    counts = ", ".join(f"{k} {v}" for k, v in r["counts"].items())
+    _print(f"wrote {r['n_images']} images ({counts}) to {r['out_dir']} in "
+           f"{time.perf_counter() - t0:.1f} s; list: {r['json']}")
+    return 0
+
+
+def _repo_root() -> Path:
+    return Path(__file__).resolve().parents[1]
+
+
+def cmd_bench(args, extra: Sequence[str]) -> int:
+    root = _repo_root()
+    folder = root / "benchmarks"
+    if not (folder / "__init__.py").is_file():
+        raise CLIError(f"the benchmarks folder is not there ({folder}); benchmarks ship with the "
+                       "source checkout, not with the installed package: run from a clone")
+    available = sorted(p.stem[len("bench_"):] for p in folder.glob("bench_*.py"))
+    names = args.names or available
+    unknown = [n for n in names if n not in available]
+    if unknown:
+        raise CLIError(f"unknown benchmark {unknown[0]!r}; available: {', '.join(available)}")
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(root) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    status = 0
+    for n in names:
+        cmd = [sys.executable, "-m", f"benchmarks.bench_{n}", *extra]
+        _print("$ " + " ".join(cmd))
+        rc = subprocess.call(cmd, cwd=str(root), env=env)
+        if rc != 0:
+            _err(f"benchmark {n} exited with status {rc}")
+            status = rc
+    return status
+
+
+def cmd_selftest(argv: Sequence[str]) -> int:
+    try:
+        mod = importlib.import_module("fastiml.selftest")
+    except ModuleNotFoundError as e:
+        if e.name == "fastiml.selftest":
+            raise CLIError("fastiml.selftest is not available in this installation") from None
+        raise
+    fn = getattr(mod, "main", None)
+    if fn is None:
+        raise CLIError("fastiml.selftest has no main()")
+    params = inspect.signature(fn).parameters
+    rc = fn(list(argv)) if params else fn()
+    return int(rc or 0)
+
+
+# ----------------------------------------------------------------------------------------------
+# Demo
+# ----------------------------------------------------------------------------------------------
+def _demo_config_path(method: str) -> str:
+    from importlib import resources
+
+    base = resources.files("fastiml") / "configs"
+    for name in (f"demo_{method}.toml", "demo.toml"):
+        p = base / name
+        if p.is_file():
+            return str(p)
+    raise CLIError(f"the demo configuration (fastiml/configs/demo.toml) is missing from this "
+                   "installation")
+
+
+#: Demo data: images per split (overridable by --n-train / --n-test).
+DEMO_N_TRAIN = 640
+DEMO_N_TEST = 160
+DEMO_OVERLAYS = 8
+
+
+def cmd_demo(args) -> int:
+    t0 = time.perf_counter()
+    if not args.minutes > 0:
+        raise CLIError(f"--minutes must be > 0, got {args.minutes}")
+    if args.n_train < 0 or args.n_test < 0:
+        raise CLIError("--n-train and --n-test must be >= 0")
+    import numpy as np
+    import torch
+
+    from fastiml.data import ForgeryDataset, read_image, read_mask, synthesize
+    from fastiml.engine import load_config, predict_image, train
+    from fastiml.engine.report import loss_curve, panel, write_png, write_report
+
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
+    from fastiml.engine.config import read_toml
+
+    out = os.path.abspath(_writable_dir(args.out))
+    total_s = 60.0 * args.minutes
+    path = _demo_config_path(args.method)
+    tables = read_toml(path)
+    demo = dict(tables.pop("demo", {}))
+    cfg = load_config(data=tables, origin=path,
+                      overrides=[f"train.method={args.method}", f"output.dir={out}",
+                                 f"train.threads={args.threads}"] + list(args.overrides))
+    size = cfg["data"]["size"]
+    n_train = args.n_train or int(demo.pop("n_train", DEMO_N_TRAIN))
+    n_test = args.n_test or int(demo.pop("n_test", DEMO_N_TEST))
+    synth_options = dict(demo.pop("synth", {}))
+    if demo:
+        raise CLIError(f"unknown key(s) in [demo] of {path}: {', '.join(sorted(demo))}")
+
+    # 1. Data: two synthetic splits from different seeds (different procedural scenes).
+    train_dir, test_dir = os.path.join(out, "data", "train"), os.path.join(out, "data", "test")
+    _print(f"[demo] synthesizing {n_train} training and {n_test} held-out images ({size}x{size}) "
+           f"under {os.path.join(out, 'data')}")
+    synthesize(train_dir, n_train, size=size, seed=2 * args.seed + 1, **synth_options)
+    synthesize(test_dir, n_test, size=size, seed=2 * args.seed + 2, **synth_options)
+    t_data = time.perf_counter() - t0
+    _print(f"[demo] data ready in {t_data:.1f} s")
+
+    # 2. Train on what is left of the budget, keeping a reserve for evaluation and the report.
+    reserve = 20.0 + 0.06 * n_test + 0.04 * total_s
+    budget = total_s - (time.perf_counter() - t0) - reserve
+    if budget < 10:
+        raise CLIError(f"--minutes {args.minutes:g} leaves no time to train "
+                       f"(data synthesis took {t_data:.0f} s); give it more minutes")
+    cfg["data"]["train"] = os.path.join(train_dir, "list.json")
+    cfg["data"]["test"] = os.path.join(test_dir, "list.json")
+    cfg["train"]["time_budget_s"] = float(budget)
+    cfg["train"]["seed"] = args.seed
+    _print(f"[demo] training {args.method} on the CPU for {budget:.0f} s "
+           f"(time-budgeted cosine schedule)")
+    result = train(cfg)
+    metrics = dict(result["metrics"]["test"])
+
+    # 3. Report: loss curve, overlays, metrics.json, report.md.
+    curve = os.path.join(out, "loss_curve.png")
+    loss_curve(os.path.join(out, "train_log.jsonl"), curve, title=f"{args.method}: training loss")
+    from fastiml.engine import model_from_checkpoint
+    model, method, state = model_from_checkpoint(result["checkpoint"])
+    test = ForgeryDataset(cfg["data"]["test"], size=size, mode=cfg["data"]["mode"], check="none")
+    tampered = [s for s in test.samples if s[1] is not None]
+    authentic = [s for s in test.samples if s[1] is None]
+    picks = tampered[: DEMO_OVERLAYS - 2] + authentic[:2]
+    overlay_dir = os.path.join(out, "overlays")
+    os.makedirs(overlay_dir, exist_ok=True)
+    overlay_files = []
+    for img_path, mask_path in picks:
+        img = read_image(img_path)
+        mask = read_mask(mask_path) if mask_path else np.zeros(img.shape[:2], np.uint8)
+        prob = predict_image(model, method, img, size=size, mode=cfg["data"]["mode"],
+                             input_filter_kind=cfg["data"]["input_filter"])
+        name = Path(img_path).stem + ("" if mask_path else "_authentic") + ".png"
+        write_png(os.path.join(overlay_dir, name), panel(img, prob, mask, title=Path(img_path).name))
+        overlay_files.append(os.path.join("overlays", name))
+    total = time.perf_counter() - t0
+    summary = dict(metrics)
+    summary.update(method=args.method, train_steps=result["steps"],
+                   train_s=round(result["train_s"], 1), total_s=round(total, 1),
+                   data_synthesis_s=round(t_data, 1), imgs_per_s=round(result["imgs_per_s"], 3),
+                   data_wait_fraction=round(result["data_wait_fraction"], 4),
+                   n_train=n_train, n_test=n_test, size=size, threads=torch.get_num_threads(),
+                   checkpoint=result["checkpoint"])
+    with open(os.path.join(out, "metrics.json"), "w", encoding="utf-8") as f:
+        json.dump(summary, f, indent=2)
+    mc = cfg["method"].get("model", {})
+    write_report(
+        os.path.join(out, "report.md"), metrics,
+        title=f"fastiml demo: {args.method} on synthetic forgeries",
+        facts={"method": args.method, "network": ", ".join(f"{k}={v}" for k, v in mc.items()),
+               "image size": f"{size} x {size}", "training images": n_train,
+               "held-out images": n_test, "training steps": result["steps"],
+               "batch size": cfg["train"]["batch_size"], "training time (s)": round(result["train_s"], 1),
+               "total wall time (s)": round(total, 1), "throughput (img/s)": round(result["imgs_per_s"], 2),
+               "data-wait fraction": round(result["data_wait_fraction"], 4),
+               "CPU threads": torch.get_num_threads()},
+        images=["loss_curve.png"] + overlay_files,
+        notes=["The held-out split is synthesized from a different seed than the training split, "
+               "so its scenes, camera traces and forgeries are all new to the network.",
+               "Reproduce: `fastiml eval --checkpoint model.pt --data data/test/list.json --out eval` "
+               "and `fastiml predict --checkpoint model.pt --input data/test/Tp --out predictions`."])
+    _print(f"[demo] {args.method}: " + _metric_line(metrics))
+    _print(f"[demo] {result['steps']} steps in {result['train_s']:.0f} s, "
+           f"{result['imgs_per_s']:.2f} img/s, data-wait fraction "
+           f"{result['data_wait_fraction']:.3f}; total {total:.0f} s")
+    _print(f"[demo] wrote {out}/model.pt, metrics.json, report.md, loss_curve.png, overlays/")
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------
+# Entry point
+# ----------------------------------------------------------------------------------------------
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Run the ``fastiml`` command; returns the exit status."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    extra: List[str] = []
+    if argv[:1] == ["bench"] and "--" in argv:
+        i = argv.index("--")
+        argv, extra = argv[:i], argv[i + 1:]
+    debug = os.environ.get("FASTIML_DEBUG", "") not in ("", "0")
+    # OpenCV logs decoder complaints to stderr itself; our error line says it once.
+    os.environ.setdefault("OPENCV_LOG_LEVEL", "SILENT")
+    old_showwarning = warnings.showwarning
+    warnings.showwarning = _showwarning
+    try:
+        if argv[:1] == ["selftest"]:  # its own options, parsed by fastiml.selftest
+            return cmd_selftest(argv[1:])
+        args = build_parser().parse_args(argv)
+        if args.command == "train":
+            return cmd_train(args)
+        if args.command == "eval":
+            return cmd_eval(args)
+        if args.command == "predict":
+            return cmd_predict(args)
+        if args.command == "synth":
+            return cmd_synth(args)
+        if args.command == "demo":
+            return cmd_demo(args)
+        if args.command == "bench":
+            return cmd_bench(args, extra)
+        raise CLIError(f"unknown command {args.command!r}")
+    except KeyboardInterrupt:
+        sys.stderr.write("\nfastiml: interrupted\n")
+        return 130
+    except SystemExit:
+        raise
+    except CLIError as e:
+        _err(str(e))
+        return EXIT_ERROR
+    except Exception as e:  # every other failure: one line, unless debugging
+        if debug:
+            raise
+        from fastiml.engine.checkpoint import CheckpointError
+        from fastiml.engine.config import ConfigError
+
+        if isinstance(e, (ConfigError, CheckpointError, ValueError, FileNotFoundError,
+                          PermissionError)):
+            _err(_one_line(e))
+        else:
+            _err(f"{type(e).__name__}: {_one_line(e)} (set FASTIML_DEBUG=1 for the traceback)")
+        return EXIT_ERROR
+    finally:
+        warnings.showwarning = old_showwarning
+
+
+if __name__ == "__main__":
+    sys.exit(main())

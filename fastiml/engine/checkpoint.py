@@ -1,0 +1,120 @@
+"""Checkpoints: everything needed to resume training or to rebuild the model for eval / predict.
+
+A checkpoint is a ``torch.save``'d dict (loaded with ``weights_only=True``: plain containers,
+numbers, strings and tensors only)::
+
+    format      "fastiml-checkpoint"      version   1
+    method      {"name": ..., "options": {...}}      the [method] table given to methods.build
+    config      the full resolved config (data.size / data.mode are what predict needs)
+    model       state_dict of the network (never of a DDP wrapper)
+    optimizer   state_dict of the current stage's AdamW (None in a weights-only file)
+    scheduler   state_dict of its warm-up + cosine schedule
+    scaler      GradScaler state (fp16) or None
+    progress    {"step", "stage", "stage_step", "stage_total", "epoch", "batch_in_epoch",
+                 "elapsed_s", "stage_elapsed_s"}
+    rng         {"torch": ByteTensor, "cuda": [ByteTensor, ...]}
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+from typing import Any, Dict, Optional, Tuple
+
+import torch
+from torch import nn
+
+__all__ = ["FORMAT", "VERSION", "CheckpointError", "save_checkpoint", "load_checkpoint",
+           "model_from_checkpoint", "unwrap"]
+
+FORMAT = "fastiml-checkpoint"
+VERSION = 1
+_REQUIRED = ("method", "config", "model")
+
+
+class CheckpointError(ValueError):
+    """A file that is missing, unreadable, or not a fastiml checkpoint; the message names it."""
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The network inside a DDP (or similar ``.module``) wrapper."""
+    while isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+        model = model.module
+    return model
+
+
+def save_checkpoint(path: str, *, model: nn.Module, method_name: str, method_options: dict,
+                    config: dict, optimizer=None, scheduler=None, scaler=None,
+                    progress: Optional[dict] = None, rng: bool = True) -> str:
+    """Write a checkpoint atomically (temporary file + rename); returns ``path``."""
+    state = {
+        "format": FORMAT,
+        "version": VERSION,
+        "method": {"name": method_name, "options": method_options},
+        "config": config,
+        "model": unwrap(model).state_dict(),
+        "optimizer": optimizer.state_dict() if optimizer is not None else None,
+        "scheduler": scheduler.state_dict() if scheduler is not None else None,
+        "scaler": scaler.state_dict() if scaler is not None and scaler.is_enabled() else None,
+        "progress": dict(progress or {}),
+        "rng": None,
+    }
+    if rng:
+        state["rng"] = {"torch": torch.get_rng_state(),
+                        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp_", suffix=".pt", dir=folder)
+    os.close(fd)
+    try:
+        torch.save(state, tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
+
+
+def load_checkpoint(path: str, map_location="cpu") -> Dict[str, Any]:
+    """Read and check a fastiml checkpoint. Raises :class:`CheckpointError` naming the file when
+    it is missing, unreadable, or not a fastiml checkpoint."""
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise CheckpointError(f"checkpoint not found: {path}")
+    if not os.path.isfile(path):
+        raise CheckpointError(f"checkpoint is not a file: {path}")
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:  # torch.load raises almost any type on a file that is not its own
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"not a fastiml checkpoint (cannot be loaded by torch: {first[:200]}): "
+                              f"{path}") from None
+    if not isinstance(state, dict) or state.get("format") != FORMAT:
+        raise CheckpointError(f"not a fastiml checkpoint (no '{FORMAT}' marker): {path}")
+    if state.get("version") != VERSION:
+        raise CheckpointError(f"unsupported fastiml checkpoint version {state.get('version')!r} "
+                              f"(this fastiml reads version {VERSION}): {path}")
+    missing = [k for k in _REQUIRED if k not in state]
+    if missing:
+        raise CheckpointError(f"fastiml checkpoint lacks {', '.join(missing)}: {path}")
+    return state
+
+
+def model_from_checkpoint(path_or_state, device="cpu") -> Tuple[nn.Module, Any, Dict[str, Any]]:
+    """(model in eval mode on ``device``, method, checkpoint dict) from a checkpoint path or dict."""
+    from fastiml import methods
+
+    state = load_checkpoint(path_or_state) if not isinstance(path_or_state, dict) else path_or_state
+    name = state["method"]["name"]
+    try:
+        method = methods.build(name, **state["method"]["options"])
+        model = method.build_model()
+    except (ValueError, TypeError) as e:
+        raise CheckpointError(f"checkpoint's method {name!r} cannot be rebuilt here: {e}") from None
+    # A frozen stage (e.g. MPC's) matters only for training; state_dict keys are the same.
+    try:
+        model.load_state_dict(state["model"])
+    except RuntimeError as e:
+        first = str(e).strip().splitlines()[0]
+        raise CheckpointError(f"checkpoint weights do not fit the method's model: {first}") from None
+    model.to(device).eval()
+    return model, method, state

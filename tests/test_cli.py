@@ -1,0 +1,226 @@
+"""The ``fastiml`` command, run as ``python -m fastiml`` in subprocesses: the train -> eval ->
+predict path, and every bad input ending in exactly one ``fastiml: error:`` line (no traceback)
+and a non-zero exit status.
+
+The subprocesses run a few at a time (each one imports torch), in two waves: the cases that need
+no checkpoint alongside a real ``train``, then those that use its checkpoint.
+"""
+import json
+import os
+import shutil
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+import torch
+
+from fastiml.data import synthesize
+
+ROOT = Path(__file__).resolve().parents[1]
+REQUIRED = ("pixel_f1", "pixel_iou", "pixel_auc", "image_auc", "image_acc")
+
+
+def _env(pythonpath=ROOT):
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(pythonpath)
+    env.pop("FASTIML_DEBUG", None)
+    env["OMP_NUM_THREADS"] = "1"
+    return env
+
+
+def _run(args, cwd=None, env=None):
+    p = subprocess.run([sys.executable, "-m", "fastiml", *map(str, args)], capture_output=True,
+                       text=True, cwd=cwd or ROOT, env=env or _env(), timeout=600)
+    return p
+
+
+def _run_all(cases, workers=4):
+    with ThreadPoolExecutor(max_workers=workers) as ex:
+        futures = {name: ex.submit(_run, *spec) if isinstance(spec, tuple) else ex.submit(_run, spec)
+                   for name, spec in cases.items()}
+        return {name: f.result() for name, f in futures.items()}
+
+
+TINY_CONFIG = """
+[data]
+train = "{train}"
+size = 32
+augment = false
+preload = true
+num_workers = 0
+[train]
+method = "{method}"
+steps = 2
+batch_size = 2
+warmup_steps = 0
+log_every = 1
+threads = 1
+progress = false
+[method]
+model = {{ base_width = 8, decoder_channels = 16, proj_dim = 16 }}
+[output]
+dir = "{out}"
+"""
+
+# name -> (argv with {placeholders}, substring expected in the error line)
+NO_CKPT_CASES = {
+    "no_command": ([], "required"),
+    "unknown_command": (["frobnicate"], "invalid choice"),
+    "train_without_config": (["train"], "needs --config"),
+    "config_missing": (["train", "--config", "{tmp}/missing.toml"], "config file not found"),
+    "config_bad_key": (["train", "--config", "{tmp}/bad_key.toml"], "train.lrr"),
+    "override_bad_key": (["train", "--config", "{tmp}/ok.toml", "--set", "train.nope=1"],
+                         "train.nope"),
+    "unknown_method": (["train", "--config", "{tmp}/ok.toml", "--set", "train.method=magic"],
+                       "unknown method 'magic'"),
+    "train_data_missing": (["train", "--config", "{tmp}/ok.toml", "--set",
+                            "data.train={tmp}/nowhere"], "does not exist"),
+    "resume_not_checkpoint": (["train", "--config", "{tmp}/ok.toml", "--resume",
+                               "{tmp}/garbage.pt"], "not a fastiml checkpoint"),
+    "eval_missing_checkpoint": (["eval", "--checkpoint", "{tmp}/missing.pt", "--data",
+                                 "{tmp}/data", "--out", "{tmp}/e"], "checkpoint not found"),
+    "eval_garbage_checkpoint": (["eval", "--checkpoint", "{tmp}/garbage.pt", "--data",
+                                 "{tmp}/data", "--out", "{tmp}/e"], "not a fastiml checkpoint"),
+    "eval_foreign_checkpoint": (["eval", "--checkpoint", "{tmp}/foreign.pt", "--data",
+                                 "{tmp}/data", "--out", "{tmp}/e"], "not a fastiml checkpoint"),
+    "eval_missing_args": (["eval", "--checkpoint", "{tmp}/garbage.pt"], "required"),
+    "synth_bad_n": (["synth", "--out", "{tmp}/s", "--n", "0"], "--n must be"),
+    "synth_bad_n_type": (["synth", "--out", "{tmp}/s", "--n", "many"], "invalid int"),
+    "synth_missing_source": (["synth", "--out", "{tmp}/s", "--n", "2", "--source",
+                              "{tmp}/nowhere"], "source folder not found"),
+    "demo_unknown_method": (["demo", "--out", "{tmp}/d", "--method", "xyz"], "invalid choice"),
+    "demo_bad_minutes": (["demo", "--out", "{tmp}/d", "--minutes", "-1"], "--minutes"),
+    "bench_unknown": (["bench", "no_such_bench"], "unknown benchmark 'no_such_bench'"),
+}
+CKPT_CASES = {
+    "eval_missing_data": (["eval", "--checkpoint", "{ckpt}", "--data", "{tmp}/nowhere", "--out",
+                           "{tmp}/e"], "data set not found"),
+    "predict_missing_input": (["predict", "--checkpoint", "{ckpt}", "--input", "{tmp}/nowhere.png",
+                               "--out", "{tmp}/p"], "input not found"),
+    "predict_corrupt_image": (["predict", "--checkpoint", "{ckpt}", "--input", "{tmp}/corrupt.png",
+                               "--out", "{tmp}/p"], "could not be decoded"),
+    "predict_wrong_format": (["predict", "--checkpoint", "{ckpt}", "--input", "{tmp}/notes.txt",
+                              "--out", "{tmp}/p"], "could not be decoded"),
+    "predict_empty_folder": (["predict", "--checkpoint", "{ckpt}", "--input", "{tmp}/empty",
+                              "--out", "{tmp}/p"], "no image files"),
+}
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("cli")
+    synthesize(tmp / "data", 4, size=32, seed=5, authentic_fraction=0.25)
+    (tmp / "empty").mkdir()
+    (tmp / "ok.toml").write_text(TINY_CONFIG.format(train=tmp / "data" / "list.json",
+                                                    method="bce", out=tmp / "run"))
+    (tmp / "bad_key.toml").write_text("[train]\nlrr = 0.1\n")
+    (tmp / "garbage.pt").write_bytes(b"\x00\x01 not a checkpoint")
+    torch.save({"state_dict": {"w": torch.zeros(2)}}, tmp / "foreign.pt")
+    (tmp / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\x00" * 40)
+    (tmp / "notes.txt").write_text("hello")
+    rgb = (np.random.default_rng(0).random((37, 53, 3)) * 255).astype(np.uint8)
+    cv2.imwrite(str(tmp / "photo.png"), rgb)
+    (tmp / "photos").mkdir()
+    cv2.imwrite(str(tmp / "photos" / "a.png"), rgb)
+    cv2.imwrite(str(tmp / "photos" / "b.jpg"), rgb[:29, :41])
+
+    fill = lambda argv, ckpt="": [a.format(tmp=tmp, ckpt=ckpt) for a in argv]  # noqa: E731
+    wave1 = {name: fill(argv) for name, (argv, _) in NO_CKPT_CASES.items()}
+    wave1["train"] = ["train", "--config", str(tmp / "ok.toml")]
+    wave1["synth"] = ["synth", "--out", str(tmp / "synth"), "--n", "3", "--size", "24"]
+    results = _run_all(wave1)
+
+    ckpt = tmp / "run" / "model.pt"
+    wave2 = {name: fill(argv, ckpt) for name, (argv, _) in CKPT_CASES.items()}
+    wave2["eval"] = ["eval", "--checkpoint", str(ckpt), "--data", str(tmp / "data"), "--out",
+                     str(tmp / "eval"), "--workers", "0"]
+    wave2["predict_file"] = ["predict", "--checkpoint", str(ckpt), "--input",
+                             str(tmp / "photo.png"), "--out", str(tmp / "pred1")]
+    wave2["predict_dir"] = ["predict", "--checkpoint", str(ckpt), "--input", str(tmp / "photos"),
+                            "--out", str(tmp / "pred2")]
+    wave2["resume"] = ["train", "--resume", str(tmp / "run" / "model.pt"), "--set",
+                       f"output.dir={tmp / 'resumed'}", "--set", "train.steps=3"]
+    results.update(_run_all(wave2))
+    return tmp, results
+
+
+def _ok(p):
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert "Traceback" not in p.stderr
+
+
+def test_help_and_version():
+    p = _run(["--help"])
+    assert p.returncode == 0
+    for cmd in ("train", "eval", "predict", "synth", "demo", "bench", "selftest"):
+        assert cmd in p.stdout
+    assert _run(["--version"]).stdout.startswith("fastiml ")
+
+
+def test_train_eval_predict(runs):
+    tmp, r = runs
+    _ok(r["train"])
+    assert (tmp / "run" / "model.pt").is_file() and (tmp / "run" / "train_log.jsonl").is_file()
+    assert "checkpoint:" in r["train"].stdout
+
+    _ok(r["eval"])
+    metrics = json.loads((tmp / "eval" / "metrics.json").read_text())
+    for key in REQUIRED:
+        assert key in metrics
+    assert metrics["n_images"] == 4 and metrics["method"] == "bce"
+
+    _ok(r["predict_file"])
+    mask = cv2.imread(str(tmp / "pred1" / "photo_mask.png"), cv2.IMREAD_UNCHANGED)
+    over = cv2.imread(str(tmp / "pred1" / "photo_overlay.png"), cv2.IMREAD_UNCHANGED)
+    assert mask.shape == (37, 53) and set(np.unique(mask)) <= {0, 255}
+    assert over.shape == (37, 53, 3)
+
+    _ok(r["predict_dir"])
+    assert cv2.imread(str(tmp / "pred2" / "a_mask.png"), cv2.IMREAD_UNCHANGED).shape == (37, 53)
+    assert cv2.imread(str(tmp / "pred2" / "b_mask.png"), cv2.IMREAD_UNCHANGED).shape == (29, 41)
+    assert (tmp / "pred2" / "b_overlay.png").is_file()
+
+
+def test_resume_from_the_command_line(runs):
+    tmp, r = runs
+    _ok(r["resume"])
+    steps = [json.loads(line)["step"] for line in
+             (tmp / "resumed" / "train_log.jsonl").read_text().splitlines()]
+    assert steps == [3]
+
+
+def test_synth(runs):
+    tmp, r = runs
+    _ok(r["synth"])
+    pairs = json.loads((tmp / "synth" / "list.json").read_text())
+    assert len(pairs) == 3
+
+
+@pytest.mark.parametrize("name", sorted(NO_CKPT_CASES) + sorted(CKPT_CASES))
+def test_bad_input_is_one_error_line(runs, name):
+    _, r = runs
+    p = r[name]
+    needle = {**NO_CKPT_CASES, **CKPT_CASES}[name][1]
+    assert p.returncode != 0
+    assert "Traceback" not in p.stderr, p.stderr
+    errors = [line for line in p.stderr.splitlines() if line.startswith("fastiml: error:")]
+    assert len(errors) == 1, p.stderr
+    assert needle in errors[0], errors[0]
+    assert not [line for line in p.stderr.splitlines()
+                if line.strip() and not line.startswith(("fastiml: error:", "fastiml: warning:"))], \
+        p.stderr
+
+
+def test_bench_without_benchmarks_folder(tmp_path):
+    # An installed package has no benchmarks/ next to it: copy the package alone elsewhere.
+    shutil.copytree(ROOT / "fastiml", tmp_path / "fastiml",
+                    ignore=shutil.ignore_patterns("__pycache__"))
+    p = _run(["bench"], cwd=tmp_path, env=_env(tmp_path))
+    assert p.returncode != 0 and "Traceback" not in p.stderr
+    lines = p.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("fastiml: error:")
+    assert "benchmarks folder is not there" in lines[0]
