@@ -146,6 +146,7 @@ setup(
     version="0.1.0",
     description="Fused contrastive losses for image manipulation localization (NCL, MPC)",
     packages=find_packages(include=["fastiml", "fastiml.*"]),
+    package_data={"fastiml": ["configs/*.toml"]},  # the demo's configs, for non-editable installs
     python_requires=">=3.9",
     install_requires=["torch", "numpy", "opencv-python-headless"],
     extras_require={"test": ["pytest", "pytest-benchmark", "scikit-learn",

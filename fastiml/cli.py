@@ -173,8 +173,7 @@ def cmd_train(args) -> int:
     if args.resume:
         load_checkpoint(args.resume)  # a clear error before any work
     result = train(cfg, resume=args.resume)
-    from fastiml.engine import distributed as D
-    if D.rank() == 0:
+    if os.environ.get("RANK", "0") == "0":  # under torchrun, rank 0 reports
         _print(f"checkpoint: {result['checkpoint']}")
         _print(f"steps: {result['steps']}, training time {result['train_s']:.1f} s, "
                f"{result['imgs_per_s']:.2f} img/s, data-wait fraction "
@@ -360,9 +359,10 @@ def _demo_config_path(method: str) -> str:
                    "installation")
 
 
-#: Demo data: images per split (overridable by --n-train / --n-test).
-DEMO_N_TRAIN = 640
-DEMO_N_TEST = 160
+#: Demo data: images per split when the config's [demo] table does not say (--n-train /
+#: --n-test override both).
+DEMO_N_TRAIN = 2000
+DEMO_N_TEST = 200
 DEMO_OVERLAYS = 8
 
 
@@ -381,19 +381,16 @@ def cmd_demo(args) -> int:
 
     if args.threads > 0:
         torch.set_num_threads(args.threads)
-    from fastiml.engine.config import read_toml
-
     out = os.path.abspath(_writable_dir(args.out))
     total_s = 60.0 * args.minutes
     path = _demo_config_path(args.method)
-    tables = read_toml(path)
-    demo = dict(tables.pop("demo", {}))
-    cfg = load_config(data=tables, origin=path,
-                      overrides=[f"train.method={args.method}", f"output.dir={out}",
-                                 f"train.threads={args.threads}"] + list(args.overrides))
+    cfg = load_config(path, [f"train.method={args.method}", f"output.dir={out}",
+                             f"train.threads={args.threads}"] + list(args.overrides))
+    demo = dict(cfg["demo"])
     size = cfg["data"]["size"]
-    n_train = args.n_train or int(demo.pop("n_train", DEMO_N_TRAIN))
-    n_test = args.n_test or int(demo.pop("n_test", DEMO_N_TEST))
+    n_train = int(demo.pop("n_train", DEMO_N_TRAIN))
+    n_test = int(demo.pop("n_test", DEMO_N_TEST))
+    n_train, n_test = args.n_train or n_train, args.n_test or n_test
     synth_options = dict(demo.pop("synth", {}))
     if demo:
         raise CLIError(f"unknown key(s) in [demo] of {path}: {', '.join(sorted(demo))}")

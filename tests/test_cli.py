@@ -94,6 +94,9 @@ NO_CKPT_CASES = {
                               "{tmp}/nowhere"], "source folder not found"),
     "demo_unknown_method": (["demo", "--out", "{tmp}/d", "--method", "xyz"], "invalid choice"),
     "demo_bad_minutes": (["demo", "--out", "{tmp}/d", "--minutes", "-1"], "--minutes"),
+    "demo_unknown_demo_key": (["demo", "--out", "{tmp}/d", "--set", "demo.n_tarin=5"],
+                              "unknown key(s) in [demo]"),
+    "demo_bad_train_key": (["demo", "--out", "{tmp}/d", "--set", "train.nope=1"], "train.nope"),
     "bench_unknown": (["bench", "no_such_bench"], "unknown benchmark 'no_such_bench'"),
 }
 CKPT_CASES = {

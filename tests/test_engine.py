@@ -108,6 +108,26 @@ def test_unknown_method_and_bad_method_option(data, tmp_path):
         train(cfg)
 
 
+@pytest.mark.parametrize("name", ["demo.toml", "demo_bce.toml", "demo_mpc.toml"])
+def test_packaged_demo_configs_build(name):
+    # The demo's configs ship with the package: each validates, names its own method and builds
+    # a network that maps a 128x128 residual image to a one-channel map of the same size.
+    from fastiml import methods
+    from fastiml.engine.config import DEFAULTS
+    path = os.path.join(os.path.dirname(importlib.import_module("fastiml").__file__),
+                        "configs", name)
+    cfg = load_config(path)
+    assert set(cfg["demo"]) <= {"n_train", "n_test", "synth"}
+    assert cfg["data"]["input_filter"] == "highpass"
+    method = methods.build(cfg["train"]["method"], **cfg["method"])
+    expected = name[len("demo_"):-len(".toml")] if "_" in name else "ncl"
+    assert method.name == expected and set(cfg) == set(DEFAULTS)
+    model = method.build_model().eval()
+    with torch.no_grad():
+        prob = method.predict(model, torch.rand(1, 3, 128, 128))
+    assert prob.shape[-2:] == (128, 128)
+
+
 # ----------------------------------------------------------------------------------- schedule
 def test_warmup_cosine_schedule():
     p = torch.nn.Parameter(torch.zeros(1))
@@ -223,6 +243,7 @@ def test_evaluate_and_predict_from_checkpoint(data, tmp_path):
     out = tmp_path / "run"
     cfg = tiny_cfg(data, out, "ncl", steps=2)
     cfg["data"]["test"] = str(data / "test")
+    cfg["data"]["input_filter"] = "highpass"
     result = train(cfg)
     for key in REQUIRED_KEYS:
         assert key in result["metrics"]["test"]
@@ -233,7 +254,8 @@ def test_evaluate_and_predict_from_checkpoint(data, tmp_path):
     assert not model.training and state["config"]["data"]["size"] == 32
     ds = build_dataset(str(data / "test" / "list.json"), state["config"]["data"], train=False)
     seen = []
-    m = evaluate(model, method, ds, batch_size=3, on_batch=lambda b, p: seen.append(p.shape[0]))
+    m = evaluate(model, method, ds, batch_size=3, on_batch=lambda b, p: seen.append(p.shape[0]),
+                 input_filter_kind="highpass")
     assert seen == [3, 1] and m["n_images"] == 4 and m["n_tampered"] == 3
     for key in REQUIRED_KEYS:
         assert key in m
@@ -242,13 +264,36 @@ def test_evaluate_and_predict_from_checkpoint(data, tmp_path):
     # Whole images of another size: the map comes back at the original resolution.
     img = (np.random.default_rng(0).random((45, 71, 3)) * 255).astype(np.uint8)
     for mode in ("resize", "pad"):
-        prob = predict_image(model, method, img, size=32, mode=mode)
+        prob = predict_image(model, method, img, size=32, mode=mode, input_filter_kind="highpass")
         assert prob.shape == (45, 71) and prob.dtype == np.float32
         assert 0.0 <= prob.min() <= prob.max() <= 1.0
     tile = panel(img, prob, np.zeros((45, 71), np.uint8))
     assert tile.shape[0] == 45 + 18 and tile.dtype == np.uint8
     assert loss_curve(str(out / "train_log.jsonl"), str(tmp_path / "curve.png"))
     assert cv2.imread(str(tmp_path / "curve.png")) is not None
+
+
+def test_robustness_sweep(data, tmp_path):
+    from fastiml.engine import robustness
+    train(tiny_cfg(data, tmp_path / "r", "bce", steps=1))
+    model, method, state = model_from_checkpoint(tmp_path / "r" / "model.pt")
+    out = robustness(model, method, str(data / "test"), size=32, mode="resize",
+                     protocol={"jpeg": [90, 50], "gaussian_blur": [3]}, batch_size=4)
+    assert set(out) == {"jpeg", "gaussian_blur"} and set(out["jpeg"]) == {"90", "50"}
+    for m in (out["jpeg"]["50"], out["gaussian_blur"]["3"]):
+        assert m["n_images"] == 4 and all(k in m for k in REQUIRED_KEYS)
+
+
+def test_input_filter():
+    from fastiml.engine.evaluate import input_filter
+    x = torch.rand(2, 3, 16, 16)
+    assert input_filter(x, "none") is x
+    flat = input_filter(torch.full((1, 3, 8, 8), 0.3), "highpass")
+    torch.testing.assert_close(flat, torch.full_like(flat, 0.5))  # no residual in a flat image
+    y = input_filter(x.clone(), "highpass")
+    assert y.shape == x.shape and 0.0 <= y.min() and y.max() <= 1.0
+    with pytest.raises(ValueError, match="highpass"):
+        input_filter(x, "sobel")
 
 
 def test_not_a_checkpoint(tmp_path):

@@ -43,6 +43,8 @@ Sections and keys (every key is optional; the defaults are in :data:`DEFAULTS`):
     [output]
     dir = "runs/fastiml"
 
+    [demo]                          # read by `fastiml demo` only (n_train, n_test, synth); ignored by train
+
 Relative paths are taken relative to the current directory. Overrides ``section.key=value`` (the
 CLI's ``--set``) are typed by the default's type (``train.lr=3e-4`` is a float, ``data.augment=false``
 a bool); keys whose default is not a scalar, and every key under ``[method]``, are parsed as TOML
@@ -100,7 +102,10 @@ DEFAULTS: Dict[str, Dict[str, Any]] = {
     "output": {
         "dir": "runs/fastiml",
     },
+    "demo": {},
 }
+#: Free-form tables: [method] goes to methods.build; [demo] is read by `fastiml demo` only.
+FREE_FORM = ("method", "demo")
 
 #: Keys whose value may be a data source: a path string ("" = none) or a list of sources.
 SOURCE_KEYS = ("train", "val", "test")
@@ -204,12 +209,12 @@ def apply_override(cfg: Dict[str, Any], item: str) -> None:
     if section not in DEFAULTS:
         raise ConfigError(f"unknown config section [{section}] in override {key!r}; "
                           f"sections: {', '.join(DEFAULTS)}")
-    if section == "method":  # free-form: validated by the method itself
-        node = cfg.setdefault("method", {})
+    if section in FREE_FORM:  # free-form: validated by the method (or the demo) itself
+        node = cfg.setdefault(section, {})
         for p in parts[1:-1]:
             nxt = node.setdefault(p, {})
             if not isinstance(nxt, dict):
-                raise ConfigError(f"override {key!r}: method.{p} is not a table")
+                raise ConfigError(f"override {key!r}: {section}.{p} is not a table")
             node = nxt
         node[parts[-1]] = _parse_toml_value(text.strip())
         return
@@ -229,8 +234,8 @@ def _merge_file(cfg: Dict[str, Any], data: Dict[str, Any], origin: str) -> None:
                               f"sections: {', '.join(DEFAULTS)}")
         if not isinstance(table, dict):
             raise ConfigError(f"[{section}] in {origin} must be a table, got {table!r}")
-        if section == "method":
-            cfg["method"] = copy.deepcopy(table)
+        if section in FREE_FORM:
+            cfg[section] = copy.deepcopy(table)
             continue
         for name, value in table.items():
             if name not in DEFAULTS[section]:
@@ -242,9 +247,9 @@ def _merge_file(cfg: Dict[str, Any], data: Dict[str, Any], origin: str) -> None:
 def validate(cfg: Dict[str, Any]) -> Dict[str, Any]:
     """Type- and range-check ``cfg`` in place (sources excepted: the data set checks them)."""
     for section, defaults in DEFAULTS.items():
-        if section == "method":
-            if not isinstance(cfg.get("method"), dict):
-                raise ConfigError("[method] must be a table")
+        if section in FREE_FORM:
+            if not isinstance(cfg.get(section), dict):
+                raise ConfigError(f"[{section}] must be a table")
             continue
         for name, default in defaults.items():
             key = f"{section}.{name}"
@@ -287,10 +292,8 @@ def read_toml(path) -> Dict[str, Any]:
 
 
 def load_config(path: Optional[str] = None, overrides: Iterable[str] = (),
-                base: Optional[Dict[str, Any]] = None, data: Optional[Dict[str, Any]] = None,
-                origin: str = "config") -> Dict[str, Any]:
-    """Defaults (or ``base``), then the TOML file at ``path`` (or the already-parsed tables
-    ``data``, named ``origin`` in messages), then ``overrides``; validated.
+                base: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
+    """Defaults (or ``base``), then the TOML file at ``path``, then ``overrides``; validated.
 
     Raises :class:`ConfigError` (one line naming the file, section or key) on any problem.
     """
@@ -299,8 +302,6 @@ def load_config(path: Optional[str] = None, overrides: Iterable[str] = (),
         cfg.setdefault(section, copy.deepcopy(DEFAULTS[section]))
     if path is not None:
         _merge_file(cfg, read_toml(path), os.fspath(path))
-    if data is not None:
-        _merge_file(cfg, data, origin)
     for item in overrides:
         apply_override(cfg, item)
     return validate(cfg)

@@ -140,12 +140,14 @@ def loss_curve(log_path: str, out_png: str, size=(720, 400), title: str = "train
     losses = np.array([p[1] for p in pts], np.float64)
     x0, x1 = 0.0, max(float(steps.max()), 1.0)
     y0, y1 = float(losses.min()), float(losses.max())
+    if len(losses) >= 20:  # the first steps' loss can dwarf the rest: scale to the bulk
+        y1 = min(y1, y0 + 1.5 * (float(np.percentile(losses, 98)) - y0))
     pad = 0.05 * (y1 - y0 if y1 > y0 else max(abs(y1), 1.0))
     y0, y1 = y0 - pad, y1 + pad
 
     def to_px(sx, sy):
         px = left + (sx - x0) / (x1 - x0) * (w - left - right)
-        py = top + (y1 - sy) / (y1 - y0) * (h - top - bottom)
+        py = top + (y1 - min(sy, y1)) / (y1 - y0) * (h - top - bottom)
         return int(round(px)), int(round(py))
 
     grey, dark = (225, 225, 225), (60, 60, 60)
@@ -190,11 +192,11 @@ def loss_curve(log_path: str, out_png: str, size=(720, 400), title: str = "train
     return True
 
 
-def _cell(x) -> str:
+def _cell(x, fmt: str = ".4f") -> str:
     if x is None:
         return "n/a"
     if isinstance(x, float):
-        return "n/a" if math.isnan(x) else f"{x:.4f}"
+        return "n/a" if math.isnan(x) else format(x, fmt)
     return str(x)
 
 
@@ -222,7 +224,7 @@ def write_report(path: str, metrics: Dict, *, title: str = "fastiml report",
                   "images; image-level metrics use the maximum of the map as the score."]
     if facts:
         lines += ["", "| | |", "|---|---|"]
-        lines += [f"| {k} | {_cell(v)} |" for k, v in facts.items()]
+        lines += [f"| {k} | {_cell(v, '.4g')} |" for k, v in facts.items()]
     for img in images:
         lines += ["", f"![{os.path.basename(img)}]({img})"]
     for n in notes:
