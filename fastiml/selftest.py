@@ -60,6 +60,18 @@ def _api(name: str):
     return getattr(ops, name, None)
 
 
+def _unavailable(name: str, device: str, kernels: Sequence[str] = ()) -> Optional[str]:
+    """Why fastiml.ops.<name> cannot run on `device` (None when it can): the Python entry point
+    is missing, or one of the ops it calls (``name`` itself and ``kernels``) has no kernel."""
+    if _api(name) is None:
+        return f"fastiml.ops has no {name}"
+    for op in (name, *kernels):
+        reason = _has_kernel(op, device)
+        if reason:
+            return reason
+    return None
+
+
 # ------------------------------------------------------------------------------ comparisons
 
 def _max_error(actual: torch.Tensor, exact: torch.Tensor) -> float:
@@ -215,14 +227,10 @@ def pair_stats_case(device: str, dtype: torch.dtype, mode: str,
     op = f"pair_stats/{mode}"
     x = _pair_inputs(mode, dtype, device)
     if impl is None:
+        reason = _unavailable("pair_stats", device, ["pair_stats_backward"])
+        if reason:
+            return _skip(op, device, _dtype_name(dtype), x["shape"], reason)
         impl = _api("pair_stats")
-        if impl is None:
-            return _skip(op, device, _dtype_name(dtype), x["shape"],
-                         "fastiml.ops has no pair_stats")
-        for name in ("pair_stats", "pair_stats_backward"):
-            reason = _has_kernel(name, device)
-            if reason:
-                return _skip(op, device, _dtype_name(dtype), x["shape"], reason)
     start = time.perf_counter()
     try:
         got = _pair_run(impl, x, device, dtype)
@@ -284,11 +292,10 @@ def contour_mine_case(device: str, dtype: torch.dtype, impl: Optional[Callable] 
     from fastiml import reference
     op, shape = "contour_mine", "B=2 H=37 W=45 p=4"
     if impl is None:
-        impl = _api("contour_mine")
-        reason = ("fastiml.ops has no contour_mine" if impl is None
-                  else _has_kernel("contour_mine", device))
+        reason = _unavailable("contour_mine", device)
         if reason:
             return _skip(op, device, _dtype_name(dtype), shape, reason)
+        impl = _api("contour_mine")
     start = time.perf_counter()
     checks = _Checks()
     try:
@@ -309,11 +316,10 @@ def contour_band_case(device: str, dtype: torch.dtype, impl: Optional[Callable] 
     from fastiml import reference
     op, shape = "contour_band", "B=2 H=37 W=45 r=1,3"
     if impl is None:
-        impl = _api("contour_band")
-        reason = ("fastiml.ops has no contour_band" if impl is None
-                  else _has_kernel("contour_band", device))
+        reason = _unavailable("contour_band", device)
         if reason:
             return _skip(op, device, _dtype_name(dtype), shape, reason)
+        impl = _api("contour_band")
     start = time.perf_counter()
     checks = _Checks()
     try:
@@ -343,12 +349,10 @@ def pivot_case(device: str, dtype: torch.dtype, impl: Optional[Callable] = None)
     from fastiml import reference
     op, shape = "pivot_consistency", "B=2 H=37 W=45 p=4"
     if impl is None:
-        impl = _api("pivot_consistency")
-        reason = "fastiml.ops has no pivot_consistency" if impl is None else (
-            _has_kernel("pivot_consistency", device)
-            or _has_kernel("pivot_consistency_backward", device))
+        reason = _unavailable("pivot_consistency", device, ["pivot_consistency_backward"])
         if reason:
             return _skip(op, device, _dtype_name(dtype), shape, reason)
+        impl = _api("pivot_consistency")
     start = time.perf_counter()
     checks = _Checks()
     try:
