@@ -193,7 +193,7 @@ def table(results: List[H.Result]) -> str:
 
 
 def parser():
-    p = H.base_parser(" ".join(__doc__.split("\n\n")[0].split()), repeat=10)
+    p = H.base_parser(__doc__, repeat=10)
     p.add_argument("--patches", type=int, nargs="+", default=[4, 16])
     p.add_argument("--radius", type=int, default=3, help="contour_band radius (default 3)")
     p.add_argument("--batch", type=int, default=8)

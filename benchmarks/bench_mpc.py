@@ -122,7 +122,7 @@ def table(results: List[H.Result]) -> str:
 
 
 def parser():
-    p = H.base_parser(" ".join(__doc__.split("\n\n")[0].split()), repeat=3)
+    p = H.base_parser(__doc__, repeat=3)
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--size", type=int, default=512, help="image side S (default 512)")
     p.add_argument("--dim", type=int, default=256, help="embedding channels C (default 256)")

@@ -255,7 +255,7 @@ def table(results: List[H.Result], providers=PROVIDERS) -> str:
 
 
 def parser():
-    p = H.base_parser(" ".join(__doc__.split("\n\n")[0].split()), repeat=3)
+    p = H.base_parser(__doc__, repeat=3)
     p.add_argument("--sizes", type=int, nargs="+", default=list(DEFAULT_SIZES),
                    help="numbers of embeddings N (default 4096 16384 65536)")
     p.add_argument("--large", action="store_true", help=f"also N = {LARGE_SIZE}")

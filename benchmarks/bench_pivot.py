@@ -139,7 +139,7 @@ def table(results: List[H.Result]) -> str:
 
 
 def parser():
-    p = H.base_parser(" ".join(__doc__.split("\n\n")[0].split()), repeat=5)
+    p = H.base_parser(__doc__, repeat=5)
     p.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"],
                    choices=("float32", "float16", "bfloat16"))
     p.add_argument("--batch", type=int, default=8)

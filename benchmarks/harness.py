@@ -440,9 +440,10 @@ def ratio(num: Optional[Result], den: Optional[Result], metric: str = "time_s"
 
 # ---------------------------------------------------------------------------- command lines
 
-def base_parser(description: str, repeat: int = 3) -> argparse.ArgumentParser:
-    """The options every benchmark script shares."""
-    p = argparse.ArgumentParser(description=description)
+def base_parser(doc: str, repeat: int = 3) -> argparse.ArgumentParser:
+    """The options every benchmark script shares; ``doc`` (the script's ``__doc__``) gives the
+    description: its first paragraph, on one line."""
+    p = argparse.ArgumentParser(description=" ".join(doc.split("\n\n")[0].split()))
     p.add_argument("--repeat", type=int, default=repeat,
                    help=f"timed runs per case after one warm-up; the median is reported "
                         f"(default {repeat}; 1 when a single run takes over 5 s)")
