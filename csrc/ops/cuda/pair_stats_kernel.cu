@@ -80,10 +80,8 @@ Problem make_problem(const at::Tensor& q, const std::optional<at::Tensor>& k, do
   return p;
 }
 
-template <typename Params>
-void fill_common(Params& params, const Problem& p, const Codes& codes) {
-  using scalar_t = std::remove_const_t<std::remove_pointer_t<decltype(params.q)>>;
-  using acc_t = decltype(params.inv_tau);
+template <typename scalar_t, typename acc_t>
+void fill_common(gpu::PairInputs<scalar_t, acc_t>& params, const Problem& p, const Codes& codes) {
   params.q = p.q.const_data_ptr<scalar_t>();
   params.k = p.k.const_data_ptr<scalar_t>();
   params.row_label = codes.row_label;

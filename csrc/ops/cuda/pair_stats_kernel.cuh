@@ -123,8 +123,9 @@ struct Config {
                 "static shared memory is limited to 48 KiB");
 };
 
+// What forward and backward both read: the embeddings, their codes and the options.
 template <typename scalar_t, typename acc_t>
-struct ForwardParams {
+struct PairInputs {
   const scalar_t* q;  // [n, d], contiguous
   const scalar_t* k;  // [m, d], contiguous (q in self mode)
   const int32_t* row_label;
@@ -135,22 +136,17 @@ struct ForwardParams {
   acc_t inv_tau;
   bool exclude_self, negatives_only;
   bool vec;  // 16-byte loads: d % 8 == 0 and q, k 16-byte aligned (16-bit inputs only)
+};
+
+template <typename scalar_t, typename acc_t>
+struct ForwardParams : PairInputs<scalar_t, acc_t> {
   acc_t* lse;
   acc_t* pos_mean;
   int64_t* pos_count;
 };
 
 template <typename scalar_t, typename acc_t>
-struct BackwardParams {
-  const scalar_t* q;
-  const scalar_t* k;
-  const int32_t* row_label;
-  const int32_t* row_group;
-  const int32_t* col_label;
-  const int32_t* col_group;
-  int64_t n, m, d;
-  acc_t inv_tau;
-  bool exclude_self, negatives_only, vec;
+struct BackwardParams : PairInputs<scalar_t, acc_t> {
   const acc_t* grad_lse;       // [n]
   const acc_t* grad_pos_mean;  // [n]
   const acc_t* lse;            // [n]
