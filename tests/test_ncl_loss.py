@@ -345,8 +345,9 @@ def test_valid_padding_is_excluded():
     assert parts3["bce_a"] != parts["bce_a"]
 
 
-def test_bce_ignores_padded_logits_in_partial_cells():
-    """Padding that cuts through cells: BCE still ignores the padded pixels."""
+def _padded_through_cells():
+    """A batch whose valid region ends inside cells, and NCLLoss's parts without and with the
+    padded logits pushed far away."""
     proj_a, proj_b, logit_a, logit_b, mask = make_batch(2, 6, 8, 8, 2, seed=11)
     valid = torch.ones_like(mask)
     valid[:, 13:] = False
@@ -355,6 +356,12 @@ def test_bce_ignores_padded_logits_in_partial_cells():
     loss = NCLLoss(patch=2)
     _, parts = loss(proj_a, proj_b, logit_a, logit_b, mask, valid)
     _, parts2 = loss(proj_a, proj_b, logit_a + 40 * pad, logit_b - 40 * pad, mask, valid)
+    return (logit_a, logit_b, mask, valid), parts, parts2
+
+
+def test_bce_ignores_padded_logits_in_partial_cells():
+    """Padding that cuts through cells: BCE still ignores the padded pixels."""
+    _, parts, parts2 = _padded_through_cells()
     for name in ("bce_a", "bce_b"):
         torch.testing.assert_close(parts2[name], parts[name], rtol=1e-12, atol=0)
 
@@ -362,14 +369,7 @@ def test_bce_ignores_padded_logits_in_partial_cells():
 def test_pivot_ignores_padded_logits_in_partial_cells():
     """Regression: the pivot term once weighed every pixel of a partially valid contour cell,
     padded ones included."""
-    proj_a, proj_b, logit_a, logit_b, mask = make_batch(2, 6, 8, 8, 2, seed=11)
-    valid = torch.ones_like(mask)
-    valid[:, 13:] = False
-    valid[:, :, 10:] = False
-    pad = ~valid[:, None]
-    loss = NCLLoss(patch=2)
-    _, parts = loss(proj_a, proj_b, logit_a, logit_b, mask, valid)
-    _, parts2 = loss(proj_a, proj_b, logit_a + 40 * pad, logit_b - 40 * pad, mask, valid)
+    (logit_a, logit_b, mask, valid), parts, parts2 = _padded_through_cells()
     torch.testing.assert_close(parts2["pivot"], parts["pivot"], rtol=1e-6, atol=1e-9)
     # the weighted mean of J over the valid pixels only
     _, klass = reference.contour_mine(mask, 4, valid=valid)
