@@ -1,4 +1,4 @@
-"""Builds fastiml and its C++/CUDA extension ``fastiml._C``.
+"""Builds fastiml's C++/CUDA extension ``fastiml._C`` (the package metadata is in pyproject.toml).
 
 The CPU sources always build. The CUDA sources join when torch was built with CUDA and a CUDA
 toolkit is found -- whether or not this machine has a GPU (build machines often have none).
@@ -17,7 +17,12 @@ import platform
 import shutil
 import sys
 
-from setuptools import find_packages, setup
+import setuptools
+from setuptools import setup
+
+if int(setuptools.__version__.split(".")[0]) < 77:  # pyproject.toml's SPDX `license` needs 77
+    sys.exit(f"fastiml: setuptools>=77 is needed to build (found {setuptools.__version__}); "
+             "run `pip install -U setuptools` first")
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 
@@ -62,7 +67,14 @@ if cuda_root:
     # Must be set before torch.utils.cpp_extension is imported: it reads CUDA_HOME once.
     os.environ["CUDA_HOME"] = cuda_root
 
-import torch  # noqa: E402
+try:
+    import torch  # noqa: E402
+except ImportError:
+    # pip's default isolated build environment has no torch (pyproject.toml says why it is not
+    # a build requirement): stop with the one line that tells what to do.
+    sys.exit("fastiml: install torch first, then build with `pip install --no-build-isolation .`"
+             " -- the extension must be compiled against the torch that runs it, and an isolated"
+             " build would fetch a different, multi-GB torch")
 from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension  # noqa: E402
 
 with_cuda = bool(cuda_root) and torch.version.cuda is not None and want_cuda is not False
@@ -142,18 +154,8 @@ print(f"fastiml build: cuda={'yes (' + cuda_root + ')' if with_cuda else 'no'}, 
       f"arch={os.environ.get('TORCH_CUDA_ARCH_LIST') if with_cuda else '-'}")
 
 setup(
-    name="fastiml",
-    version="0.1.0",
-    description="Fused contrastive losses for image manipulation localization (NCL, MPC)",
-    packages=find_packages(include=["fastiml", "fastiml.*"]),
-    package_data={"fastiml": ["configs/*.toml"]},  # the demo's configs, for non-editable installs
-    python_requires=">=3.9",
-    install_requires=["torch", "numpy", "opencv-python-headless"],
-    extras_require={"test": ["pytest", "pytest-benchmark", "scikit-learn",
-                             "pytorch-metric-learning"]},
     ext_modules=[Extension("fastiml._C", sources, include_dirs=include_dirs,
                            define_macros=define_macros, extra_compile_args=extra_compile_args,
                            extra_link_args=["-fopenmp"])],
     cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
-    entry_points={"console_scripts": ["fastiml=fastiml.cli:main"]},
 )
