@@ -106,7 +106,11 @@ def model_from_checkpoint(path_or_state, device="cpu") -> Tuple[nn.Module, Any, 
     state = load_checkpoint(path_or_state) if not isinstance(path_or_state, dict) else path_or_state
     name = state["method"]["name"]
     try:
-        method = methods.build(name, **state["method"]["options"])
+        options = dict(state["method"]["options"])
+        if (options.get("model") or {}).get("pretrained"):
+            # The checkpoint holds the trained weights: do not fetch timm's pretrained ones again.
+            options["model"] = {**options["model"], "pretrained": False}
+        method = methods.build(name, **options)
         model = method.build_model()
     except (ValueError, TypeError) as e:
         raise CheckpointError(f"checkpoint's method {name!r} cannot be rebuilt here: {e}") from None

@@ -19,7 +19,8 @@ Backbone contract (``backbone=``): any ``nn.Module`` whose ``forward(x)`` takes 
 padded image B×3×H'×W' and returns a list of 4 maps, finest first, map i of shape
 B×channels[i]×H'/s_i×W'/s_i for integer strides s_i (4, 8, 16, 32 for the built-in one); it has an
 attribute ``channels`` (4 positive ints) and optionally ``size_divisor`` (default 32): the input is
-zero-padded at the bottom/right to a multiple of it. Two training passes differ only if the
+zero-padded at the bottom/right to a multiple of it, and ``input_mean`` / ``input_std`` (default
+ImageNet's). ``encoder = "timm:<name>"`` builds one from timm (``TimmMultiScale``). Two training passes differ only if the
 backbone is stochastic (e.g. has stochastic depth).
 """
 from __future__ import annotations
@@ -28,9 +29,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .layers import (ConvBNReLU, ImageNormalize, ceil_div, check_image, check_positive_int,
-                     check_rate, init_weights, pad_to_multiple, stride_of, upsample_crop)
+from .layers import (IMAGENET_MEAN, IMAGENET_STD, ConvBNReLU, ImageNormalize, ceil_div,
+                     check_image, check_positive_int, check_rate, init_weights, pad_to_multiple,
+                     stride_of, upsample_crop)
 from .resnet import build_resnet
+from .timm_encoder import TimmMultiScale, check_pretrained, is_timm_encoder
 
 __all__ = ["MPCNet", "FPN"]
 
@@ -60,8 +63,9 @@ class MPCNet(nn.Module):
     """Multi-scale network for MPC (random initialisation).
 
     Args:
-        encoder: built-in ResNet name ("resnet18", "resnet34", "resnet50", "resnet101"); ignored
-            when ``backbone`` is given.
+        encoder: built-in ResNet name ("resnet18", "resnet34", "resnet50", "resnet101") or
+            "timm:<name>" for any timm model with ``features_only`` and >= 4 feature levels
+            (optional dependency); ignored when ``backbone`` is given.
         base_width: ResNet width multiplier (64 standard; 32 / 16 for CPU training).
         embed_dim: channels of the four embedding maps (not normalised: the loss normalises).
         drop_path: maximum stochastic-depth rate of the built-in ResNet; must be > 0 for the two
@@ -70,6 +74,9 @@ class MPCNet(nn.Module):
         backbone: optional custom backbone following the module docstring's contract.
         fpn_channels: width of the pyramid; default min(channels[1], 256) (128 for ResNet-18 at
             base_width 64).
+        pretrained: timm encoders only: load timm's ImageNet weights (cache or network; a clear
+            error when neither has them). The built-in ResNets start from random weights.
+        timm_kwargs: extra keyword arguments of ``timm.create_model`` (timm encoders only).
 
     ``forward(x)``, x: B×3×H×W float in [0, 1] (any H, W), returns a dict:
 
@@ -87,11 +94,15 @@ class MPCNet(nn.Module):
 
     def __init__(self, encoder: str = "resnet18", base_width: int = 64, embed_dim: int = 256,
                  drop_path: float = 0.2, head_channels: int = 256,
-                 backbone: nn.Module | None = None, fpn_channels: int | None = None):
+                 backbone: nn.Module | None = None, fpn_channels: int | None = None,
+                 pretrained: bool = False, timm_kwargs: dict | None = None):
         super().__init__()
         self.embed_dim = check_positive_int(embed_dim, "embed_dim")
         check_positive_int(head_channels, "head_channels")
-        if backbone is None:
+        if backbone is None and is_timm_encoder(encoder):
+            backbone = TimmMultiScale(encoder, pretrained, drop_path, timm_kwargs)
+        elif backbone is None:
+            check_pretrained(encoder, pretrained)
             check_positive_int(base_width, "base_width")
             check_rate(drop_path, "drop_path")
             backbone = build_resnet(encoder, base_width=base_width, drop_path=drop_path,
@@ -105,7 +116,8 @@ class MPCNet(nn.Module):
             fpn_channels = min(channels[1], 256)
         check_positive_int(fpn_channels, "fpn_channels")
 
-        self.normalize = ImageNormalize()
+        self.normalize = ImageNormalize(getattr(backbone, "input_mean", IMAGENET_MEAN),
+                                        getattr(backbone, "input_std", IMAGENET_STD))
         self.fpn = FPN(channels, fpn_channels)
         self.embed = nn.ModuleList(nn.Conv2d(fpn_channels, embed_dim, 1) for _ in range(4))
         cat_ch = 4 * fpn_channels

@@ -19,7 +19,9 @@ padded image B×3×H'×W' and returns a pair ``(low, high)``:
 
 with integer attributes ``low_channels`` and ``high_channels``, and optionally ``size_divisor``
 (default 16): the input is zero-padded at the bottom/right to a multiple of it, so that ``low``
-tiles the input exactly. ``ResNetLowHigh`` adapts the built-in ResNet to this contract.
+tiles the input exactly, and ``input_mean`` / ``input_std`` (default ImageNet's) to normalise
+the input with. ``ResNetLowHigh`` adapts the built-in ResNet to this contract, ``TimmLowHigh``
+any timm model (``encoder = "timm:<name>"``).
 """
 from __future__ import annotations
 
@@ -27,10 +29,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .layers import (ASPP, ConvBNReLU, ImageNormalize, ProjectionHead, SegHead, ceil_div,
-                     check_image, check_positive_int, check_rate, check_rates, init_weights,
+from .layers import (ASPP, IMAGENET_MEAN, IMAGENET_STD, ConvBNReLU, ImageNormalize,
+                     ProjectionHead, SegHead, ceil_div, check_image, check_positive_int, check_rate, check_rates, init_weights,
                      pad_to_multiple, stride_of, upsample_crop)
 from .resnet import ResNet, build_resnet
+from .timm_encoder import TimmLowHigh, check_pretrained, is_timm_encoder
 
 __all__ = ["NCLNet", "NCLBranch", "ResNetLowHigh"]
 
@@ -70,14 +73,18 @@ class NCLNet(nn.Module):
     """DeepLabV3+-style network with two pivot branches, for NCL (random initialisation).
 
     Args:
-        encoder: built-in ResNet name ("resnet18", "resnet34", "resnet50", "resnet101"); ignored
-            when ``backbone`` is given.
+        encoder: built-in ResNet name ("resnet18", "resnet34", "resnet50", "resnet101") or
+            "timm:<name>" for any timm model with ``features_only`` (optional dependency);
+            ignored when ``backbone`` is given.
         base_width: ResNet width multiplier (64 standard; 32 / 16 for CPU training).
         proj_dim: dimension D of the contrastive projections.
         aspp_rates: dilation rates of the ASPP 3×3 branches (at stride 16).
         decoder_channels: width of ASPP and of the decoder map F.
         backbone: optional custom backbone following the module docstring's contract.
         drop_path: stochastic-depth rate of the built-in ResNet (0 disables it).
+        pretrained: timm encoders only: load timm's ImageNet weights (cache or network; a clear
+            error when neither has them). The built-in ResNets start from random weights.
+        timm_kwargs: extra keyword arguments of ``timm.create_model`` (timm encoders only).
 
     ``forward(x)``, x: B×3×H×W float in [0, 1] (any H, W), returns a dict with s = 4 for the
     built-in ResNet, h = ⌈H/s⌉, w = ⌈W/s⌉ (cell (i, j) covers input pixels [s·i, s·i+s) ×
@@ -96,12 +103,16 @@ class NCLNet(nn.Module):
 
     def __init__(self, encoder: str = "resnet18", base_width: int = 64, proj_dim: int = 128,
                  aspp_rates=(6, 12, 18), decoder_channels: int = 256,
-                 backbone: nn.Module | None = None, drop_path: float = 0.0):
+                 backbone: nn.Module | None = None, drop_path: float = 0.0,
+                 pretrained: bool = False, timm_kwargs: dict | None = None):
         super().__init__()
         self.proj_dim = check_positive_int(proj_dim, "proj_dim")
         check_positive_int(decoder_channels, "decoder_channels")
         aspp_rates = check_rates(aspp_rates, "aspp_rates")
-        if backbone is None:
+        if backbone is None and is_timm_encoder(encoder):
+            backbone = TimmLowHigh(encoder, pretrained, drop_path, timm_kwargs)
+        elif backbone is None:
+            check_pretrained(encoder, pretrained)
             check_positive_int(base_width, "base_width")
             check_rate(drop_path, "drop_path")
             backbone = ResNetLowHigh(build_resnet(encoder, base_width=base_width,
@@ -113,7 +124,8 @@ class NCLNet(nn.Module):
         self.feat_channels = decoder_channels
         low_ch, high_ch = backbone.low_channels, backbone.high_channels
 
-        self.normalize = ImageNormalize()
+        self.normalize = ImageNormalize(getattr(backbone, "input_mean", IMAGENET_MEAN),
+                                        getattr(backbone, "input_std", IMAGENET_STD))
         self.aspp = ASPP(high_ch, decoder_channels, aspp_rates)
         self.low_reduce = ConvBNReLU(low_ch, 48, 1)  # 48 channels: DeepLabV3+'s choice
         self.decoder = nn.Sequential(
