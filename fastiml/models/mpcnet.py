@@ -20,8 +20,8 @@ padded image B×3×H'×W' and returns a list of 4 maps, finest first, map i of s
 B×channels[i]×H'/s_i×W'/s_i for integer strides s_i (4, 8, 16, 32 for the built-in one); it has an
 attribute ``channels`` (4 positive ints) and optionally ``size_divisor`` (default 32): the input is
 zero-padded at the bottom/right to a multiple of it, and ``input_mean`` / ``input_std`` (default
-ImageNet's). ``encoder = "timm:<name>"`` builds one from timm (``TimmMultiScale``). Two training passes differ only if the
-backbone is stochastic (e.g. has stochastic depth).
+ImageNet's). ``encoder = "timm:<name>"`` builds one from timm (``TimmMultiScale``). Two training
+passes differ only if the backbone is stochastic (e.g. has stochastic depth).
 """
 from __future__ import annotations
 

@@ -30,8 +30,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .layers import (ASPP, IMAGENET_MEAN, IMAGENET_STD, ConvBNReLU, ImageNormalize,
-                     ProjectionHead, SegHead, ceil_div, check_image, check_positive_int, check_rate, check_rates, init_weights,
-                     pad_to_multiple, stride_of, upsample_crop)
+                     ProjectionHead, SegHead, ceil_div, check_image, check_positive_int,
+                     check_rate, check_rates, init_weights, pad_to_multiple, stride_of,
+                     upsample_crop)
 from .resnet import ResNet, build_resnet
 from .timm_encoder import TimmLowHigh, check_pretrained, is_timm_encoder
 
