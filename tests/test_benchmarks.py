@@ -60,13 +60,15 @@ def test_contour_cases(op, param):
 
 
 def test_pivot_cases():
-    losses = []
+    losses = {}
     for provider in bench_pivot.PROVIDERS:
         out = bench_pivot.run_case({"provider": provider, "batch": 2, "size": 64, "patch": 16,
                                     "dtype": "float32", "repeat": 1, "threads": 1})
         _check_case(out)
-        losses.append(out["loss"])
-    assert losses[0] == pytest.approx(losses[1], rel=1e-4)
+        losses[provider] = out["loss"]
+    assert losses["fused"] > 0
+    assert losses["fused"] == pytest.approx(losses["plain"], rel=1e-4)
+    assert losses["fused"] == pytest.approx(losses["reference"], rel=1e-4)
 
 
 def test_pair_stats_main_in_process(tmp_path):
