@@ -55,7 +55,8 @@ def test_contour_cases(op, param):
         out = bench_contour.run_case({"op": op, "provider": provider, "param": param,
                                       "batch": 2, "size": 64, "repeat": 1, "threads": 1})
         _check_case(out)
-        sums.add(out["checksum"])
+        if provider != "clone":  # the bandwidth yardstick finds no cells
+            sums.add(out["checksum"])
     assert len(sums) == 1 and sums.pop() > 0  # same cells / pixels, and some of them
 
 

@@ -64,17 +64,30 @@ __global__ void __launch_bounds__(kThreads)
     const int64_t x0 = cx * patch, x1 = min(W, x0 + patch);
     float sum = 0.0f;
     int64_t count = 0;
-    for (int64_t y = y0; y < y1; ++y) {  // per mask row, then into the cell: the CPU's order
-      const int64_t offset = (b * H + y) * W;
-      float s = 0.0f;
-      int64_t c = 0;
-      for (int64_t x = x0; x < x1; ++x) {
-        const bool keep = valid == nullptr || valid[offset + x];
-        s += keep ? tampered_weight(readable(mask[offset + x])) : 0.0f;
-        c += keep;
+    if constexpr (kBinaryMask<scalar_t>) {  // integer counts, as on the CPU: any order is exact
+      int64_t tampered = 0;
+      for (int64_t y = y0; y < y1; ++y) {
+        const int64_t offset = (b * H + y) * W;
+        for (int64_t x = x0; x < x1; ++x) {
+          const bool keep = valid == nullptr || valid[offset + x];
+          tampered += keep && mask[offset + x] != 0;
+          count += keep;
+        }
       }
-      sum += s;
-      count += c;
+      sum = static_cast<float>(tampered);
+    } else {
+      for (int64_t y = y0; y < y1; ++y) {  // per mask row, then into the cell: the CPU's order
+        const int64_t offset = (b * H + y) * W;
+        float s = 0.0f;
+        int64_t c = 0;
+        for (int64_t x = x0; x < x1; ++x) {
+          const bool keep = valid == nullptr || valid[offset + x];
+          s += keep ? tampered_weight(readable(mask[offset + x])) : 0.0f;
+          c += keep;
+        }
+        sum += s;
+        count += c;
+      }
     }
     const float f = cell_fraction(sum, count);
     frac[cell] = f;
