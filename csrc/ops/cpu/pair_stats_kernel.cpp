@@ -136,29 +136,40 @@ void forward_tile(acc_t* s, int64_t r0, int64_t br, int64_t c0, int64_t bc, cons
   }
 }
 
+// The per-row factors of the backward (RowGrad) as separate arrays: the epilogue reads the
+// columns' factors with plain vector loads.
+template <typename acc_t>
+struct RowGrads {
+  std::vector<acc_t> a, b, lse;
+  RowGrad<acc_t> operator[](int64_t i) const { return {a[i], b[i], lse[i]}; }
+};
+
 // Backward epilogue: overwrites the raw products s with G (general) or with G + G^T (self).
 template <typename acc_t, bool symmetric>
 void gradient_tile(acc_t* s, int64_t r0, int64_t br, int64_t c0, int64_t bc, const Codes& codes,
                    acc_t inv_tau, bool exclude_self, bool negatives_only,
-                   const RowGrad<acc_t>* row_grads) {
-  const int32_t* klab = codes.col_label + c0;
-  const int32_t* kgrp = codes.col_group + c0;
-  const RowGrad<acc_t>* col_grads = row_grads + c0;  // self: columns are rows too
+                   const RowGrads<acc_t>& grads) {
+  const int32_t* __restrict klab = codes.col_label + c0;
+  const int32_t* __restrict kgrp = codes.col_group + c0;
+  // self: the columns are rows too
+  const acc_t* __restrict col_a = grads.a.data() + c0;
+  const acc_t* __restrict col_b = grads.b.data() + c0;
+  const acc_t* __restrict col_lse = grads.lse.data() + c0;
   for (int64_t ii = 0; ii < br; ++ii) {
     const int64_t i = r0 + ii;
-    acc_t* srow = s + ii * bc;
+    acc_t* __restrict srow = s + ii * bc;
     const int32_t li = codes.row_label[i], gi = codes.row_group[i];
     if (gi < 0) {
       std::fill(srow, srow + bc, acc_t(0));
       continue;
     }
-    const RowGrad<acc_t> ri = row_grads[i];
+    const RowGrad<acc_t> ri = grads[i];
     const int64_t self_j = exclude_self ? i - c0 : -1;
     for (int64_t jj = 0; jj < bc; ++jj) {
       const PairMask pm = pair_mask(li, gi, klab[jj], kgrp[jj], jj == self_j, negatives_only);
       const acc_t v = srow[jj] * inv_tau;
       acc_t g = pair_grad(v, ri, pm);
-      if (symmetric) g += pair_grad(v, col_grads[jj], pm);
+      if (symmetric) g += pair_grad(v, RowGrad<acc_t>{col_a[jj], col_b[jj], col_lse[jj]}, pm);
       srow[jj] = g;
     }
   }
@@ -262,17 +273,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_impl(const Problem& p, co
 }
 
 template <typename acc_t>
-std::vector<RowGrad<acc_t>> row_grads_of(const at::Tensor& grad_lse, const at::Tensor& grad_pos,
-                                         const at::Tensor& lse, const at::Tensor& pos_count) {
+RowGrads<acc_t> row_grads_of(const at::Tensor& grad_lse, const at::Tensor& grad_pos,
+                             const at::Tensor& lse, const at::Tensor& pos_count) {
   const int64_t n = lse.size(0);
   auto gl = grad_lse.to(lse.scalar_type()).contiguous();
   auto gp = grad_pos.to(lse.scalar_type()).contiguous();
   auto l = lse.contiguous();
   auto pc = pos_count.contiguous();
-  std::vector<RowGrad<acc_t>> out(n);
-  for (int64_t i = 0; i < n; ++i)
-    out[i] = row_grad(gl.data_ptr<acc_t>()[i], l.data_ptr<acc_t>()[i], gp.data_ptr<acc_t>()[i],
-                      pc.data_ptr<int64_t>()[i]);
+  RowGrads<acc_t> out{std::vector<acc_t>(n), std::vector<acc_t>(n), std::vector<acc_t>(n)};
+  for (int64_t i = 0; i < n; ++i) {
+    const RowGrad<acc_t> r = row_grad(gl.data_ptr<acc_t>()[i], l.data_ptr<acc_t>()[i],
+                                      gp.data_ptr<acc_t>()[i], pc.data_ptr<int64_t>()[i]);
+    out.a[i] = r.a;
+    out.b[i] = r.b;
+    out.lse[i] = r.lse;
+  }
   return out;
 }
 
@@ -280,7 +295,7 @@ std::vector<RowGrad<acc_t>> row_grads_of(const at::Tensor& grad_lse, const at::T
 // tile and (transposed) its column tile, into one accumulator per chunk.
 template <typename acc_t>
 at::Tensor backward_self(const Problem& p, const Codes& codes,
-                         const std::vector<RowGrad<acc_t>>& rg) {
+                         const RowGrads<acc_t>& rg) {
   const auto options = p.q.options().dtype(p.acc);
   const int64_t tiles = ceil_div(p.n, kTile);
   const int64_t items = tiles * (tiles + 1) / 2;
@@ -303,7 +318,7 @@ at::Tensor backward_self(const Problem& p, const Codes& codes,
         at::Tensor H = scratch_matrix(buffer, br, bc);
         at::mm_out(H, xr, xc.t());
         gradient_tile<acc_t, true>(H.data_ptr<acc_t>(), r0, br, c0, bc, codes, inv_tau,
-                                   p.exclude_self, p.negatives_only, rg.data());
+                                   p.exclude_self, p.negatives_only, rg);
         grad.narrow(0, r0, br).addmm_(H, xc);
         if (c != r) grad.narrow(0, c0, bc).addmm_(H.t(), xr);
       });
@@ -319,7 +334,7 @@ at::Tensor backward_self(const Problem& p, const Codes& codes,
 // recomputes its tiles, so no two threads ever write the same rows.
 template <typename acc_t>
 at::Tensor backward_general(const Problem& p, const Codes& codes,
-                            const std::vector<RowGrad<acc_t>>& rg, bool for_k) {
+                            const RowGrads<acc_t>& rg, bool for_k) {
   const auto options = p.q.options().dtype(p.acc);
   const int64_t own_len = for_k ? p.m : p.n;
   const int64_t other_len = for_k ? p.n : p.m;
@@ -342,7 +357,7 @@ at::Tensor backward_general(const Problem& p, const Codes& codes,
         at::Tensor G = scratch_matrix(buffer, br, bc);
         at::mm_out(G, qr, kc.t());
         gradient_tile<acc_t, false>(G.data_ptr<acc_t>(), r0, br, c0, bc, codes, inv_tau,
-                                    p.exclude_self, p.negatives_only, rg.data());
+                                    p.exclude_self, p.negatives_only, rg);
         if (for_k)
           own.addmm_(G.t(), qr);
         else
@@ -359,7 +374,7 @@ at::Tensor backward_general(const Problem& p, const Codes& codes,
 // budget; the two-pass backward_general then runs instead.
 template <typename acc_t>
 bool backward_general_one_pass(const Problem& p, const Codes& codes,
-                               const std::vector<RowGrad<acc_t>>& rg, at::Tensor& grad_q,
+                               const RowGrads<acc_t>& rg, at::Tensor& grad_q,
                                at::Tensor& grad_k) {
   const auto options = p.q.options().dtype(p.acc);
   const int64_t row_tiles = ceil_div(p.n, kTile), col_tiles = ceil_div(p.m, kTile);
@@ -386,7 +401,7 @@ bool backward_general_one_pass(const Problem& p, const Codes& codes,
           at::Tensor G = scratch_matrix(buffer, br, bc);
           at::mm_out(G, qr, kc.t());
           gradient_tile<acc_t, false>(G.data_ptr<acc_t>(), r0, br, c0, bc, codes, inv_tau,
-                                      p.exclude_self, p.negatives_only, rg.data());
+                                      p.exclude_self, p.negatives_only, rg);
           dq.narrow(0, r0, br).addmm_(G, kc);
           acc.narrow(0, c0, bc).addmm_(G.t(), qr);
         }
