@@ -102,7 +102,7 @@ def test_pair_stats_main_in_process(tmp_path):
     general = [r for r in payload["results"]
                if r["provider"] == "fused" and r["params"]["mode"] == "general"][0]
     assert "gemm_roofline" in general["metrics"] and "speedup_vs_naive" in general["metrics"]
-    assert "| N | dtype | fused s |" in payload["table_markdown"]
+    assert "| N | mode | dtype | fused s |" in payload["table_markdown"]
     with open(csv_path, newline="") as f:
         rows = list(csv.DictReader(f))
     assert rows and set(rows[0]) == set(harness.CSV_COLUMNS)
