@@ -14,7 +14,7 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
-_ABI_VERSION = 1  # must match FASTIML_ABI_VERSION in csrc/fastiml.cpp
+_ABI_VERSION = 2  # must match FASTIML_ABI_VERSION in csrc/fastiml.cpp
 _OPS = ("pair_stats", "pair_stats_backward", "contour_mine", "contour_band",
         "pivot_consistency", "pivot_consistency_backward")
 _REBUILD = ("rebuild it from the repository root with "

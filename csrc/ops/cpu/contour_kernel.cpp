@@ -87,8 +87,9 @@ void classify_cells(const int32_t* __restrict tampered, const int32_t* __restric
 // in any order, so the results equal the CUDA kernel's. count_t holds a column's count over
 // the p rows (uint8 for p < 256: 32 columns per AVX2 add).
 template <typename scalar_t, typename count_t>
-void mine_binary_counts(const scalar_t* mask_p, const bool* valid_p, int64_t B, int64_t H, int64_t W,
-                 int64_t patch, float lo, float hi, float* frac_p, int8_t* klass_p) {
+void mine_binary_counts(const scalar_t* mask_p, const bool* valid_p, int64_t B, int64_t H,
+                        int64_t W, int64_t patch, float lo, float hi, float* frac_p,
+                        int8_t* klass_p) {
   const int64_t gh = cells(H, patch), gw = cells(W, patch);
   const int64_t full = W / patch;  // cells without the partial last one
   at::parallel_for(0, B * gh, rows_per_task(patch * W), [&](int64_t begin, int64_t end) {
@@ -131,12 +132,17 @@ void mine_binary_counts(const scalar_t* mask_p, const bool* valid_p, int64_t B, 
 template <typename scalar_t>
 void mine_binary(const scalar_t* mask_p, const bool* valid_p, int64_t B, int64_t H, int64_t W,
                  int64_t patch, float lo, float hi, float* frac_p, int8_t* klass_p) {
+  const auto run = [&](auto count_type) {
+    using count_t = decltype(count_type);
+    mine_binary_counts<scalar_t, count_t>(mask_p, valid_p, B, H, W, patch, lo, hi, frac_p,
+                                          klass_p);
+  };
   if (patch <= 255)
-    mine_binary_counts<scalar_t, uint8_t>(mask_p, valid_p, B, H, W, patch, lo, hi, frac_p, klass_p);
+    run(uint8_t{});
   else if (patch <= 65535)
-    mine_binary_counts<scalar_t, uint16_t>(mask_p, valid_p, B, H, W, patch, lo, hi, frac_p, klass_p);
+    run(uint16_t{});
   else
-    mine_binary_counts<scalar_t, int32_t>(mask_p, valid_p, B, H, W, patch, lo, hi, frac_p, klass_p);
+    run(int32_t{});
 }
 
 std::tuple<at::Tensor, at::Tensor> contour_mine_cpu(const at::Tensor& mask_in, int64_t patch,

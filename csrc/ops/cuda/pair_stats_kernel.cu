@@ -265,4 +265,5 @@ std::tuple<at::Tensor, at::Tensor> pair_stats_backward_cuda(
 TORCH_LIBRARY_IMPL(fastiml, CUDA, m) {
   m.impl("pair_stats", &fastiml::pair_stats::pair_stats_cuda);
   m.impl("pair_stats_backward", &fastiml::pair_stats::pair_stats_backward_cuda);
+  m.impl("pair_stats_tile_schedule", &fastiml::pair_stats::tile_schedule_op);
 }
