@@ -2,8 +2,11 @@
 //
 // Tiles, threads and shared memory
 // --------------------------------
-// A thread block of 128 threads (4 warps) owns a tile of kBM = 64 rows and walks the columns in
-// tiles of kBN = 64 (the backward's second pass swaps the roles). For each tile it forms the
+// A thread block of 128 threads (4 warps) owns a tile of kBM = 64 rows and walks column tiles of
+// kBN = 64 (the backward's second pass swaps the roles): those its work item lists in the tile
+// schedule of ops/pair_stats_host.h -- only tiles that share a group with its rows, and, when
+// there are fewer than ~2 row tiles per SM, one of `splits` runs of them (the forward writes a
+// partial log-sum-exp state per split, merged in split order by pair_stats_merge_kernel). For each tile it forms the
 // 64 x 64 similarity tile S = Q_tile K_tile^T in shared memory, looping over D in chunks, so any
 // D works (rows and D past the end are zero-padded in shared memory):
 //  * float16 / bfloat16: tensor cores through nvcuda::wmma 16x16x16 with float accumulators; the
@@ -43,7 +46,8 @@
 // the backward and 4-5 for the forward on sm_80/sm_90, which their shared memory also allows
 // (3 x 44.5 KiB, 5 x 27.5 KiB < 164 KiB on sm_80). Not done yet (known next steps): cp.async
 // double buffering (each D chunk is loaded, synchronised and multiplied in turn), exp2 with a
-// pre-scaled log2(e), and a split over columns when N << M (ceil(N / 64) blocks cannot fill a GPU).
+// pre-scaled log2(e), a column split in the backward (only the forward splits today), and the
+// symmetric (upper-triangular) schedule in self mode, which the CPU kernel uses.
 #pragma once
 
 #include <cuda_bf16.h>
@@ -138,8 +142,33 @@ struct PairInputs {
   bool vec;  // 16-byte loads: d % 8 == 0 and q, k 16-byte aligned (16-bit inputs only)
 };
 
+// A pass's tile schedule (make_tile_schedule in ops/pair_stats_host.h), on the device: block b
+// is work item b; it owns tile b / splits and walks the other tiles
+// others[item_begin[b], item_begin[b + 1]).
+struct ScheduleView {
+  const int64_t* item_begin;  // [items + 1]
+  const int32_t* others;      // [pairs]
+  int64_t splits;
+};
+
 template <typename scalar_t, typename acc_t>
 struct ForwardParams : PairInputs<scalar_t, acc_t> {
+  ScheduleView schedule;
+  // Per split s and row i (index s * n + i): the partial online log-sum-exp state and the
+  // positive sums over that split's column tiles; pair_stats_merge_kernel combines them.
+  acc_t* part_max;
+  acc_t* part_sum;
+  acc_t* part_pos_sum;
+  int64_t* part_pos_count;
+};
+
+template <typename acc_t>
+struct MergeParams {
+  const acc_t* part_max;
+  const acc_t* part_sum;
+  const acc_t* part_pos_sum;
+  const int64_t* part_pos_count;
+  int64_t n, splits;
   acc_t* lse;
   acc_t* pos_mean;
   int64_t* pos_count;
@@ -147,6 +176,7 @@ struct ForwardParams : PairInputs<scalar_t, acc_t> {
 
 template <typename scalar_t, typename acc_t>
 struct BackwardParams : PairInputs<scalar_t, acc_t> {
+  ScheduleView schedule;       // own tiles (rows for dq, columns for dk); splits == 1
   const acc_t* grad_lse;       // [n]
   const acc_t* grad_pos_mean;  // [n]
   const acc_t* lse;            // [n]
@@ -319,7 +349,8 @@ __global__ void __launch_bounds__(kThreads)
   int32_t* cg = cl + kBN;
 
   const int tid = threadIdx.x, r = tid >> 1, part = tid & 1;
-  const int64_t r0 = static_cast<int64_t>(blockIdx.x) * kBM;
+  const int64_t item = blockIdx.x, split = item % p.schedule.splits;
+  const int64_t r0 = (item / p.schedule.splits) * kBM;
   const int64_t row = r0 + r;
   const bool in_range = row < p.n;
   const int32_t li = in_range ? p.row_label[row] : 0;
@@ -328,7 +359,8 @@ __global__ void __launch_bounds__(kThreads)
 
   acc_t m_run = neg_inf<acc_t>(), l_run = acc_t(0), pos_sum = acc_t(0);
   int64_t pos_count = 0;
-  for (int64_t c0 = 0; c0 < p.m; c0 += kBN) {
+  for (int64_t t = p.schedule.item_begin[item]; t < p.schedule.item_begin[item + 1]; ++t) {
+    const int64_t c0 = static_cast<int64_t>(p.schedule.others[t]) * kBN;
     load_column_codes(cl, cg, p.col_label, p.col_group, c0, p.m);
     similarity_tile<scalar_t, kWmma>(S, u, p.q, r0, p.n, p.k, c0, p.m, p.d, p.vec);
     __syncthreads();
@@ -365,7 +397,29 @@ __global__ void __launch_bounds__(kThreads)
   pos_sum += s2;
   pos_count += n2;
   if (part == 0 && in_range) {
-    p.lse[row] = lse_finish(m_run, l_run);
+    const int64_t index = split * p.n + row;
+    p.part_max[index] = m_run;
+    p.part_sum[index] = l_run;
+    p.part_pos_sum[index] = pos_sum;
+    p.part_pos_count[index] = pos_count;
+  }
+}
+
+// The statistics of each row from its splits' partial states, merged in split order (fixed:
+// deterministic). One thread per row.
+template <typename acc_t>
+__global__ void pair_stats_merge_kernel(MergeParams<acc_t> p) {
+  for (int64_t row = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; row < p.n;
+       row += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    acc_t m = neg_inf<acc_t>(), l = acc_t(0), pos_sum = acc_t(0);
+    int64_t pos_count = 0;
+    for (int64_t s = 0; s < p.splits; ++s) {
+      const int64_t index = s * p.n + row;
+      lse_merge(m, l, p.part_max[index], p.part_sum[index]);
+      pos_sum += p.part_pos_sum[index];
+      pos_count += p.part_pos_count[index];
+    }
+    p.lse[row] = lse_finish(m, l);
     p.pos_mean[row] = pos_count > 0 ? pos_sum / acc_t(pos_count) : acc_t(0);
     p.pos_count[row] = pos_count;
   }
@@ -447,7 +501,9 @@ __global__ void __launch_bounds__(kThreads) pair_stats_backward_kernel(
       for (int j = 0; j < 4; ++j) wmma::fill_fragment(facc[i][j], 0.0f);
   }
 
-  for (int64_t x0 = 0; x0 < other_len; x0 += kBN) {
+  for (int64_t t = p.schedule.item_begin[blockIdx.x]; t < p.schedule.item_begin[blockIdx.x + 1];
+       ++t) {
+    const int64_t x0 = static_cast<int64_t>(p.schedule.others[t]) * kBN;
     const int64_t r0 = kForK ? x0 : own0, c0 = kForK ? own0 : x0;
     load_column_codes(cl, cg, p.col_label, p.col_group, c0, p.m);
     // This thread's row of the tile and its backward factors.
