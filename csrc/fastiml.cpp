@@ -8,7 +8,7 @@
 
 TORCH_LIBRARY(fastiml, m) {
   // DESIGN 2.1. k, k_label and k_group are None for self-contrast (k is q): the kernels then
-  // use the symmetry of the similarity matrix and return one gradient.
+  // return one gradient (the CPU kernel uses the symmetry of the similarity matrix).
   m.def("pair_stats(Tensor q, Tensor? k, Tensor q_label, Tensor? k_label, Tensor? q_group, "
         "Tensor? k_group, float tau, bool exclude_self, bool negatives_only, int ignore_index) "
         "-> (Tensor lse, Tensor pos_mean, Tensor pos_count)");

@@ -41,10 +41,10 @@
 // 16-bit plus the 64 x 64 G tile) and by the float accumulator tile S, kept in shared memory so
 // that the epilogue can give each thread whole half-rows. Registers (ptxas, sm_80): the tensor-core
 // backward holds 2 x 4 accumulator fragments (64 floats per thread) across its whole walk plus
-// 2 x 2 for S, and uses ~168 registers (a few bytes of spill); the forward holds 32 shifted
-// similarities per thread in the epilogue and uses 96-124. That is 3 blocks (12 warps) per SM for
-// the backward and 4-5 for the forward on sm_80/sm_90, which their shared memory also allows
-// (3 x 44.5 KiB, 5 x 27.5 KiB < 164 KiB on sm_80). Not done yet (known next steps): cp.async
+// 2 x 2 for S, and uses 202-212 registers (no spill; CUDA 13.0, see the README's table); the
+// forward holds 32 shifted similarities per thread in the epilogue and uses 80-128. That is 2
+// blocks (8 warps) per SM for the tensor-core backward and 4 for the forward on sm_80/sm_90,
+// which their shared memory also allows (2 x 44.5 KiB, 4 x 27.5 KiB < 164 KiB on sm_80). Not done yet (known next steps): cp.async
 // double buffering (each D chunk is loaded, synchronised and multiplied in turn), exp2 with a
 // pre-scaled log2(e), a column split in the backward (only the forward splits today), and the
 // symmetric (upper-triangular) schedule in self mode, which the CPU kernel uses.
