@@ -28,8 +28,10 @@
 // (64 for double); larger D adds blocks along grid.y, each recomputing S (the recompute is then
 // D / kDV times the forward's work: D <= 128, the common case, recomputes once). On tensor cores G
 // is rounded to the input dtype (as FlashAttention does with P); it is first scaled by a power of
-// two 2^(15 - e), 2^e > max_i |dL/dlse_i| + |dL/dpos_mean_i| >= max |G|, so float16 neither
-// overflows nor flushes small probabilities to zero (the scale is undone exactly at the end).
+// two 2^(15 - e), 2^e > |dL/dlse_i| + |dL/dpos_mean_i| / count_i >= max_j |G_ij| -- per row i in
+// the dq pass (undone per output row), the maximum over all rows in the dk pass (whose sums run
+// over rows) -- so float16 neither overflows nor flushes small probabilities to zero (the scale
+// is undone exactly at the end).
 //
 // Shared memory per block (bytes; all under the 48 KiB static limit, so no opt-in is needed):
 //                       S tile   operands (union)  G tile   codes   total
@@ -429,12 +431,17 @@ __global__ void pair_stats_merge_kernel(MergeParams<acc_t> p) {
 
 // The power of two that brings max |G| just under 2^15 (see the top of the file); 1 when the
 // bound is 0 or not finite (then nothing needs or can get scaling).
-__device__ __forceinline__ float gradient_scale(const float* grad_max) {
-  const float mx = *grad_max;
+__device__ __forceinline__ float gradient_scale(float mx) {
   if (!(mx > 0.0f) || isinf(mx)) return 1.0f;
   int e;
   frexpf(mx, &e);  // mx = f 2^e, f in [0.5, 1)
   return ldexpf(1.0f, min(15 - e, 126));
+}
+
+// The range scale of row i's G entries, |G_ij| <= |a_i| + |b_i| (as the host's global bound).
+template <typename acc_t>
+__device__ __forceinline__ float row_gradient_scale(const RowGrad<acc_t>& g) {
+  return gradient_scale(static_cast<float>(fabs(g.a) + fabs(g.b)));
 }
 
 // Output element (row, col) of the gradient: v = acc * mul (+ add_in), in the requested dtype.
@@ -468,7 +475,10 @@ __global__ void __launch_bounds__(kThreads) pair_stats_backward_kernel(
   const int64_t d0 = static_cast<int64_t>(blockIdx.y) * C::kDV;
   const int64_t own_len = kForK ? p.m : p.n, other_len = kForK ? p.n : p.m;
   const scalar_t* X = kForK ? p.q : p.k;  // the matrix G (or G^T) multiplies
-  const acc_t scale = kWmma ? acc_t(gradient_scale(p.grad_max)) : acc_t(1);
+  // Range scale of the 16-bit G tiles: dq (blocks own rows) scales each row by its own bound
+  // |a_i| + |b_i| -- exact to undo per output row, and no small row is flushed to zero by a
+  // large one; dk (blocks own columns, summing over rows) uses the one global bound.
+  const acc_t global_scale = kWmma && kForK ? acc_t(gradient_scale(*p.grad_max)) : acc_t(1);
 
   // Accumulators of the [kBM][kDV] gradient tile.
   [[maybe_unused]] acc_t acc2[8][C::kDV / 16];  // SIMT: rows ty + 8 i, columns tx + 16 j
@@ -515,6 +525,7 @@ __global__ void __launch_bounds__(kThreads) pair_stats_backward_kernel(
     const RowGrad<acc_t> rg =
         in_range ? row_grad(p.grad_lse[row], p.lse[row], p.grad_pos_mean[row], p.pos_count[row])
                  : RowGrad<acc_t>{acc_t(0), acc_t(0), acc_t(0)};
+    const acc_t scale = kForK || !kWmma ? global_scale : acc_t(row_gradient_scale(rg));
 
     similarity_tile<scalar_t, kWmma>(S, u, p.q, r0, p.n, p.k, c0, p.m, p.d, p.vec);
     __syncthreads();
@@ -591,7 +602,7 @@ __global__ void __launch_bounds__(kThreads) pair_stats_backward_kernel(
     __syncthreads();  // S, G, X and the codes are rewritten by the next tile
   }
 
-  const acc_t mul = p.inv_tau / scale;  // exact: scale is a power of two
+  const acc_t mul = p.inv_tau / global_scale;  // exact: the scales are powers of two
   if constexpr (kTensorCores) {
     float* stage = reinterpret_cast<float*>(u) + warp * 256;  // u is free after the last sync
     const int lane = tid & 31;
@@ -605,7 +616,14 @@ __global__ void __launch_bounds__(kThreads) pair_stats_backward_kernel(
         __syncwarp();
         for (int e = lane; e < 256; e += 32) {
           const int64_t orow = own0 + wr * 32 + i * 16 + (e >> 4), col = col0 + (e & 15);
-          if (orow < own_len && col < p.d) write_gradient(p, orow * p.d + col, stage[e] * mul);
+          if (orow >= own_len || col >= p.d) continue;
+          // dq: undo the row's own scale (row_grad of the output row, as in the loop above).
+          const acc_t row_mul =
+              kForK ? mul
+                    : p.inv_tau / acc_t(row_gradient_scale(row_grad(
+                                      p.grad_lse[orow], p.lse[orow], p.grad_pos_mean[orow],
+                                      p.pos_count[orow])));
+          write_gradient(p, orow * p.d + col, stage[e] * row_mul);
         }
         __syncwarp();
       }
