@@ -71,10 +71,14 @@ bool use_tensor_cores(at::ScalarType type) {
 
 bool bf16_tensor_cores_compiled() {
   cudaFuncAttributes forward{}, backward{};
-  C10_CUDA_CHECK(cudaFuncGetAttributes(
-      &forward, gpu::pair_stats_forward_kernel<c10::BFloat16, true>));
-  C10_CUDA_CHECK(cudaFuncGetAttributes(
-      &backward, gpu::pair_stats_backward_kernel<c10::BFloat16, true, false>));
+  if (cudaFuncGetAttributes(&forward, gpu::pair_stats_forward_kernel<c10::BFloat16, true>) !=
+          cudaSuccess ||
+      cudaFuncGetAttributes(&backward,
+                            gpu::pair_stats_backward_kernel<c10::BFloat16, true, false>) !=
+          cudaSuccess) {
+    (void)cudaGetLastError();  // no image for this device: the SIMT launch will say so
+    return false;
+  }
   return forward.ptxVersion >= 80 && backward.ptxVersion >= 80;
 }
 
