@@ -8,6 +8,8 @@ Environment variables:
   TORCH_CUDA_ARCH_LIST    e.g. "8.0;9.0" (default), turned into -gencode flags
   FASTIML_CPU_FLAGS       extra C++ flags for the CPU kernels (default: -mavx2 -mfma when the
                           build machine has them; set to "" for a portable build)
+  FASTIML_PTXAS_VERBOSE=1 nvcc -Xptxas -v: the build log gives each CUDA kernel's registers,
+                          shared memory and spill stores/loads (the README's tile-choice note)
   DEBUG=1                 -O0 -g
   MAX_JOBS                parallel compile jobs (default: from cores and memory)
 """
@@ -132,6 +134,8 @@ if with_cuda:
     extra_compile_args["cxx"].append("-DWITH_CUDA")
     extra_compile_args["nvcc"] = (opt + ["-std=c++20", "-DWITH_CUDA", "--expt-relaxed-constexpr",
                                          "-lineinfo"] + _gencode())
+    if _flag("FASTIML_PTXAS_VERBOSE"):
+        extra_compile_args["nvcc"] += ["-Xptxas", "-v"]
     # The CUDA build of torch ships headers that a bare toolkit may lack (cusparse.h, ...).
     for site_dir in sys.path:
         extra = os.path.join(site_dir, "nvidia", "cu13", "include")
@@ -151,7 +155,8 @@ if "MAX_JOBS" not in os.environ:
 
 print(f"fastiml build: cuda={'yes (' + cuda_root + ')' if with_cuda else 'no'}, "
       f"cpu_flags={_cpu_flags()}, debug={debug}, MAX_JOBS={os.environ['MAX_JOBS']}, "
-      f"arch={os.environ.get('TORCH_CUDA_ARCH_LIST') if with_cuda else '-'}")
+      f"arch={os.environ.get('TORCH_CUDA_ARCH_LIST') if with_cuda else '-'}, "
+      f"ptxas_verbose={bool(with_cuda and _flag('FASTIML_PTXAS_VERBOSE'))}")
 
 setup(
     ext_modules=[Extension("fastiml._C", sources, include_dirs=include_dirs,

@@ -10,6 +10,9 @@ Input: B x H x W uint8 masks (0/255) of random blobs, default 8 x 1024 x 1024. C
   ``reference`` (``fastiml.reference.contour_band``: float64 max-pool dilations of both classes)
   and ``float`` (the same dilations in float32).
 
+A ``clone`` provider (``mask.clone()``) is the memory-bandwidth yardstick: GB/s are reported
+for it (the mask read and written) and for ``fused`` (the mask read once).
+
 Every (case, provider) runs in its own subprocess; reported: median time, speed-up of the fused
 kernel, peak RSS above the inputs, and a check that all providers find the same cells / pixels.
 
@@ -26,11 +29,13 @@ from benchmarks import harness as H
 
 BENCHMARK = "contour"
 MODULE = "benchmarks.bench_contour"
-PROVIDERS = ("fused", "reference", "float")
-LABELS = {"fused": "fused", "reference": "reference", "float": "float pool"}
+PROVIDERS = ("fused", "reference", "float", "clone")
+LABELS = {"fused": "fused", "reference": "reference", "float": "float pool", "clone": "clone"}
+# Passes over the uint8 mask that each provider must make, for GB/s.
+_PASSES = {"fused": 1, "clone": 2}
 
 # Rough peak bytes per mask pixel (for the memory guard only).
-_BYTES_PER_PIXEL = {"fused": 3.0, "reference": 56.0, "float": 14.0}
+_BYTES_PER_PIXEL = {"fused": 3.0, "reference": 56.0, "float": 14.0, "clone": 1.0}
 
 
 def estimate_bytes(provider: str, pixels: int) -> float:
@@ -71,6 +76,8 @@ def _band_float(mask: torch.Tensor, radius: int):
 def op_of(op: str, provider: str, param: int):
     """``f(mask) -> output`` of one provider (``param``: the patch, or the band radius)."""
     from fastiml import ops, reference
+    if provider == "clone":
+        return lambda m: m.clone()
     if op == "contour_mine":
         return {"fused": lambda m: ops.contour_mine(m, param),
                 "reference": lambda m: reference.contour_mine(m, param),
@@ -83,7 +90,10 @@ def op_of(op: str, provider: str, param: int):
 
 
 def checksum(op: str, output) -> float:
-    """Number of contour cells (mine) or band pixels (band): equal across providers."""
+    """Number of contour cells (mine) or band pixels (band): equal across providers (the clone
+    yardstick gives -1)."""
+    if isinstance(output, torch.Tensor) and output.dtype == torch.uint8:
+        return -1.0
     if op == "contour_mine":
         return float((output[1] == 2).sum())
     return float(output.sum())
@@ -156,6 +166,10 @@ def _find(results, provider, key) -> Optional[H.Result]:
 
 
 def _derive(results):
+    for r in results:
+        if r.provider in _PASSES and r.ok:
+            bytes_moved = _PASSES[r.provider] * r.params["B"] * r.params["H"] * r.params["W"]
+            r.metrics["gbytes_per_s"] = bytes_moved / r.metrics["time_s"] / 1e9
     for fused in [r for r in results if r.provider == "fused" and r.ok]:
         for b in ("reference", "float"):
             base = _find(results, b, _key(fused))
@@ -169,7 +183,7 @@ def _derive(results):
 
 def table(results: List[H.Result]) -> str:
     headers = ["op", "param", "B×H×W", "fused s", "reference s", "float pool s",
-               "speed-up vs reference", "speed-up vs float pool",
+               "speed-up vs reference", "speed-up vs float pool", "fused GB/s", "clone GB/s",
                "peak MB above inputs: fused", "reference", "float pool", "same output"]
     keys = []
     for r in results:
@@ -177,7 +191,9 @@ def table(results: List[H.Result]) -> str:
             keys.append(_key(r))
     rows = []
     for key in keys:
-        f, ref, flt = (_find(results, p, key) for p in PROVIDERS)
+        f, ref, flt, cl = (_find(results, p, key) for p in PROVIDERS)
+        gbs = lambda r: "—" if r is None or r.get("gbytes_per_s") is None else (  # noqa: E731
+            f"{r.get('gbytes_per_s'):.1f}")
         any_r = f or ref or flt
         pname = "p" if key[0] == "contour_mine" else "r"
         shape = f"{any_r.params['B']}×{any_r.params['H']}×{any_r.params['W']}"
@@ -185,7 +201,7 @@ def table(results: List[H.Result]) -> str:
         same = "—" if len(sums) == 0 else ("yes" if len(sums) == 1 else "NO")
         rows.append([key[0], f"{pname}={key[1]}", shape, H.fmt_seconds(f), H.fmt_seconds(ref),
                      H.fmt_seconds(flt), H.fmt_ratio(H.ratio(ref, f)),
-                     H.fmt_ratio(H.ratio(flt, f)), H.fmt_mb(f), H.fmt_mb(ref), H.fmt_mb(flt),
+                     H.fmt_ratio(H.ratio(flt, f)), gbs(f), gbs(cl), H.fmt_mb(f), H.fmt_mb(ref), H.fmt_mb(flt),
                      same])
     return H.markdown_table(headers, rows) + (
         "\n\n'same output': every provider found the same number of contour cells (mine) or "

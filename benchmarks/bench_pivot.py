@@ -6,8 +6,13 @@ klass grid that ``contour_mine`` gives at patch p = 16 for random-blob masks of 
 (weight_contour = 1, weight_other = 0: NCL's setting). Providers, each in its own subprocess:
 
 * ``fused``      ``fastiml.ops.pivot_consistency`` (reads klass by index; closed-form backward).
+* ``plain``      what a careful user writes: ``repeat_interleave`` of the classes into a weight
+                 map, the closed-form terms ``(sigmoid(a) - sigmoid(b)) * (a - b)``, autograd.
 * ``reference``  ``fastiml.reference.pivot_consistency`` (upsampled klass, log-sigmoid KL terms,
                  autograd), computed in the input dtype.
+* ``clone``      ``a.clone(); b.clone()``: the memory-bandwidth yardstick. Bytes/s are reported
+                 for it (4 bytes-per-element passes) and for ``fused`` (6: forward reads a, b;
+                 backward reads them again and writes both gradients).
 
     python -m benchmarks.bench_pivot [--dtypes float32 bfloat16] [--batch 8] [--size 512]
         [--patch 16] [--repeat 5] [--json out.json] [--max-gb 12]
@@ -22,11 +27,13 @@ from benchmarks.bench_contour import make_masks
 
 BENCHMARK = "pivot"
 MODULE = "benchmarks.bench_pivot"
-PROVIDERS = ("fused", "reference")
+PROVIDERS = ("fused", "plain", "reference", "clone")
 
 # Rough peak bytes per logit pixel (memory guard only): the reference keeps about a dozen
 # float32 maps for autograd.
-_BYTES_PER_PIXEL = {"fused": 12.0, "reference": 160.0}
+_BYTES_PER_PIXEL = {"fused": 12.0, "plain": 48.0, "reference": 160.0, "clone": 8.0}
+# Passes over one logit map (element-size units) that each provider must make, for bytes/s.
+_PASSES = {"fused": 6, "clone": 4}
 
 
 def estimate_bytes(provider: str, pixels: int) -> float:
@@ -43,10 +50,22 @@ def make_inputs(batch: int, size: int, patch: int, dtype: torch.dtype, device, s
     return a.requires_grad_(), b.requires_grad_(), klass
 
 
+def plain_pivot(a, b, klass, patch: int, weight_contour: float = 1.0, weight_other: float = 0.0):
+    """The plain-PyTorch formulation: upsampled weight map, closed-form terms, autograd."""
+    h, w = a.shape[-2:]
+    up = klass.repeat_interleave(patch, 1).repeat_interleave(patch, 2)[:, None, :h, :w]
+    weight = torch.where(up == 2, weight_contour,
+                         torch.where(up == -1, 0.0, weight_other)).to(a.dtype)
+    terms = (torch.sigmoid(a) - torch.sigmoid(b)) * (a - b)
+    return (weight * terms).sum() / weight.sum()
+
+
 def loss_fn_of(provider: str):
     from fastiml import ops, reference
     if provider == "fused":
         return ops.pivot_consistency
+    if provider == "plain":
+        return plain_pivot
     if provider == "reference":
         return reference.pivot_consistency
     raise ValueError(f"unknown provider {provider!r}; expected one of {PROVIDERS}")
@@ -57,16 +76,23 @@ def run_case(case: dict) -> dict:
     device = H.resolve_device(case.get("device", "cpu"))
     threads = H.set_threads(case.get("threads"))
     patch = int(case.get("patch", 16))
-    loss_of = loss_fn_of(case["provider"])
     a, b, klass = make_inputs(int(case["batch"]), int(case["size"]), patch,
                               H.dtype_of(case.get("dtype", "float32")), device)
     last = {}
+    if case["provider"] == "clone":
+        a0, b0 = a.detach(), b.detach()
 
-    def step():
-        a.grad = b.grad = None
-        loss = loss_of(a, b, klass, patch)
-        loss.backward()
-        last["loss"] = loss.detach()
+        def step():
+            last["copies"] = (a0.clone(), b0.clone())
+            last["loss"] = torch.zeros(())
+    else:
+        loss_of = loss_fn_of(case["provider"])
+
+        def step():
+            a.grad = b.grad = None
+            loss = loss_of(a, b, klass, patch)
+            loss.backward()
+            last["loss"] = loss.detach()
 
     meter = H.MemoryMeter(device)
     meter.start()
@@ -108,11 +134,18 @@ def _find(results, provider, dtype_name) -> Optional[H.Result]:
 
 
 def _derive(results):
+    for r in results:
+        if r.provider in _PASSES and r.ok:
+            p = r.params
+            bytes_moved = _PASSES[r.provider] * p["B"] * p["H"] * p["W"] * H.dtype_of(
+                p["dtype"]).itemsize
+            r.metrics["gbytes_per_s"] = bytes_moved / r.metrics["time_s"] / 1e9
     for fused in [r for r in results if r.provider == "fused" and r.ok]:
+        for base in ("plain", "reference"):
+            s = H.ratio(_find(results, base, fused.params["dtype"]), fused)
+            if s is not None:
+                fused.metrics[f"speedup_vs_{base}"] = s
         ref = _find(results, "reference", fused.params["dtype"])
-        s = H.ratio(ref, fused)
-        if s is not None:
-            fused.metrics["speedup_vs_reference"] = s
         if ref is not None and ref.ok:
             x = fused.metrics["loss"]
             fused.metrics["loss_rel_diff_vs_reference"] = abs(ref.metrics["loss"] - x) / max(
@@ -120,22 +153,28 @@ def _derive(results):
 
 
 def table(results: List[H.Result]) -> str:
-    headers = ["B×1×H×W", "patch", "dtype", "fused s", "reference s", "speed-up",
-               "peak MB above inputs: fused", "reference", "loss rel. diff"]
+    headers = ["B×1×H×W", "patch", "dtype", "fused s", "plain s", "reference s",
+               "speed-up vs plain", "vs reference", "fused GB/s", "clone GB/s",
+               "peak MB above inputs: fused", "plain", "reference", "loss rel. diff"]
     rows = []
     dtypes = []
     for r in results:
         if r.params["dtype"] not in dtypes:
             dtypes.append(r.params["dtype"])
     for dt in dtypes:
-        f, ref = _find(results, "fused", dt), _find(results, "reference", dt)
-        any_r = f or ref
+        f, pl, ref, cl = (_find(results, p, dt) for p in PROVIDERS)
+        any_r = f or pl or ref or cl
         diff = f.get("loss_rel_diff_vs_reference") if f is not None else None
+        gbs = lambda r: "—" if r is None or r.get("gbytes_per_s") is None else (  # noqa: E731
+            f"{r.get('gbytes_per_s'):.1f}")
         rows.append([f"{any_r.params['B']}×1×{any_r.params['H']}×{any_r.params['W']}",
-                     any_r.params["patch"], dt, H.fmt_seconds(f), H.fmt_seconds(ref),
-                     H.fmt_ratio(H.ratio(ref, f)), H.fmt_mb(f), H.fmt_mb(ref),
-                     "—" if diff is None else f"{diff:.1e}"])
-    return H.markdown_table(headers, rows)
+                     any_r.params["patch"], dt, H.fmt_seconds(f), H.fmt_seconds(pl),
+                     H.fmt_seconds(ref), H.fmt_ratio(H.ratio(pl, f)),
+                     H.fmt_ratio(H.ratio(ref, f)), gbs(f), gbs(cl), H.fmt_mb(f), H.fmt_mb(pl),
+                     H.fmt_mb(ref), "—" if diff is None else f"{diff:.1e}"])
+    return H.markdown_table(headers, rows) + (
+        "\n\nGB/s: bytes the op must move (fused: 6 passes over a logit map -- a, b read twice, "
+        "two gradients written; clone: 4) per second.")
 
 
 def parser():

@@ -4,11 +4,11 @@
 #include <torch/library.h>
 
 // Bumped whenever a schema changes: fastiml/ops.py refuses a compiled module of another version.
-#define FASTIML_ABI_VERSION 1
+#define FASTIML_ABI_VERSION 2
 
 TORCH_LIBRARY(fastiml, m) {
   // DESIGN 2.1. k, k_label and k_group are None for self-contrast (k is q): the kernels then
-  // use the symmetry of the similarity matrix and return one gradient.
+  // return one gradient (the CPU kernel uses the symmetry of the similarity matrix).
   m.def("pair_stats(Tensor q, Tensor? k, Tensor q_label, Tensor? k_label, Tensor? q_group, "
         "Tensor? k_group, float tau, bool exclude_self, bool negatives_only, int ignore_index) "
         "-> (Tensor lse, Tensor pos_mean, Tensor pos_count)");
@@ -16,6 +16,12 @@ TORCH_LIBRARY(fastiml, m) {
         "Tensor q_label, Tensor? k_label, Tensor? q_group, Tensor? k_group, Tensor lse, "
         "Tensor pos_count, float tau, bool exclude_self, bool negatives_only, int ignore_index, "
         "bool q_needs_grad, bool k_needs_grad) -> (Tensor grad_q, Tensor grad_k)");
+  // The tile schedule both pair_stats backends follow (ops/pair_stats_host.h), for tests and
+  // inspection: group codes (negative: ignored) of the own and other entries, in, the flattened
+  // schedule out (item w's other tiles are others[begin[w]:begin[w+1]]; owner: each pair's own
+  // tile; splits = (len(begin) - 1) / own tiles).
+  m.def("pair_stats_tile_schedule(Tensor own_group, Tensor other_group, int tile, "
+        "bool upper_only, int min_items) -> (Tensor begin, Tensor others, Tensor owner)");
   // DESIGN 2.2.
   m.def("contour_mine(Tensor mask, int patch, float lo, float hi, Tensor? valid) "
         "-> (Tensor frac, Tensor klass)");

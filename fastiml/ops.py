@@ -14,7 +14,7 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
-_ABI_VERSION = 1  # must match FASTIML_ABI_VERSION in csrc/fastiml.cpp
+_ABI_VERSION = 2  # must match FASTIML_ABI_VERSION in csrc/fastiml.cpp
 _OPS = ("pair_stats", "pair_stats_backward", "contour_mine", "contour_band",
         "pivot_consistency", "pivot_consistency_backward")
 _REBUILD = ("rebuild it from the repository root with "
@@ -78,8 +78,9 @@ def pair_stats(q: Tensor, k: Optional[Tensor], q_label: Tensor, k_label: Optiona
     Args:
         q: Tensor[N, D] rows (float32/float16/bfloat16/float64).
         k: Tensor[M, D] columns, same dtype and device; ``None`` (or ``q`` itself, with
-            ``k_label is q_label`` and ``k_group is q_group``) means self-contrast, which uses
-            the symmetry of the problem (about half the work) and returns one gradient.
+            ``k_label is q_label`` and ``k_group is q_group``) means self-contrast, which
+            returns one gradient; on the CPU it uses the symmetry of the problem (about half
+            the work), on CUDA not yet (the general dq and dk passes with k = q).
         q_label, k_label: integer Tensor[N], Tensor[M] (any values; ``ignore_index`` marks
             entries that take no part).
         q_group, k_group: optional integer Tensor[N], Tensor[M]; rows only meet columns of the

@@ -17,11 +17,32 @@ device), plus an absolute floor of a few units in the last place of that dtype a
 of ``-inf`` entries. An op whose kernel is not registered for a device (not built yet, or built
 without CUDA) is reported as SKIP with the reason, never as a crash.
 
-Usage: ``python -m fastiml.selftest [--device cpu|cuda ...] [--quiet]``; the exit status is
-non-zero when any check fails. ``run()`` returns the rows as dicts.
+``--full`` (the one-shot GPU verification; on one H100/H200 it is sized to finish in a few
+minutes) adds, in the same table:
+
+* a shape sweep of ``pair_stats`` in float64 too: partial tiles, D not a multiple of 16,
+  N = M = 1, empty denominators, all-ignored rows, general and self mode (``sweep/*`` rows);
+* 64-bit offsets: q of N x 128 with N x D > 2^31 (CUDA only; the rows past 2^31 elements are
+  checked against the float64 reference);
+* CPU against CUDA: ``contour_mine`` and ``contour_band`` bit-equal on every mask dtype;
+* two runs bit-equal: every op's outputs and gradients, run twice;
+* ``compute-sanitizer`` memcheck / racecheck / synccheck on small calls of every op (when the
+  tool is on PATH);
+* timings, against targets: ``pair_stats`` bf16 N = 65,536 D = 128 self mode forward + backward
+  against twice the README's bound (5.6 ms on an H100/H200), and ``MPCLoss`` at batch 16
+  against 4.5x batch 4 (512^2 images). Without a GPU, or with ``--quick``, they run at small
+  sizes and are reported as INFO (no target).
+
+``--quick`` runs the ``--full`` checks at small sizes (what the CPU tests exercise).
+
+Usage: ``python -m fastiml.selftest [--device cpu|cuda ...] [--full] [--quick] [--quiet]``; the
+exit status is non-zero when any check fails. ``run()`` returns the rows as dicts.
 """
 import argparse
 import math
+import os
+import shutil
+import subprocess
 import sys
 import time
 from typing import Callable, Dict, List, Optional, Sequence
@@ -168,10 +189,22 @@ PAIR_MODES = {
     "negatives": (200, 330, 136, dict(denominator="negatives")),
     "ignore": (310, 190, 16, dict(ignore=True)),
 }
+# --full's shape sweep (run in float64 too): partial tiles, D not a multiple of 16, N = M = 1,
+# empty denominators (negatives-only with a single label; self mode's lone excluded pair), a
+# whole tile of ignored rows.
+SWEEP_MODES = {
+    "sweep/partial": (65, 129, 24, dict()),
+    "sweep/self-partial": (129, None, 20, dict(exclude_self=True)),
+    "sweep/one": (1, 1, 5, dict()),
+    "sweep/self-one": (1, None, 3, dict(exclude_self=True)),
+    "sweep/empty-denominators": (90, 70, 16, dict(denominator="negatives", same_label=True)),
+    "sweep/all-ignored-rows": (150, 100, 16, dict(ignore_rows=70)),
+}
+FULL_DTYPES = DTYPES + (torch.float64,)
 
 
 def _pair_inputs(mode: str, dtype: torch.dtype, device: str, seed: int = 0):
-    n, m, d, opt = PAIR_MODES[mode]
+    n, m, d, opt = {**PAIR_MODES, **SWEEP_MODES}[mode]
     g = torch.Generator().manual_seed(seed)
     q = torch.nn.functional.normalize(torch.randn(n, d, generator=g, dtype=torch.float64), dim=1)
     q_label = torch.randint(0, 4, (n,), generator=g)
@@ -189,6 +222,12 @@ def _pair_inputs(mode: str, dtype: torch.dtype, device: str, seed: int = 0):
     if opt.get("ignore"):
         q_label[torch.rand(n, generator=g) < 0.15] = -1
         k_label[torch.rand(m, generator=g) < 0.15] = -1
+    if opt.get("same_label"):
+        q_label.zero_()
+        if k_label is not None:
+            k_label.zero_()
+    if opt.get("ignore_rows"):
+        q_label[:opt["ignore_rows"]] = -1
     # Upstream gradients of lse and pos_mean, rounded to the dtype like the inputs.
     w_lse = torch.randn(n, generator=g, dtype=torch.float64).to(dtype)
     w_pos = torch.randn(n, generator=g, dtype=torch.float64).to(dtype)
@@ -250,7 +289,8 @@ def pair_stats_case(device: str, dtype: torch.dtype, mode: str,
             continue
         checks.close(name, got[i], exact[i], low[i], dtype)
     checks.exact("pos_count", got[2], exact[2])
-    for i, name, want in ((0, "lse.dtype", torch.float32), (3, "grad_q.dtype", dtype)):
+    stat_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+    for i, name, want in ((0, "lse.dtype", stat_dtype), (3, "grad_q.dtype", dtype)):
         if got[i].dtype != want:
             checks.items.append(dict(name=name, error=math.inf, tolerance=0.0, ok=False,
                                      problem=f"{got[i].dtype}, expected {want}"))
@@ -372,6 +412,232 @@ def pivot_case(device: str, dtype: torch.dtype, impl: Optional[Callable] = None)
     return checks.row(op, device, _dtype_name(dtype), shape, time.perf_counter() - start)
 
 
+# ------------------------------------------------------------------------------ --full
+
+def _info_row(op, device, dtype, shape, output, value, target, passed, reason="") -> Dict:
+    """A row whose 'max error' column holds a measured value and 'tolerance' its target;
+    passed None: no target applies (INFO)."""
+    status = "INFO" if passed is None else ("PASS" if passed else "FAIL")
+    return dict(op=op, device=device, dtype=dtype, shape=shape, output=output,
+                error=float(value), tolerance=math.nan if target is None else float(target),
+                status=status, reason=reason, checks=[], seconds=0.0)
+
+
+def _outputs_of(device: str, dtype: torch.dtype) -> List[torch.Tensor]:
+    """Every op's outputs and gradients on fixed inputs (for the run-to-run comparison)."""
+    from fastiml import ops
+    out = []
+    for mode in ("general", "self", "groups"):
+        x = _pair_inputs(mode, dtype, device)
+        out += [t for t in _pair_run(ops.pair_stats, x, device, dtype) if t is not None]
+    mask, valid = _mask(torch.uint8, device)
+    out += list(ops.contour_mine(mask, 4, valid=valid)) + [ops.contour_band(mask, 3, valid=valid)]
+    g = torch.Generator().manual_seed(2)
+    a = (3 * torch.randn(2, 1, 37, 45, generator=g)).to(dtype)
+    b = (3 * torch.randn(2, 1, 37, 45, generator=g)).to(dtype)
+    klass = torch.randint(-1, 3, (2, 10, 12), generator=g).to(torch.int8)
+    out += list(_pivot_run(ops.pivot_consistency, a, b, klass, 4, device, dtype, 0.75))
+    return out
+
+
+def determinism_case(device: str, dtype: torch.dtype) -> Dict:
+    """Two runs of every op, outputs and gradients bit-equal."""
+    op, shape = "two runs bit-equal", "every op"
+    try:
+        first, second = _outputs_of(device, dtype), _outputs_of(device, dtype)
+    except Exception as e:  # noqa: BLE001
+        return _error_row(op, device, _dtype_name(dtype), shape, e)
+    checks = _Checks()
+    for i, (a, b) in enumerate(zip(first, second)):
+        checks.exact(f"output {i}", a, b)
+    return checks.row(op, device, _dtype_name(dtype), shape, 0.0)
+
+
+def crosscheck_case(dtype: torch.dtype) -> Dict:
+    """contour_mine and contour_band: the CUDA outputs equal the CPU ones bit for bit."""
+    from fastiml import ops
+    op, shape = "CPU vs CUDA contour", "B=2 H=37 W=45"
+    checks = _Checks()
+    try:
+        mask, valid = _mask(dtype, "cpu")
+        for v in (None, valid):
+            tag = ",valid" if v is not None else ""
+            v_cuda = None if v is None else v.cuda()
+            for patch in (1, 4, 16):
+                cpu = ops.contour_mine(mask, patch, valid=v)
+                gpu = ops.contour_mine(mask.cuda(), patch, valid=v_cuda)
+                checks.exact(f"frac p={patch}{tag}", gpu[0], cpu[0])
+                checks.exact(f"klass p={patch}{tag}", gpu[1], cpu[1])
+            for radius in (1, 3, 40):
+                checks.exact(f"band r={radius}{tag}", ops.contour_band(mask.cuda(), radius,
+                                                                       valid=v_cuda),
+                             ops.contour_band(mask, radius, valid=v))
+    except Exception as e:  # noqa: BLE001
+        return _error_row(op, "cuda", _dtype_name(dtype), shape, e)
+    return checks.row(op, "cuda", _dtype_name(dtype), shape, 0.0)
+
+
+def offsets64_case(device: str = "cuda", d: int = 128, m: int = 64, tail: int = 256) -> Dict:
+    """q with N x D > 2^31 elements (bf16): the last rows' statistics and gradients against the
+    float64 reference computed on those rows alone (a row depends only on itself and k)."""
+    from fastiml import ops, reference
+    n = (1 << 31) // d + 4096
+    op, shape, dt = "64-bit offsets", f"N={n} M={m} D={d}", torch.bfloat16
+    try:
+        g = torch.Generator(device=device).manual_seed(3)
+        q = torch.randn(n, d, device=device, generator=g, dtype=dt)
+        q = torch.nn.functional.normalize(q.float(), dim=1).to(dt).requires_grad_()
+        k = torch.nn.functional.normalize(torch.randn(m, d, device=device, generator=g),
+                                          dim=1).to(dt)
+        q_label = torch.randint(0, 4, (n,), device=device, generator=g)
+        k_label = torch.randint(0, 4, (m,), device=device, generator=g)
+        lse, pos_mean, pos_count = ops.pair_stats(q, k, q_label, k_label, tau=TAU)
+        keep = torch.isfinite(lse)
+        (torch.where(keep, lse, 0.0).sum() + pos_mean.sum()).backward()
+        rows = slice(n - tail, n)
+        q_tail = q.detach()[rows].double().cpu().requires_grad_()
+        r = reference.pair_stats(q_tail, k.double().cpu(), q_label[rows].cpu(), k_label.cpu(),
+                                 tau=TAU)
+        (torch.where(torch.isfinite(r[0]), r[0], 0.0).sum() + r[1].sum()).backward()
+        low_q = q.detach()[rows].requires_grad_()
+        low = reference.pair_stats(low_q, k, q_label[rows], k_label, tau=TAU)
+        (torch.where(torch.isfinite(low[0]), low[0], 0.0).sum() + low[1].sum()).backward()
+    except Exception as e:  # noqa: BLE001
+        return _error_row(op, device, _dtype_name(dt), shape, e)
+    checks = _Checks()
+    checks.close("lse (last rows)", lse[rows], r[0], low[0], dt)
+    checks.close("pos_mean (last rows)", pos_mean[rows], r[1], low[1], dt)
+    checks.close("grad_q (last rows)", q.grad[rows], q_tail.grad, low_q.grad, dt)
+    checks.exact("pos_count (last rows)", pos_count[rows], r[2])
+    return checks.row(op, device, _dtype_name(dt), shape, 0.0)
+
+
+def sanitizer_workload() -> None:
+    """Small CUDA calls of every op, forward and backward (run under compute-sanitizer)."""
+    for dtype in (torch.float32, torch.bfloat16):
+        _outputs_of("cuda", dtype)
+    torch.cuda.synchronize()
+
+
+def sanitizer_case(tool: str, timeout: float = 240.0) -> Dict:
+    op, shape = f"compute-sanitizer {tool}", "small calls, every op"
+    exe = shutil.which("compute-sanitizer")
+    if exe is None:
+        return _skip(op, "cuda", "*", shape, "compute-sanitizer is not on PATH")
+    cmd = [exe, "--tool", tool, "--error-exitcode", "9", sys.executable, "-c",
+           "from fastiml import selftest; selftest.sanitizer_workload()"]
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
+                              env=dict(os.environ, PYTORCH_NO_CUDA_MEMORY_CACHING="1"))
+    except subprocess.TimeoutExpired:
+        return _info_row(op, "cuda", "*", shape, "errors", math.nan, 0, False,
+                         f"timed out after {timeout:.0f} s")
+    summary = [line for line in proc.stdout.splitlines() if "ERROR SUMMARY" in line]
+    errors = 0.0 if proc.returncode == 0 else math.inf
+    reason = "" if proc.returncode == 0 else (
+        (summary[-1] if summary else (proc.stderr.strip().splitlines() or ["exit"])[-1])[:160])
+    return _info_row(op, "cuda", "*", shape, "errors", errors, 0, proc.returncode == 0, reason)
+
+
+def _time(fn, device: str, repeat: int = 3) -> float:
+    fn()
+    times = []
+    for _ in range(repeat):
+        if device == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        fn()
+        if device == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    return sorted(times)[len(times) // 2]
+
+
+# The README's bound of pair_stats bf16 N = M = 65,536, D = 128 forward + backward on one
+# H100/H200 (tensor-core time, perfect overlap); the target is twice that.
+PAIR_BOUND_S = 5.6e-3
+MPC_BATCH_RATIO_TARGET = 4.5
+
+
+def pair_timing_case(device: str, quick: bool) -> Dict:
+    from fastiml import ops
+    n, d = (2048, 128) if quick or device != "cuda" else (65536, 128)
+    dt = torch.bfloat16 if device == "cuda" else torch.float32
+    op, shape = "time pair_stats fwd+bwd", f"self N={n} D={d}"
+    try:
+        g = torch.Generator().manual_seed(4)
+        x = torch.nn.functional.normalize(torch.randn(n, d, generator=g), dim=1)
+        x = x.to(device=device, dtype=dt).requires_grad_()
+        labels = torch.randint(0, 10, (n,), generator=g).to(device)
+
+        def step():
+            x.grad = None
+            lse, pos_mean, _ = ops.pair_stats(x, None, labels, None, tau=TAU, exclude_self=True)
+            (torch.where(torch.isfinite(lse), lse, 0.0) - pos_mean).sum().backward()
+        seconds = _time(step, device)
+    except Exception as e:  # noqa: BLE001
+        return _error_row(op, device, _dtype_name(dt), shape, e)
+    target = 2 * PAIR_BOUND_S if n == 65536 else None
+    return _info_row(op, device, _dtype_name(dt), shape, "seconds", seconds, target,
+                     None if target is None else seconds <= target,
+                     "" if target is None else f"2x the README bound ({PAIR_BOUND_S * 1e3:.1f} ms)")
+
+
+def mpc_timing_case(device: str, quick: bool) -> Dict:
+    from fastiml.losses import MPCLoss
+    size, dim, small, large = (64, 32, 1, 4) if quick or device != "cuda" else (512, 256, 4, 16)
+    op, shape = "time MPCLoss batch ratio", f"B={large} vs {small}, {size}^2, C={dim}"
+    try:
+        def inputs(batch):
+            g = torch.Generator().manual_seed(5)
+            feats = lambda: [torch.randn(batch, dim, -(-size // s), -(-size // s),  # noqa: E731
+                                         generator=g).to(device).requires_grad_()
+                             for s in (4, 8, 16, 32)]
+            coarse = torch.rand(batch, 1, 8, 8, generator=g)
+            mask = torch.nn.functional.interpolate(coarse, size=(size, size), mode="bilinear")
+            return feats(), feats(), (mask[:, 0] > 0.6).to(torch.uint8).to(device)
+
+        loss_fn = MPCLoss(max_pixels=None)
+
+        def timed(batch):
+            fa, fb, mask = inputs(batch)
+
+            def step():
+                for t in fa + fb:
+                    t.grad = None
+                loss_fn(fa, fb, mask)[0].backward()
+            return _time(step, device)
+        ratio = timed(large) / timed(small)
+    except Exception as e:  # noqa: BLE001
+        return _error_row(op, device, "float32", shape, e)
+    full = large / small == 4 and size == 512
+    return _info_row(op, device, "float32", shape, "time ratio", ratio,
+                     MPC_BATCH_RATIO_TARGET if full else None,
+                     ratio <= MPC_BATCH_RATIO_TARGET if full else None,
+                     "linear cost in batch size would be 4.0" if full else "")
+
+
+def full_rows(device: str, quick: bool) -> List[Dict]:
+    """The --full checks of one device (see the module docstring)."""
+    rows = []
+    dtypes = (torch.float32, torch.float64) if quick else FULL_DTYPES
+    for dtype in dtypes:
+        for mode in SWEEP_MODES:
+            rows.append(pair_stats_case(device, dtype, mode))
+    for dtype in ((torch.float32,) if quick else (torch.float32, torch.bfloat16)):
+        rows.append(determinism_case(device, dtype))
+    if device == "cuda":
+        if not quick:
+            rows.append(offsets64_case(device))
+        for dtype in MASK_DTYPES:
+            rows.append(crosscheck_case(dtype))
+        for tool in ("memcheck", "racecheck", "synccheck"):
+            rows.append(sanitizer_case(tool))
+    rows.append(pair_timing_case(device, quick))
+    rows.append(mpc_timing_case(device, quick))
+    return rows
+
+
 # ------------------------------------------------------------------------------ driver
 
 def available_devices() -> List[str]:
@@ -394,8 +660,10 @@ def _format(rows: Sequence[Dict]) -> str:
     return "\n".join(out)
 
 
-def run(devices: Optional[Sequence[str]] = None, verbose: bool = True) -> List[Dict]:
-    """Runs every op on every device and dtype; returns one dict per check row.
+def run(devices: Optional[Sequence[str]] = None, verbose: bool = True, full: bool = False,
+        quick: bool = False) -> List[Dict]:
+    """Runs every op on every device and dtype; returns one dict per check row. ``full`` adds
+    the --full checks, ``quick`` runs them at small sizes.
 
     Each row has ``op, device, dtype, shape, output`` (the worst output of the row), ``error``,
     ``tolerance``, ``status`` ("PASS", "FAIL" or "SKIP"), ``reason`` and the per-output
@@ -432,10 +700,13 @@ def run(devices: Optional[Sequence[str]] = None, verbose: bool = True) -> List[D
             rows.append(contour_band_case(device, dtype))
         for dtype in DTYPES:
             rows.append(pivot_case(device, dtype))
+        if full or quick:
+            rows += full_rows(device, quick)
     if verbose:
         print(_format(rows))
-        counts = {s: sum(r["status"] == s for r in rows) for s in ("PASS", "FAIL", "SKIP")}
-        print(f"\n{counts['PASS']} passed, {counts['FAIL']} failed, {counts['SKIP']} skipped "
+        counts = {s: sum(r["status"] == s for r in rows) for s in ("PASS", "FAIL", "SKIP", "INFO")}
+        print(f"\n{counts['PASS']} passed, {counts['FAIL']} failed, {counts['SKIP']} skipped, "
+              f"{counts['INFO']} timings without a target "
               f"(torch {torch.__version__}, devices: {', '.join(devices)}"
               + (f", GPU: {torch.cuda.get_device_name()}" if "cuda" in devices
                  and torch.cuda.is_available() else "") + ")")
@@ -446,12 +717,17 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="fastiml selftest", description=__doc__.split("\n")[0])
     parser.add_argument("--device", action="append", choices=sorted(_DISPATCH_KEYS),
                         help="device to test (repeatable; default: cpu and, if present, cuda)")
+    parser.add_argument("--full", action="store_true",
+                        help="the one-shot GPU verification: shape sweep, 64-bit offsets, CPU vs "
+                             "CUDA, two runs bit-equal, compute-sanitizer, timings")
+    parser.add_argument("--quick", action="store_true",
+                        help="the --full checks at small sizes (implies --full)")
     parser.add_argument("--quiet", action="store_true", help="print only failures")
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["--"]:  # `fastiml selftest -- --device cuda` passes the separator on
         argv = argv[1:]
     args = parser.parse_args(argv)
-    rows = run(devices=args.device, verbose=not args.quiet)
+    rows = run(devices=args.device, verbose=not args.quiet, full=args.full, quick=args.quick)
     failed = [r for r in rows if r["status"] == "FAIL"]
     if args.quiet and failed:
         print(_format(failed))

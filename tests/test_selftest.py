@@ -137,10 +137,10 @@ def test_main_exit_status(monkeypatch, capsys):
                 error=1.0, tolerance=0.1, status="FAIL", reason="failed: lse", checks=[],
                 seconds=0.0)
     passing = dict(fail, error=0.01, status="PASS", reason="")
-    monkeypatch.setattr(selftest, "run", lambda devices=None, verbose=True: [passing, fail])
+    monkeypatch.setattr(selftest, "run", lambda devices=None, verbose=True, **kw: [passing, fail])
     assert selftest.main(["--device", "cpu", "--quiet"]) == 1
     assert "FAIL" in capsys.readouterr().out
-    monkeypatch.setattr(selftest, "run", lambda devices=None, verbose=True: [passing])
+    monkeypatch.setattr(selftest, "run", lambda devices=None, verbose=True, **kw: [passing])
     assert selftest.main(["--device", "cpu"]) == 0
 
 
@@ -149,3 +149,60 @@ def test_unavailable_cuda_is_reported_not_raised():
         pytest.skip("a GPU is present: the CUDA rows run for real")
     rows = selftest.run(devices=["cuda"], verbose=False)
     assert len(rows) == 1 and rows[0]["status"] == "SKIP"
+
+
+# --------------------------------------------------------------- --full, at small sizes (--quick)
+
+def test_selftest_quick_cpu_passes(capsys):
+    """The --full checks that need no GPU, at small sizes: the shape sweep against the float64
+    reference (float32 and float64), two runs bit-equal, and the timing rows (no target)."""
+    rows = selftest.run(devices=["cpu"], verbose=True, quick=True)
+    bad = [(r["op"], r["dtype"], r["reason"]) for r in rows if r["status"] == "FAIL"]
+    assert not bad, bad
+    ops_seen = {r["op"] for r in rows}
+    assert {f"pair_stats/{m}" for m in selftest.SWEEP_MODES} <= ops_seen
+    assert {r["dtype"] for r in rows if r["op"].startswith("pair_stats/sweep/")} == {
+        "float32", "float64"}
+    assert any(r["op"] == "two runs bit-equal" and r["status"] == "PASS" for r in rows)
+    timings = [r for r in rows if r["op"].startswith("time ")]
+    assert len(timings) == 2 and all(r["status"] == "INFO" and r["error"] > 0 for r in timings)
+    out = capsys.readouterr().out
+    assert "2 timings without a target" in out
+
+
+def test_sweep_covers_the_edge_shapes():
+    shapes = [selftest._pair_inputs(m, torch.float32, "cpu") for m in selftest.SWEEP_MODES]
+    sizes = [(x["q"].shape[0], x["k"].shape[0] if x["k"] is not None else None,
+              x["q"].shape[1]) for x in shapes]
+    assert (1, 1, 5) in sizes and (1, None, 3) in sizes           # N = M = 1, general and self
+    assert any(d % 16 for _, _, d in sizes)                       # D not a multiple of 16
+    assert any(n % 64 and n > 64 for n, _, _ in sizes)            # partial tiles
+    empty = selftest._pair_inputs("sweep/empty-denominators", torch.float32, "cpu")
+    assert (empty["q_label"] == 0).all() and empty["kwargs"]["denominator"] == "negatives"
+    ignored = selftest._pair_inputs("sweep/all-ignored-rows", torch.float32, "cpu")
+    assert (ignored["q_label"][:64] == -1).all()                  # a whole tile of them
+
+
+def test_determinism_check_catches_a_nondeterministic_op(monkeypatch):
+    calls = iter(range(10))
+    monkeypatch.setattr(selftest, "_outputs_of",
+                        lambda device, dtype: [torch.full((3,), float(next(calls)))])
+    row = selftest.determinism_case("cpu", torch.float32)
+    assert row["status"] == "FAIL" and row["error"] == 3
+
+
+def test_sanitizer_without_the_tool_is_a_skip(monkeypatch):
+    monkeypatch.setattr(selftest.shutil, "which", lambda name: None)
+    row = selftest.sanitizer_case("memcheck")
+    assert row["status"] == "SKIP" and "compute-sanitizer" in row["reason"]
+
+
+def test_timing_rows_hold_their_targets():
+    assert selftest._info_row("t", "cuda", "bf16", "-", "s", 0.010, 0.0112, 0.010 <= 0.0112)[
+        "status"] == "PASS"
+    assert selftest._info_row("t", "cuda", "bf16", "-", "s", 0.02, 0.0112, False)["status"] == "FAIL"
+    assert selftest._info_row("t", "cpu", "f32", "-", "s", 0.02, None, None)["status"] == "INFO"
+
+
+def test_cli_quick_exit_status():
+    assert selftest.main(["--device", "cpu", "--quick", "--quiet"]) == 0

@@ -51,6 +51,11 @@ FASTIML_HD auto readable(T v) {
     return v;
 }
 
+// Masks whose pixels are 0 or 1 tampered (bool, uint8): both backends count their cells in
+// integers, so the order of the additions cannot change a result.
+template <typename T>
+inline constexpr bool kBinaryMask = std::is_same_v<T, bool> || std::is_same_v<T, uint8_t>;
+
 // Tampered fraction of a cell: 0 when it has no valid pixel.
 FASTIML_HD float cell_fraction(float tampered_sum, int64_t valid_count) {
   return valid_count > 0 ? tampered_sum / static_cast<float>(valid_count) : 0.0f;

@@ -137,6 +137,81 @@ inline std::vector<GroupRange> tile_group_ranges(const int32_t* groups, int64_t 
   return ranges;
 }
 
+// The tile schedule of one pass, shared by the CPU and CUDA kernels: which (own tile, other
+// tile) products run, grouped into work items. The CPU's forward and backward walk it; the CUDA
+// kernels launch one block per item. Rules, in this one place:
+//  * a pair whose tiles share no group (tile_group_ranges) is left out: with image-major groups,
+//    within-image contrast over a batch of B images costs B images' work, not B^2;
+//  * upper_only (self mode's symmetric schedule): only pairs with other >= own;
+//  * splits: when there are fewer than min_items own tiles (CUDA: ~2 blocks per SM), each own
+//    tile's list is cut into `splits` contiguous runs of near-equal length, one item each, so
+//    that more blocks share the work. Every own tile has exactly `splits` items (item
+//    own * splits + split; some may be empty, so every row still gets its statistics written),
+//    and partial results are merged in split order 0, 1, ...: deterministic.
+struct TileSchedule {
+  int64_t own_tiles = 0;
+  int64_t splits = 1;
+  std::vector<int64_t> begin;   // [items + 1]: item w's pairs are [begin[w], begin[w + 1])
+  std::vector<int32_t> others;  // other tile of each pair, item by item
+  std::vector<int32_t> owner;   // own tile of each pair (the flattened list, for the CPU chunks)
+
+  int64_t items() const { return own_tiles * splits; }
+  int64_t pairs() const { return static_cast<int64_t>(others.size()); }
+};
+
+inline TileSchedule make_tile_schedule(const std::vector<GroupRange>& own_ranges,
+                                       const std::vector<GroupRange>& other_ranges,
+                                       bool upper_only, int64_t min_items) {
+  TileSchedule s;
+  s.own_tiles = static_cast<int64_t>(own_ranges.size());
+  const int64_t other_tiles = static_cast<int64_t>(other_ranges.size());
+  std::vector<std::vector<int32_t>> lists(s.own_tiles);
+  int64_t longest = 0;
+  for (int64_t r = 0; r < s.own_tiles; ++r) {
+    for (int64_t c = upper_only ? r : 0; c < other_tiles; ++c)
+      if (own_ranges[r].meets(other_ranges[c])) lists[r].push_back(static_cast<int32_t>(c));
+    longest = std::max<int64_t>(longest, static_cast<int64_t>(lists[r].size()));
+  }
+  if (s.own_tiles > 0 && s.own_tiles < min_items)
+    s.splits = std::max<int64_t>(1, std::min((min_items + s.own_tiles - 1) / s.own_tiles, longest));
+  s.begin.reserve(s.items() + 1);
+  s.begin.push_back(0);
+  for (int64_t r = 0; r < s.own_tiles; ++r) {
+    const int64_t len = static_cast<int64_t>(lists[r].size());
+    for (int64_t part = 0; part < s.splits; ++part) {
+      for (int64_t i = len * part / s.splits; i < len * (part + 1) / s.splits; ++i) {
+        s.others.push_back(lists[r][i]);
+        s.owner.push_back(static_cast<int32_t>(r));
+      }
+      s.begin.push_back(s.pairs());
+    }
+  }
+  return s;
+}
+
+// The op pair_stats_tile_schedule (both backends register it): make_tile_schedule as int64 CPU
+// tensors. The group codes are read on the host (a copy from the GPU).
+inline std::tuple<at::Tensor, at::Tensor, at::Tensor> tile_schedule_op(
+    const at::Tensor& own_group, const at::Tensor& other_group, int64_t tile, bool upper_only,
+    int64_t min_items) {
+  TORCH_CHECK(own_group.dim() == 1 && other_group.dim() == 1 &&
+                  !at::isFloatingType(own_group.scalar_type()) &&
+                  !at::isFloatingType(other_group.scalar_type()),
+              "pair_stats_tile_schedule: own_group and other_group must be 1-D integer tensors");
+  TORCH_CHECK(tile > 0, "pair_stats_tile_schedule: tile must be > 0, got ", tile);
+  const at::Tensor own = own_group.to(at::kCPU, at::kInt).contiguous();
+  const at::Tensor other = other_group.to(at::kCPU, at::kInt).contiguous();
+  const TileSchedule s = make_tile_schedule(
+      tile_group_ranges(own.data_ptr<int32_t>(), own.numel(), tile),
+      tile_group_ranges(other.data_ptr<int32_t>(), other.numel(), tile), upper_only, min_items);
+  const auto as_tensor = [](const auto& v) {
+    at::Tensor t = at::empty({static_cast<int64_t>(v.size())}, at::kLong);
+    std::copy(v.begin(), v.end(), t.data_ptr<int64_t>());
+    return t;
+  };
+  return {as_tensor(s.begin), as_tensor(s.others), as_tensor(s.owner)};
+}
+
 // max_i |x_i| (plus 1% for the rounding of half-precision norms); 0 for no rows.
 inline double max_row_norm(const at::Tensor& x) {
   if (x.size(0) == 0) return 0.0;

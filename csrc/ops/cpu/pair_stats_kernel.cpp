@@ -50,22 +50,6 @@ std::pair<int64_t, int64_t> chunk_range(int64_t count, int64_t chunks, int64_t c
   return {count * chunk / chunks, count * (chunk + 1) / chunks};
 }
 
-// Calls fn(r, c) for the upper-triangular tile pairs (c >= r) with linear index in [begin, end).
-template <typename Fn>
-void for_upper_pairs(int64_t tiles, int64_t begin, int64_t end, Fn fn) {
-  int64_t index = 0;
-  for (int64_t r = 0; r < tiles && index < end; ++r) {
-    const int64_t row_pairs = tiles - r;
-    if (index + row_pairs <= begin) {
-      index += row_pairs;
-      continue;
-    }
-    for (int64_t c = r; c < tiles; ++c, ++index) {
-      if (index >= begin && index < end) fn(r, c);
-    }
-  }
-}
-
 // Per-row running sums of one chunk of work.
 template <typename acc_t>
 struct RowSums {
@@ -136,29 +120,40 @@ void forward_tile(acc_t* s, int64_t r0, int64_t br, int64_t c0, int64_t bc, cons
   }
 }
 
+// The per-row factors of the backward (RowGrad) as separate arrays: the epilogue reads the
+// columns' factors with plain vector loads.
+template <typename acc_t>
+struct RowGrads {
+  std::vector<acc_t> a, b, lse;
+  RowGrad<acc_t> operator[](int64_t i) const { return {a[i], b[i], lse[i]}; }
+};
+
 // Backward epilogue: overwrites the raw products s with G (general) or with G + G^T (self).
 template <typename acc_t, bool symmetric>
 void gradient_tile(acc_t* s, int64_t r0, int64_t br, int64_t c0, int64_t bc, const Codes& codes,
                    acc_t inv_tau, bool exclude_self, bool negatives_only,
-                   const RowGrad<acc_t>* row_grads) {
-  const int32_t* klab = codes.col_label + c0;
-  const int32_t* kgrp = codes.col_group + c0;
-  const RowGrad<acc_t>* col_grads = row_grads + c0;  // self: columns are rows too
+                   const RowGrads<acc_t>& grads) {
+  const int32_t* __restrict klab = codes.col_label + c0;
+  const int32_t* __restrict kgrp = codes.col_group + c0;
+  // self: the columns are rows too
+  const acc_t* __restrict col_a = grads.a.data() + c0;
+  const acc_t* __restrict col_b = grads.b.data() + c0;
+  const acc_t* __restrict col_lse = grads.lse.data() + c0;
   for (int64_t ii = 0; ii < br; ++ii) {
     const int64_t i = r0 + ii;
-    acc_t* srow = s + ii * bc;
+    acc_t* __restrict srow = s + ii * bc;
     const int32_t li = codes.row_label[i], gi = codes.row_group[i];
     if (gi < 0) {
       std::fill(srow, srow + bc, acc_t(0));
       continue;
     }
-    const RowGrad<acc_t> ri = row_grads[i];
+    const RowGrad<acc_t> ri = grads[i];
     const int64_t self_j = exclude_self ? i - c0 : -1;
     for (int64_t jj = 0; jj < bc; ++jj) {
       const PairMask pm = pair_mask(li, gi, klab[jj], kgrp[jj], jj == self_j, negatives_only);
       const acc_t v = srow[jj] * inv_tau;
       acc_t g = pair_grad(v, ri, pm);
-      if (symmetric) g += pair_grad(v, col_grads[jj], pm);
+      if (symmetric) g += pair_grad(v, RowGrad<acc_t>{col_a[jj], col_b[jj], col_lse[jj]}, pm);
       srow[jj] = g;
     }
   }
@@ -199,16 +194,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_impl(const Problem& p, co
   const bool symmetric = uses_symmetric_schedule(p, bound);
   const acc_t shift = fixed ? acc_t(bound) : acc_t(0);
 
-  const int64_t row_tiles = ceil_div(p.n, kTile), col_tiles = ceil_div(p.m, kTile);
-  const int64_t items = symmetric ? row_tiles * (row_tiles + 1) / 2 : row_tiles;
+  const int64_t row_tiles = ceil_div(p.n, kTile);
+  // The tile pairs that run (pair_stats_host.h): only tiles sharing a group; upper-triangular
+  // ones in the symmetric schedule. Chunks get equal numbers of pairs (symmetric) or row tiles.
+  const TileSchedule schedule =
+      make_tile_schedule(tile_group_ranges(codes.row_group, p.n, kTile),
+                         tile_group_ranges(codes.col_group, p.m, kTile), symmetric, 1);
+  const int64_t items = symmetric ? schedule.pairs() : row_tiles;
   const int64_t chunks = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), items));
   const acc_t initial_max = fixed ? shift : neg_inf<acc_t>();
   std::vector<RowSums<acc_t>> sums;
   sums.reserve(chunks);
   for (int64_t c = 0; c < chunks; ++c) sums.emplace_back(p.n, initial_max);
 
-  const auto row_ranges = tile_group_ranges(codes.row_group, p.n, kTile);
-  const auto col_ranges = tile_group_ranges(codes.col_group, p.m, kTile);
   at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
     at::Tensor buffer = at::empty({kTile * kTile}, stat_options);
     acc_t* s = buffer.data_ptr<acc_t>();
@@ -216,7 +214,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_impl(const Problem& p, co
       RowSums<acc_t>& acc = sums[chunk];
       auto [first, last] = chunk_range(items, chunks, chunk);
       auto tile = [&](int64_t r, int64_t c, bool mirror) {
-        if (!row_ranges[r].meets(col_ranges[c])) return;  // no pair in a common group
         const int64_t r0 = r * kTile, br = std::min(kTile, p.n - r0);
         const int64_t c0 = c * kTile, bc = std::min(kTile, p.m - c0);
         at::Tensor S = scratch_matrix(buffer, br, bc);
@@ -233,10 +230,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_impl(const Problem& p, co
                                             p.negatives_only, acc, acc);
       };
       if (symmetric) {
-        for_upper_pairs(row_tiles, first, last, [&](int64_t r, int64_t c) { tile(r, c, c != r); });
+        for (int64_t q = first; q < last; ++q) {
+          const int64_t r = schedule.owner[q], c = schedule.others[q];
+          tile(r, c, c != r);
+        }
       } else {
         for (int64_t r = first; r < last; ++r)
-          for (int64_t c = 0; c < col_tiles; ++c) tile(r, c, false);
+          for (int64_t q = schedule.begin[r]; q < schedule.begin[r + 1]; ++q)
+            tile(r, schedule.others[q], false);
       }
     }
   });
@@ -262,17 +263,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_impl(const Problem& p, co
 }
 
 template <typename acc_t>
-std::vector<RowGrad<acc_t>> row_grads_of(const at::Tensor& grad_lse, const at::Tensor& grad_pos,
-                                         const at::Tensor& lse, const at::Tensor& pos_count) {
+RowGrads<acc_t> row_grads_of(const at::Tensor& grad_lse, const at::Tensor& grad_pos,
+                             const at::Tensor& lse, const at::Tensor& pos_count) {
   const int64_t n = lse.size(0);
   auto gl = grad_lse.to(lse.scalar_type()).contiguous();
   auto gp = grad_pos.to(lse.scalar_type()).contiguous();
   auto l = lse.contiguous();
   auto pc = pos_count.contiguous();
-  std::vector<RowGrad<acc_t>> out(n);
-  for (int64_t i = 0; i < n; ++i)
-    out[i] = row_grad(gl.data_ptr<acc_t>()[i], l.data_ptr<acc_t>()[i], gp.data_ptr<acc_t>()[i],
-                      pc.data_ptr<int64_t>()[i]);
+  RowGrads<acc_t> out{std::vector<acc_t>(n), std::vector<acc_t>(n), std::vector<acc_t>(n)};
+  for (int64_t i = 0; i < n; ++i) {
+    const RowGrad<acc_t> r = row_grad(gl.data_ptr<acc_t>()[i], l.data_ptr<acc_t>()[i],
+                                      gp.data_ptr<acc_t>()[i], pc.data_ptr<int64_t>()[i]);
+    out.a[i] = r.a;
+    out.b[i] = r.b;
+    out.lse[i] = r.lse;
+  }
   return out;
 }
 
@@ -280,33 +285,34 @@ std::vector<RowGrad<acc_t>> row_grads_of(const at::Tensor& grad_lse, const at::T
 // tile and (transposed) its column tile, into one accumulator per chunk.
 template <typename acc_t>
 at::Tensor backward_self(const Problem& p, const Codes& codes,
-                         const std::vector<RowGrad<acc_t>>& rg) {
+                         const RowGrads<acc_t>& rg) {
   const auto options = p.q.options().dtype(p.acc);
-  const int64_t tiles = ceil_div(p.n, kTile);
-  const int64_t items = tiles * (tiles + 1) / 2;
+  // The forward's symmetric schedule: the same tile products (see uses_symmetric_schedule).
+  const auto ranges = tile_group_ranges(codes.row_group, p.n, kTile);
+  const TileSchedule schedule = make_tile_schedule(ranges, ranges, true, 1);
+  const int64_t items = schedule.pairs();
   const int64_t bytes = std::max<int64_t>(1, p.n * p.d * int64_t(sizeof(acc_t)));
   const int64_t chunks = std::max<int64_t>(
       1, std::min({int64_t(at::get_num_threads()), items, kAccumulatorBudgetBytes / bytes}));
   std::vector<at::Tensor> grads(chunks);
   const acc_t inv_tau = acc_t(1.0 / p.tau);
-  const auto ranges = tile_group_ranges(codes.row_group, p.n, kTile);
   at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
     at::Tensor buffer = at::empty({kTile * kTile}, options);
     for (int64_t chunk = begin; chunk < end; ++chunk) {
       at::Tensor grad = at::zeros({p.n, p.d}, options);
       auto [first, last] = chunk_range(items, chunks, chunk);
-      for_upper_pairs(tiles, first, last, [&](int64_t r, int64_t c) {
-        if (!ranges[r].meets(ranges[c])) return;
+      for (int64_t q = first; q < last; ++q) {
+        const int64_t r = schedule.owner[q], c = schedule.others[q];
         const int64_t r0 = r * kTile, br = std::min(kTile, p.n - r0);
         const int64_t c0 = c * kTile, bc = std::min(kTile, p.n - c0);
         at::Tensor xr = tile_rows(p.q, r0, br, p.acc), xc = tile_rows(p.q, c0, bc, p.acc);
         at::Tensor H = scratch_matrix(buffer, br, bc);
         at::mm_out(H, xr, xc.t());
         gradient_tile<acc_t, true>(H.data_ptr<acc_t>(), r0, br, c0, bc, codes, inv_tau,
-                                   p.exclude_self, p.negatives_only, rg.data());
+                                   p.exclude_self, p.negatives_only, rg);
         grad.narrow(0, r0, br).addmm_(H, xc);
         if (c != r) grad.narrow(0, c0, bc).addmm_(H.t(), xr);
-      });
+      }
       grads[chunk] = grad;
     }
   });
@@ -319,22 +325,24 @@ at::Tensor backward_self(const Problem& p, const Codes& codes,
 // recomputes its tiles, so no two threads ever write the same rows.
 template <typename acc_t>
 at::Tensor backward_general(const Problem& p, const Codes& codes,
-                            const std::vector<RowGrad<acc_t>>& rg, bool for_k) {
+                            const RowGrads<acc_t>& rg, bool for_k) {
   const auto options = p.q.options().dtype(p.acc);
   const int64_t own_len = for_k ? p.m : p.n;
   const int64_t other_len = for_k ? p.n : p.m;
-  const int64_t own_tiles = ceil_div(own_len, kTile), other_tiles = ceil_div(other_len, kTile);
+  const int64_t own_tiles = ceil_div(own_len, kTile);
   at::Tensor grad = at::zeros({own_len, p.d}, options);
   const acc_t inv_tau = acc_t(1.0 / p.tau);
   const auto row_ranges = tile_group_ranges(codes.row_group, p.n, kTile);
   const auto col_ranges = tile_group_ranges(codes.col_group, p.m, kTile);
+  const TileSchedule schedule = for_k ? make_tile_schedule(col_ranges, row_ranges, false, 1)
+                                      : make_tile_schedule(row_ranges, col_ranges, false, 1);
   at::parallel_for(0, own_tiles, 1, [&](int64_t begin, int64_t end) {
     at::Tensor buffer = at::empty({kTile * kTile}, options);
     for (int64_t t = begin; t < end; ++t) {
       const int64_t o0 = t * kTile, bo = std::min(kTile, own_len - o0);
       at::Tensor own = grad.narrow(0, o0, bo);
-      for (int64_t u = 0; u < other_tiles; ++u) {
-        if (!row_ranges[for_k ? u : t].meets(col_ranges[for_k ? t : u])) continue;
+      for (int64_t q = schedule.begin[t]; q < schedule.begin[t + 1]; ++q) {
+        const int64_t u = schedule.others[q];
         const int64_t x0 = u * kTile, bx = std::min(kTile, other_len - x0);
         const int64_t r0 = for_k ? x0 : o0, br = for_k ? bx : bo;
         const int64_t c0 = for_k ? o0 : x0, bc = for_k ? bo : bx;
@@ -342,7 +350,7 @@ at::Tensor backward_general(const Problem& p, const Codes& codes,
         at::Tensor G = scratch_matrix(buffer, br, bc);
         at::mm_out(G, qr, kc.t());
         gradient_tile<acc_t, false>(G.data_ptr<acc_t>(), r0, br, c0, bc, codes, inv_tau,
-                                    p.exclude_self, p.negatives_only, rg.data());
+                                    p.exclude_self, p.negatives_only, rg);
         if (for_k)
           own.addmm_(G.t(), qr);
         else
@@ -359,18 +367,19 @@ at::Tensor backward_general(const Problem& p, const Codes& codes,
 // budget; the two-pass backward_general then runs instead.
 template <typename acc_t>
 bool backward_general_one_pass(const Problem& p, const Codes& codes,
-                               const std::vector<RowGrad<acc_t>>& rg, at::Tensor& grad_q,
+                               const RowGrads<acc_t>& rg, at::Tensor& grad_q,
                                at::Tensor& grad_k) {
   const auto options = p.q.options().dtype(p.acc);
-  const int64_t row_tiles = ceil_div(p.n, kTile), col_tiles = ceil_div(p.m, kTile);
+  const int64_t row_tiles = ceil_div(p.n, kTile);
   const int64_t bytes = std::max<int64_t>(1, p.m * p.d * int64_t(sizeof(acc_t)));
   const int64_t chunks = std::min<int64_t>(at::get_num_threads(), row_tiles);
   if (chunks < 1 || chunks * bytes > kAccumulatorBudgetBytes) return false;
   at::Tensor dq = at::zeros({p.n, p.d}, options);
   std::vector<at::Tensor> dk(chunks);
   const acc_t inv_tau = acc_t(1.0 / p.tau);
-  const auto row_ranges = tile_group_ranges(codes.row_group, p.n, kTile);
-  const auto col_ranges = tile_group_ranges(codes.col_group, p.m, kTile);
+  const TileSchedule schedule =
+      make_tile_schedule(tile_group_ranges(codes.row_group, p.n, kTile),
+                         tile_group_ranges(codes.col_group, p.m, kTile), false, 1);
   at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
     at::Tensor buffer = at::empty({kTile * kTile}, options);
     for (int64_t chunk = begin; chunk < end; ++chunk) {
@@ -379,14 +388,14 @@ bool backward_general_one_pass(const Problem& p, const Codes& codes,
       for (int64_t r = first; r < last; ++r) {
         const int64_t r0 = r * kTile, br = std::min(kTile, p.n - r0);
         at::Tensor qr = tile_rows(p.q, r0, br, p.acc);
-        for (int64_t c = 0; c < col_tiles; ++c) {
-          if (!row_ranges[r].meets(col_ranges[c])) continue;
+        for (int64_t q = schedule.begin[r]; q < schedule.begin[r + 1]; ++q) {
+          const int64_t c = schedule.others[q];
           const int64_t c0 = c * kTile, bc = std::min(kTile, p.m - c0);
           at::Tensor kc = tile_rows(p.k, c0, bc, p.acc);
           at::Tensor G = scratch_matrix(buffer, br, bc);
           at::mm_out(G, qr, kc.t());
           gradient_tile<acc_t, false>(G.data_ptr<acc_t>(), r0, br, c0, bc, codes, inv_tau,
-                                      p.exclude_self, p.negatives_only, rg.data());
+                                      p.exclude_self, p.negatives_only, rg);
           dq.narrow(0, r0, br).addmm_(G, kc);
           acc.narrow(0, c0, bc).addmm_(G.t(), qr);
         }
@@ -472,7 +481,9 @@ std::tuple<at::Tensor, at::Tensor> pair_stats_backward_cpu(
 }  // namespace pair_stats
 }  // namespace fastiml
 
+
 TORCH_LIBRARY_IMPL(fastiml, CPU, m) {
   m.impl("pair_stats", &fastiml::pair_stats::pair_stats_cpu);
   m.impl("pair_stats_backward", &fastiml::pair_stats::pair_stats_backward_cpu);
+  m.impl("pair_stats_tile_schedule", &fastiml::pair_stats::tile_schedule_op);
 }

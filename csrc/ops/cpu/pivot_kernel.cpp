@@ -1,11 +1,15 @@
-// pivot_consistency on the CPU: reads each pixel's patch class by index (no upsampled mask),
-// closed-form backward. Row partial sums are added in a fixed order: deterministic.
+// pivot_consistency on the CPU: walks each pixel row cell by cell -- the class is read once per
+// cell, runs of cells with the same weight are merged, zero-weight runs are skipped (forward) or
+// zero-filled (backward) -- and the pixels of a run go through a vectorisable loop (branch-free
+// sigmoid, no division by the patch). Closed-form backward. Row partial sums are added in a
+// fixed order: deterministic.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <vector>
 
 #include "ops/pivot.h"
@@ -42,6 +46,53 @@ acc_t weight_total(const int8_t* klass, int64_t B, int64_t H, int64_t W, int64_t
   return total;
 }
 
+// Rows of `width` pixels per parallel task: at least ~32K pixels.
+int64_t rows_per_task(int64_t width) {
+  return std::max<int64_t>(1, (int64_t(1) << 15) / std::max<int64_t>(1, width));
+}
+
+// Calls visit(x0, x1, w) for each maximal run of the pixel row [0, W) whose cells all have the
+// same weight w (zero-weight runs included: the backward writes zeros there).
+template <typename acc_t, typename Visit>
+void for_each_run(const int8_t* krow, int64_t gw, int64_t W, int64_t patch, acc_t wc, acc_t wo,
+                  Visit&& visit) {
+  int64_t cx = 0;
+  while (cx < gw) {
+    const acc_t w = pixel_weight(krow[cx], wc, wo);
+    int64_t end = cx + 1;
+    while (end < gw && pixel_weight(krow[end], wc, wo) == w) ++end;
+    visit(cx * patch, std::min(W, end * patch), w);
+    cx = end;
+  }
+}
+
+constexpr int64_t kLanes = 16;  // independent partial sums: a vectorisable reduction
+
+// Sum of jeffreys(a[i], b[i]) over i < n, in kLanes lanes added in a fixed order.
+template <typename scalar_t, typename acc_t>
+acc_t jeffreys_sum(const scalar_t* a, const scalar_t* b, int64_t n) {
+  acc_t lanes[kLanes] = {};
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes)
+    for (int64_t j = 0; j < kLanes; ++j) lanes[j] += jeffreys(acc_t(a[i + j]), acc_t(b[i + j]));
+  acc_t total = 0;
+  for (; i < n; ++i) total += jeffreys(acc_t(a[i]), acc_t(b[i]));
+  for (int64_t j = 0; j < kLanes; ++j) total += lanes[j];
+  return total;
+}
+
+// ga[i], gb[i] = w * dJ/da, w * dJ/db over i < n.
+template <typename scalar_t, typename acc_t>
+void jeffreys_grad_run(const scalar_t* a, const scalar_t* b, int64_t n, acc_t w, scalar_t* ga,
+                       scalar_t* gb) {
+  for (int64_t i = 0; i < n; ++i) {
+    acc_t da, db;
+    jeffreys_grad(acc_t(a[i]), acc_t(b[i]), da, db);
+    ga[i] = scalar_t(w * da);
+    gb[i] = scalar_t(w * db);
+  }
+}
+
 at::Tensor pivot_forward_cpu(const at::Tensor& logit_a, const at::Tensor& logit_b,
                              const at::Tensor& klass_in, int64_t patch, double weight_contour,
                              double weight_other) {
@@ -59,15 +110,16 @@ at::Tensor pivot_forward_cpu(const at::Tensor& logit_a, const at::Tensor& logit_
     const int8_t* pk = klass.const_data_ptr<int8_t>();
     const acc_t wc = acc_t(weight_contour), wo = acc_t(weight_other);
     std::vector<double> row_sum(B * H, 0.0);
-    at::parallel_for(0, B * H, std::max<int64_t>(1, (int64_t(1) << 15) / std::max<int64_t>(1, W)), [&](int64_t begin, int64_t end) {
+    at::parallel_for(0, B * H, rows_per_task(W), [&](int64_t begin, int64_t end) {
       for (int64_t row = begin; row < end; ++row) {
         const int64_t bi = row / H, y = row % H;
         const int8_t* krow = pk + (bi * gh + y / patch) * gw;
-        acc_t s = 0;
-        for (int64_t x = 0; x < W; ++x) {
-          const acc_t w = pixel_weight(krow[x / patch], wc, wo);
-          if (w != acc_t(0)) s += w * jeffreys(acc_t(pa[row * W + x]), acc_t(pb[row * W + x]));
-        }
+        const scalar_t* ra = pa + row * W;
+        const scalar_t* rb = pb + row * W;
+        double s = 0;
+        for_each_run<acc_t>(krow, gw, W, patch, wc, wo, [&](int64_t x0, int64_t x1, acc_t w) {
+          if (w != acc_t(0)) s += double(w * jeffreys_sum<scalar_t, acc_t>(ra + x0, rb + x0, x1 - x0));
+        });
         row_sum[row] = s;
       }
     });
@@ -88,11 +140,12 @@ std::tuple<at::Tensor, at::Tensor> pivot_backward_cpu(const at::Tensor& grad,
   const at::Tensor a = logit_a.contiguous(), b = logit_b.contiguous(), klass = klass_in.contiguous();
   const int64_t B = a.size(0), H = a.size(2), W = a.size(3);
   const int64_t gh = contour::cells(H, patch), gw = contour::cells(W, patch);
-  at::Tensor grad_a = at::zeros_like(a), grad_b = at::zeros_like(b);
-  if (a.numel() == 0) return {grad_a, grad_b};
+  if (a.numel() == 0) return {at::zeros_like(a), at::zeros_like(b)};
   const double weights =
       weight_total<double>(klass.const_data_ptr<int8_t>(), B, H, W, patch, weight_contour, weight_other);
-  if (weights == 0) return {grad_a, grad_b};
+  if (weights == 0) return {at::zeros_like(a), at::zeros_like(b)};
+  at::Tensor grad_a = at::empty_like(a, at::MemoryFormat::Contiguous);
+  at::Tensor grad_b = at::empty_like(b, at::MemoryFormat::Contiguous);
   const double scale = grad.item<double>() / weights;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.scalar_type(), "pivot_backward_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
@@ -102,18 +155,19 @@ std::tuple<at::Tensor, at::Tensor> pivot_backward_cpu(const at::Tensor& grad,
     scalar_t* ga = grad_a.data_ptr<scalar_t>();
     scalar_t* gb = grad_b.data_ptr<scalar_t>();
     const acc_t wc = acc_t(weight_contour * scale), wo = acc_t(weight_other * scale);
-    at::parallel_for(0, B * H, std::max<int64_t>(1, (int64_t(1) << 15) / std::max<int64_t>(1, W)), [&](int64_t begin, int64_t end) {
+    at::parallel_for(0, B * H, rows_per_task(W), [&](int64_t begin, int64_t end) {
       for (int64_t row = begin; row < end; ++row) {
         const int64_t bi = row / H, y = row % H;
         const int8_t* krow = pk + (bi * gh + y / patch) * gw;
-        for (int64_t x = 0; x < W; ++x) {
-          const acc_t w = pixel_weight(krow[x / patch], wc, wo);
-          if (w == acc_t(0)) continue;
-          acc_t da, db;
-          jeffreys_grad(acc_t(pa[row * W + x]), acc_t(pb[row * W + x]), da, db);
-          ga[row * W + x] = scalar_t(w * da);
-          gb[row * W + x] = scalar_t(w * db);
-        }
+        const int64_t o = row * W;
+        for_each_run<acc_t>(krow, gw, W, patch, wc, wo, [&](int64_t x0, int64_t x1, acc_t w) {
+          if (w == acc_t(0)) {  // the gradients are empty, not zeroed, tensors: write the zeros
+            std::fill(ga + o + x0, ga + o + x1, scalar_t(0));
+            std::fill(gb + o + x0, gb + o + x1, scalar_t(0));
+          } else {
+            jeffreys_grad_run(pa + o + x0, pb + o + x0, x1 - x0, w, ga + o + x0, gb + o + x0);
+          }
+        });
       }
     });
   });

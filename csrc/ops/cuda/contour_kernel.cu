@@ -5,10 +5,10 @@
 // idle: 512^2 masks at p = 4 have 128 cell rows per image). The thread reads its p x p pixels row
 // by row, in the mask's own dtype; neighbouring threads read neighbouring cells, so a warp reads
 // contiguous runs of each mask row.
-// contour_band: two passes through uint8 buffers, one thread per pixel each: the row pass marks
-// pixels whose row window [x - r, x + r] holds a tampered / an authentic valid pixel, the column
-// pass ORs those marks over [y - r, y + r]. O(r) reads per pixel and pass (they stop as soon as
-// both kinds are found), all coalesced along x.
+// contour_band: two passes through uint8 buffers: the row pass marks pixels whose row window
+// [x - r, x + r] holds a tampered / an authentic valid pixel, the column pass counts those marks
+// over [y - r, y + r]. Both are sliding-window counts over segments of a line (one thread per
+// segment): O(1) per pixel, like the CPU kernel.
 // Deterministic: no atomics, every output written by one thread. No host synchronisation.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
@@ -64,17 +64,30 @@ __global__ void __launch_bounds__(kThreads)
     const int64_t x0 = cx * patch, x1 = min(W, x0 + patch);
     float sum = 0.0f;
     int64_t count = 0;
-    for (int64_t y = y0; y < y1; ++y) {  // per mask row, then into the cell: the CPU's order
-      const int64_t offset = (b * H + y) * W;
-      float s = 0.0f;
-      int64_t c = 0;
-      for (int64_t x = x0; x < x1; ++x) {
-        const bool keep = valid == nullptr || valid[offset + x];
-        s += keep ? tampered_weight(readable(mask[offset + x])) : 0.0f;
-        c += keep;
+    if constexpr (kBinaryMask<scalar_t>) {  // integer counts, as on the CPU: any order is exact
+      int64_t tampered = 0;
+      for (int64_t y = y0; y < y1; ++y) {
+        const int64_t offset = (b * H + y) * W;
+        for (int64_t x = x0; x < x1; ++x) {
+          const bool keep = valid == nullptr || valid[offset + x];
+          tampered += keep && mask[offset + x] != 0;
+          count += keep;
+        }
       }
-      sum += s;
-      count += c;
+      sum = static_cast<float>(tampered);
+    } else {
+      for (int64_t y = y0; y < y1; ++y) {  // per mask row, then into the cell: the CPU's order
+        const int64_t offset = (b * H + y) * W;
+        float s = 0.0f;
+        int64_t c = 0;
+        for (int64_t x = x0; x < x1; ++x) {
+          const bool keep = valid == nullptr || valid[offset + x];
+          s += keep ? tampered_weight(readable(mask[offset + x])) : 0.0f;
+          c += keep;
+        }
+        sum += s;
+        count += c;
+      }
     }
     const float f = cell_fraction(sum, count);
     frac[cell] = f;
@@ -107,48 +120,88 @@ std::tuple<at::Tensor, at::Tensor> contour_mine_cuda(const at::Tensor& mask_in, 
   return {frac, klass};
 }
 
-// Row pass: rt / ra = whether the row window of the pixel holds a tampered / authentic valid
-// pixel.
+// Both passes slide a window of 2r+1 marks along a segment of `seg` pixels of one line (a row,
+// or a column), one thread per segment: the window's counts start with the marks before the
+// segment (O(r) once per segment) and then change by one entering and one leaving mark per
+// pixel -- O(1 + 2r / seg) per pixel. Segment length max(kSegment, 4r) keeps that below 1.5.
+// Row pass: rt / ra = whether the row window [x - r, x + r] holds a tampered / an authentic
+// valid pixel. Threads of a warp walk neighbouring rows; each reads its row's bytes in order,
+// so the 32-byte sectors it loads serve its next 31 steps from L1.
+constexpr int64_t kSegment = 128;
+
+int64_t segment_length(int64_t radius) { return std::max<int64_t>(kSegment, 4 * radius); }
+
+template <typename scalar_t>
+__device__ __forceinline__ void row_marks(const scalar_t* mask, const bool* valid, int64_t i,
+                                          int& t, int& a) {
+  const bool keep = valid == nullptr || valid[i];
+  const bool tampered = keep && is_tampered(readable(mask[i]));
+  t = tampered;
+  a = keep && !tampered;
+}
+
 template <typename scalar_t>
 __global__ void __launch_bounds__(kThreads)
     band_rows_kernel(const scalar_t* __restrict__ mask, const bool* __restrict__ valid,
-                     int64_t total, int64_t W, int64_t radius, uint8_t* __restrict__ rt,
-                     uint8_t* __restrict__ ra) {
+                     int64_t rows, int64_t W, int64_t radius, int64_t seg,
+                     uint8_t* __restrict__ rt, uint8_t* __restrict__ ra) {
+  const int64_t segs = cells(W, seg), total = rows * segs;
   for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < total;
        i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    const int64_t x = i % W, offset = i - x;
-    const int64_t x0 = max(int64_t(0), x - radius), x1 = min(W, x + radius + 1);
-    bool t = false, a = false;
-    for (int64_t xx = x0; xx < x1 && !(t && a); ++xx) {
-      const bool keep = valid == nullptr || valid[offset + xx];
-      const bool tampered = keep && is_tampered(readable(mask[offset + xx]));
-      t = t || tampered;
-      a = a || (keep && !tampered);
+    const int64_t row = i % rows, x0 = (i / rows) * seg, x1 = min(W, x0 + seg);
+    const int64_t offset = row * W;
+    int ct = 0, ca = 0, t, a;
+    for (int64_t x = max(int64_t(0), x0 - radius); x < min(W, x0 + radius); ++x) {
+      row_marks(mask, valid, offset + x, t, a);
+      ct += t;
+      ca += a;
     }
-    rt[i] = t;
-    ra[i] = a;
+    for (int64_t x = x0; x < x1; ++x) {
+      if (x + radius < W) {
+        row_marks(mask, valid, offset + x + radius, t, a);
+        ct += t;
+        ca += a;
+      }
+      if (x > x0 && x - radius - 1 >= 0) {
+        row_marks(mask, valid, offset + x - radius - 1, t, a);
+        ct -= t;
+        ca -= a;
+      }
+      rt[offset + x] = ct > 0;
+      ra[offset + x] = ca > 0;
+    }
   }
 }
 
 // Column pass: band = valid & (a tampered mark within [y - r, y + r]) & (an authentic one).
+// Threads of a warp walk neighbouring columns: every step's reads are coalesced.
 __global__ void __launch_bounds__(kThreads)
     band_columns_kernel(const uint8_t* __restrict__ rt, const uint8_t* __restrict__ ra,
-                        const bool* __restrict__ valid, int64_t total, int64_t H, int64_t W,
-                        int64_t radius, bool* __restrict__ band) {
+                        const bool* __restrict__ valid, int64_t B, int64_t H, int64_t W,
+                        int64_t radius, int64_t seg, bool* __restrict__ band) {
+  const int64_t segs = cells(H, seg), total = B * segs * W;
   for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < total;
        i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    const int64_t x = i % W, y = (i / W) % H, image = i - y * W - x;  // image = b * H * W
-    const bool keep = valid == nullptr || valid[i];
-    bool t = false, a = false;
-    if (keep) {
-      const int64_t y0 = max(int64_t(0), y - radius), y1 = min(H, y + radius + 1);
-      for (int64_t yy = y0; yy < y1 && !(t && a); ++yy) {
-        const int64_t j = image + yy * W + x;
-        t = t || rt[j] != 0;
-        a = a || ra[j] != 0;
-      }
+    const int64_t x = i % W, rest = i / W, y0 = (rest % segs) * seg, b = rest / segs;
+    const int64_t y1 = min(H, y0 + seg), image = b * H * W + x;
+    int ct = 0, ca = 0;
+    for (int64_t y = max(int64_t(0), y0 - radius); y < min(H, y0 + radius); ++y) {
+      ct += rt[image + y * W];
+      ca += ra[image + y * W];
     }
-    band[i] = keep && t && a;
+    for (int64_t y = y0; y < y1; ++y) {
+      if (y + radius < H) {
+        ct += rt[image + (y + radius) * W];
+        ca += ra[image + (y + radius) * W];
+      }
+      if (y > y0 && y - radius - 1 >= 0) {
+        ct -= rt[image + (y - radius - 1) * W];
+        ca -= ra[image + (y - radius - 1) * W];
+      }
+      const int64_t j = image + y * W;
+      const bool keep = valid == nullptr || valid[j];
+      band[j] = keep && ct > 0 && ca > 0;
+    }
   }
 }
 
@@ -161,21 +214,22 @@ at::Tensor contour_band_cuda(const at::Tensor& mask_in, int64_t radius,
   const at::Tensor valid = valid_in.has_value() ? contiguous_if_needed(*valid_in) : at::Tensor();
   const int64_t B = mask.size(0), H = mask.size(1), W = mask.size(2);
   if (B * H * W == 0 || radius == 0) return at::zeros({B, H, W}, mask.options().dtype(at::kBool));
+  radius = std::min(radius, std::max(H, W));  // a wider window sees the whole image anyway
   at::Tensor band = at::empty({B, H, W}, mask.options().dtype(at::kBool));
   at::Tensor row_t = at::empty({B, H, W}, mask.options().dtype(at::kByte));
   at::Tensor row_a = at::empty({B, H, W}, mask.options().dtype(at::kByte));
   const bool* valid_p = valid.defined() ? valid.const_data_ptr<bool>() : nullptr;
-  const int64_t total = B * H * W;
+  const int64_t seg = segment_length(radius);
   const auto stream = at::cuda::getCurrentCUDAStream();
   FASTIML_DISPATCH_MASK(mask.scalar_type(), "contour_band_cuda", [&] {
-    band_rows_kernel<scalar_t><<<blocks_for(total), kThreads, 0, stream>>>(
-        mask.const_data_ptr<scalar_t>(), valid_p, total, W, radius, row_t.data_ptr<uint8_t>(),
-        row_a.data_ptr<uint8_t>());
+    band_rows_kernel<scalar_t><<<blocks_for(B * H * ceil_div(W, seg)), kThreads, 0, stream>>>(
+        mask.const_data_ptr<scalar_t>(), valid_p, B * H, W, radius, seg,
+        row_t.data_ptr<uint8_t>(), row_a.data_ptr<uint8_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
-  band_columns_kernel<<<blocks_for(total), kThreads, 0, stream>>>(
-      row_t.const_data_ptr<uint8_t>(), row_a.const_data_ptr<uint8_t>(), valid_p, total, H, W,
-      radius, band.data_ptr<bool>());
+  band_columns_kernel<<<blocks_for(B * ceil_div(H, seg) * W), kThreads, 0, stream>>>(
+      row_t.const_data_ptr<uint8_t>(), row_a.const_data_ptr<uint8_t>(), valid_p, B, H, W,
+      radius, seg, band.data_ptr<bool>());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return band;
 }

@@ -5,13 +5,20 @@
 // tensor cores from sm_80 and on the SIMT path before; float32 and float64 on the SIMT path.
 // Statistics are float32 (float64 for float64 inputs), gradients in the input dtype.
 //
+// Work: the tile schedule of ops/pair_stats_host.h (the CPU kernel walks the same one): tile
+// pairs that share no group are skipped, and the forward splits the column range when there
+// are fewer than two row tiles per SM.
+//
 // Self mode (k is None) runs the general algorithm with k = q and returns dq + dk as the single
 // gradient: the dq pass writes its result in the accumulation dtype, the dk pass adds it before
-// the one rounding to the input dtype. (The CPU kernel instead computes only the tiles on or
-// above the diagonal; on the GPU that would need atomics or a second buffer per column tile.)
+// the one rounding to the input dtype. It therefore does about twice the work of the CPU
+// kernel, which computes only the tiles on or above the diagonal (on the GPU that needs atomics
+// or a second buffer per column tile: not done yet).
 //
 // Host synchronisation: make_codes compacts labels and groups with at::_unique2, which on CUDA
-// synchronises once per call (it must learn the number of distinct values); nothing else syncs.
+// synchronises once per call (it must learn the number of distinct values), and the tile
+// schedule is built on the host from the group codes (one copy of n + m int32 codes to the host,
+// one copy of the schedule back); nothing else syncs.
 // Deterministic: every output element is written by exactly one thread, in a fixed order.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
@@ -21,7 +28,9 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cstdint>
+#include <cstring>
 #include <limits>
 
 #include "ops/cuda/pair_stats_kernel.cuh"
@@ -43,6 +52,12 @@ bool aligned_16(const at::Tensor& t) {
   return reinterpret_cast<uintptr_t>(t.const_data_ptr()) % 16 == 0;
 }
 
+// Whether bf16 runs on tensor cores: decided by the code that was compiled for this device, not
+// by the device's compute capability -- a build with only compute_75 PTX, JIT-compiled on an
+// sm_80+ device, has the bf16 tensor-core kernels compiled as __trap() (__CUDA_ARCH__ < 800).
+// ptxVersion is the virtual architecture the loaded kernel was compiled from (x10).
+bool bf16_tensor_cores_compiled();
+
 // Whether the current device runs `type` on tensor cores (see the top of the file).
 bool use_tensor_cores(at::ScalarType type) {
   const cudaDeviceProp* prop = at::cuda::getCurrentDeviceProperties();
@@ -51,7 +66,55 @@ bool use_tensor_cores(at::ScalarType type) {
                 "newer, got ", prop->major, ".", prop->minor);
     return true;
   }
-  return type == at::kBFloat16 && prop->major >= 8;
+  return type == at::kBFloat16 && bf16_tensor_cores_compiled();
+}
+
+bool bf16_tensor_cores_compiled() {
+  cudaFuncAttributes forward{}, backward{};
+  if (cudaFuncGetAttributes(&forward, gpu::pair_stats_forward_kernel<c10::BFloat16, true>) !=
+          cudaSuccess ||
+      cudaFuncGetAttributes(&backward,
+                            gpu::pair_stats_backward_kernel<c10::BFloat16, true, false>) !=
+          cudaSuccess) {
+    (void)cudaGetLastError();  // no image for this device: the SIMT launch will say so
+    return false;
+  }
+  return forward.ptxVersion >= 80 && backward.ptxVersion >= 80;
+}
+
+// A pass's tile schedule (ops/pair_stats_host.h) on the device. The group codes are read on the
+// host (n + m int32), the schedule copied back.
+struct DeviceSchedule {
+  at::Tensor item_begin, others;  // int64 [items + 1], int32 [pairs]
+  int64_t splits = 1, items = 0;
+  gpu::ScheduleView view() const {
+    return {item_begin.const_data_ptr<int64_t>(), others.const_data_ptr<int32_t>(), splits};
+  }
+};
+
+DeviceSchedule device_schedule(const at::Tensor& own_group, const at::Tensor& other_group,
+                               int64_t min_items) {
+  const at::Tensor own = own_group.cpu().contiguous(), other = other_group.cpu().contiguous();
+  const TileSchedule s = make_tile_schedule(
+      tile_group_ranges(own.const_data_ptr<int32_t>(), own.numel(), gpu::kBM),
+      tile_group_ranges(other.const_data_ptr<int32_t>(), other.numel(), gpu::kBN), false,
+      min_items);
+  DeviceSchedule d;
+  d.splits = s.splits;
+  d.items = s.items();
+  const auto to_device = [&](const auto& v, at::ScalarType type) {
+    at::Tensor host = at::empty({static_cast<int64_t>(v.size())}, at::TensorOptions(type));
+    if (!v.empty()) std::memcpy(host.data_ptr(), v.data(), v.size() * sizeof(v[0]));
+    return host.to(own_group.device());
+  };
+  d.item_begin = to_device(s.begin, at::kLong);
+  d.others = to_device(s.others, at::kInt);
+  return d;
+}
+
+// Work items that fill the GPU: two blocks per SM.
+int64_t min_items_for_device() {
+  return 2 * static_cast<int64_t>(at::cuda::getCurrentDeviceProperties()->multiProcessorCount);
 }
 
 // The operands of one call, ready for the kernels.
@@ -98,17 +161,40 @@ void fill_common(gpu::PairInputs<scalar_t, acc_t>& params, const Problem& p, con
 }
 
 template <typename scalar_t, bool kWmma>
-void launch_forward(const Problem& p, const Codes& codes, at::Tensor& lse, at::Tensor& pos_mean,
-                    at::Tensor& pos_count) {
+void launch_forward(const Problem& p, const CodeTensors& codes, at::Tensor& lse,
+                    at::Tensor& pos_mean, at::Tensor& pos_count) {
   using acc_t = typename gpu::Config<scalar_t, kWmma>::acc_t;
+  const DeviceSchedule schedule =
+      device_schedule(codes.row_group, codes.col_group, min_items_for_device());
+  const auto part_options = lse.options();
+  const at::Tensor part_max = at::empty({schedule.splits, p.n}, part_options);
+  const at::Tensor part_sum = at::empty({schedule.splits, p.n}, part_options);
+  const at::Tensor part_pos_sum = at::empty({schedule.splits, p.n}, part_options);
+  const at::Tensor part_pos_count = at::empty({schedule.splits, p.n}, pos_count.options());
   gpu::ForwardParams<scalar_t, acc_t> params;
-  fill_common(params, p, codes);
-  params.lse = lse.data_ptr<acc_t>();
-  params.pos_mean = pos_mean.data_ptr<acc_t>();
-  params.pos_count = pos_count.data_ptr<int64_t>();
-  const dim3 grid(static_cast<unsigned>(ceil_div(p.n, gpu::kBM)));
+  fill_common(params, p, codes.view());
+  params.schedule = schedule.view();
+  params.part_max = part_max.data_ptr<acc_t>();
+  params.part_sum = part_sum.data_ptr<acc_t>();
+  params.part_pos_sum = part_pos_sum.data_ptr<acc_t>();
+  params.part_pos_count = part_pos_count.data_ptr<int64_t>();
+  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  TORCH_CHECK(schedule.items <= std::numeric_limits<int32_t>::max(), "pair_stats: too many tiles");
   gpu::pair_stats_forward_kernel<scalar_t, kWmma>
-      <<<grid, gpu::kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(params);
+      <<<static_cast<unsigned>(schedule.items), gpu::kThreads, 0, stream>>>(params);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  gpu::MergeParams<acc_t> merge{part_max.const_data_ptr<acc_t>(),
+                                part_sum.const_data_ptr<acc_t>(),
+                                part_pos_sum.const_data_ptr<acc_t>(),
+                                part_pos_count.const_data_ptr<int64_t>(),
+                                p.n,
+                                schedule.splits,
+                                lse.data_ptr<acc_t>(),
+                                pos_mean.data_ptr<acc_t>(),
+                                pos_count.data_ptr<int64_t>()};
+  const unsigned merge_blocks =
+      static_cast<unsigned>(std::min<int64_t>(ceil_div(p.n, 256), int64_t(1) << 16));
+  gpu::pair_stats_merge_kernel<acc_t><<<merge_blocks, 256, 0, stream>>>(merge);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
@@ -120,12 +206,16 @@ struct Stats {
 
 // One backward pass. kForK = false: dq (blocks own rows); true: dk (blocks own columns).
 template <typename scalar_t, bool kWmma, bool kForK>
-void launch_backward(const Problem& p, const Codes& codes, const Stats& st,
+void launch_backward(const Problem& p, const CodeTensors& codes, const Stats& st,
                      const at::Tensor* add_in, at::Tensor* out_acc, at::Tensor* out) {
   using C = gpu::Config<scalar_t, kWmma>;
   using acc_t = typename C::acc_t;
+  // Blocks own row tiles (dq) or column tiles (dk) and walk the other tiles that share a group.
+  const DeviceSchedule schedule = kForK ? device_schedule(codes.col_group, codes.row_group, 1)
+                                        : device_schedule(codes.row_group, codes.col_group, 1);
   gpu::BackwardParams<scalar_t, acc_t> params;
-  fill_common(params, p, codes);
+  fill_common(params, p, codes.view());
+  params.schedule = schedule.view();
   params.grad_lse = st.grad_lse.const_data_ptr<acc_t>();
   params.grad_pos_mean = st.grad_pos_mean.const_data_ptr<acc_t>();
   params.lse = st.lse.const_data_ptr<acc_t>();
@@ -138,8 +228,8 @@ void launch_backward(const Problem& p, const Codes& codes, const Stats& st,
   const int64_t column_blocks = ceil_div(p.d, C::kDV);
   TORCH_CHECK(column_blocks <= 65535, "pair_stats_backward: D = ", p.d, " is too large for the "
               "CUDA kernel (at most ", 65535 * C::kDV, ")");
-  const dim3 grid(static_cast<unsigned>(ceil_div(own, gpu::kBM)),
-                  static_cast<unsigned>(column_blocks));
+  TORCH_CHECK(schedule.items == ceil_div(own, gpu::kBM), "pair_stats_backward: unsplit schedule");
+  const dim3 grid(static_cast<unsigned>(schedule.items), static_cast<unsigned>(column_blocks));
   gpu::pair_stats_backward_kernel<scalar_t, kWmma, kForK>
       <<<grid, gpu::kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(params);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -186,7 +276,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> pair_stats_cuda(
   const Problem p = make_problem(q, k, tau, exclude_self, negatives_only);
   const CodeTensors codes = make_codes(q_label, k_label, q_group, k_group, ignore_index);
   dispatch(q.scalar_type(), [&]<typename scalar_t, bool kWmma>() {
-    launch_forward<scalar_t, kWmma>(p, codes.view(), lse, pos_mean, pos_count);
+    launch_forward<scalar_t, kWmma>(p, codes, lse, pos_mean, pos_count);
   });
   return {lse, pos_mean, pos_count};
 }
@@ -242,17 +332,17 @@ std::tuple<at::Tensor, at::Tensor> pair_stats_backward_cuda(
       // accumulation dtype, the dk pass adds it and rounds once.
       at::Tensor partial = at::empty({n, d}, q.options().dtype(acc));
       grad_q = at::empty({n, d}, q.options());
-      launch_backward<scalar_t, kWmma, false>(p, codes.view(), st, nullptr, &partial, nullptr);
-      launch_backward<scalar_t, kWmma, true>(p, codes.view(), st, &partial, nullptr, &grad_q);
+      launch_backward<scalar_t, kWmma, false>(p, codes, st, nullptr, &partial, nullptr);
+      launch_backward<scalar_t, kWmma, true>(p, codes, st, &partial, nullptr, &grad_q);
       return;
     }
     if (want_q) {
       grad_q = at::empty({n, d}, q.options());
-      launch_backward<scalar_t, kWmma, false>(p, codes.view(), st, nullptr, nullptr, &grad_q);
+      launch_backward<scalar_t, kWmma, false>(p, codes, st, nullptr, nullptr, &grad_q);
     }
     if (want_k) {
       grad_k = at::empty({m, d}, q.options());
-      launch_backward<scalar_t, kWmma, true>(p, codes.view(), st, nullptr, nullptr, &grad_k);
+      launch_backward<scalar_t, kWmma, true>(p, codes, st, nullptr, nullptr, &grad_k);
     }
   });
   return {grad_q, grad_k};
@@ -265,4 +355,5 @@ std::tuple<at::Tensor, at::Tensor> pair_stats_backward_cuda(
 TORCH_LIBRARY_IMPL(fastiml, CUDA, m) {
   m.impl("pair_stats", &fastiml::pair_stats::pair_stats_cuda);
   m.impl("pair_stats_backward", &fastiml::pair_stats::pair_stats_backward_cuda);
+  m.impl("pair_stats_tile_schedule", &fastiml::pair_stats::tile_schedule_op);
 }

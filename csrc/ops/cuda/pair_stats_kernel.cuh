@@ -2,8 +2,11 @@
 //
 // Tiles, threads and shared memory
 // --------------------------------
-// A thread block of 128 threads (4 warps) owns a tile of kBM = 64 rows and walks the columns in
-// tiles of kBN = 64 (the backward's second pass swaps the roles). For each tile it forms the
+// A thread block of 128 threads (4 warps) owns a tile of kBM = 64 rows and walks column tiles of
+// kBN = 64 (the backward's second pass swaps the roles): those its work item lists in the tile
+// schedule of ops/pair_stats_host.h -- only tiles that share a group with its rows, and, when
+// there are fewer than ~2 row tiles per SM, one of `splits` runs of them (the forward writes a
+// partial log-sum-exp state per split, merged in split order by pair_stats_merge_kernel). For each tile it forms the
 // 64 x 64 similarity tile S = Q_tile K_tile^T in shared memory, looping over D in chunks, so any
 // D works (rows and D past the end are zero-padded in shared memory):
 //  * float16 / bfloat16: tensor cores through nvcuda::wmma 16x16x16 with float accumulators; the
@@ -25,8 +28,10 @@
 // (64 for double); larger D adds blocks along grid.y, each recomputing S (the recompute is then
 // D / kDV times the forward's work: D <= 128, the common case, recomputes once). On tensor cores G
 // is rounded to the input dtype (as FlashAttention does with P); it is first scaled by a power of
-// two 2^(15 - e), 2^e > max_i |dL/dlse_i| + |dL/dpos_mean_i| >= max |G|, so float16 neither
-// overflows nor flushes small probabilities to zero (the scale is undone exactly at the end).
+// two 2^(15 - e), 2^e > |dL/dlse_i| + |dL/dpos_mean_i| / count_i >= max_j |G_ij| -- per row i in
+// the dq pass (undone per output row), the maximum over all rows in the dk pass (whose sums run
+// over rows) -- so float16 neither overflows nor flushes small probabilities to zero (the scale
+// is undone exactly at the end).
 //
 // Shared memory per block (bytes; all under the 48 KiB static limit, so no opt-in is needed):
 //                       S tile   operands (union)  G tile   codes   total
@@ -38,12 +43,13 @@
 // 16-bit plus the 64 x 64 G tile) and by the float accumulator tile S, kept in shared memory so
 // that the epilogue can give each thread whole half-rows. Registers (ptxas, sm_80): the tensor-core
 // backward holds 2 x 4 accumulator fragments (64 floats per thread) across its whole walk plus
-// 2 x 2 for S, and uses ~168 registers (a few bytes of spill); the forward holds 32 shifted
-// similarities per thread in the epilogue and uses 96-124. That is 3 blocks (12 warps) per SM for
-// the backward and 4-5 for the forward on sm_80/sm_90, which their shared memory also allows
-// (3 x 44.5 KiB, 5 x 27.5 KiB < 164 KiB on sm_80). Not done yet (known next steps): cp.async
+// 2 x 2 for S, and uses 202-212 registers (no spill; CUDA 13.0, see the README's table); the
+// forward holds 32 shifted similarities per thread in the epilogue and uses 80-128. That is 2
+// blocks (8 warps) per SM for the tensor-core backward and 4 for the forward on sm_80/sm_90,
+// which their shared memory also allows (2 x 44.5 KiB, 4 x 27.5 KiB < 164 KiB on sm_80). Not done yet (known next steps): cp.async
 // double buffering (each D chunk is loaded, synchronised and multiplied in turn), exp2 with a
-// pre-scaled log2(e), and a split over columns when N << M (ceil(N / 64) blocks cannot fill a GPU).
+// pre-scaled log2(e), a column split in the backward (only the forward splits today), and the
+// symmetric (upper-triangular) schedule in self mode, which the CPU kernel uses.
 #pragma once
 
 #include <cuda_bf16.h>
@@ -138,8 +144,33 @@ struct PairInputs {
   bool vec;  // 16-byte loads: d % 8 == 0 and q, k 16-byte aligned (16-bit inputs only)
 };
 
+// A pass's tile schedule (make_tile_schedule in ops/pair_stats_host.h), on the device: block b
+// is work item b; it owns tile b / splits and walks the other tiles
+// others[item_begin[b], item_begin[b + 1]).
+struct ScheduleView {
+  const int64_t* item_begin;  // [items + 1]
+  const int32_t* others;      // [pairs]
+  int64_t splits;
+};
+
 template <typename scalar_t, typename acc_t>
 struct ForwardParams : PairInputs<scalar_t, acc_t> {
+  ScheduleView schedule;
+  // Per split s and row i (index s * n + i): the partial online log-sum-exp state and the
+  // positive sums over that split's column tiles; pair_stats_merge_kernel combines them.
+  acc_t* part_max;
+  acc_t* part_sum;
+  acc_t* part_pos_sum;
+  int64_t* part_pos_count;
+};
+
+template <typename acc_t>
+struct MergeParams {
+  const acc_t* part_max;
+  const acc_t* part_sum;
+  const acc_t* part_pos_sum;
+  const int64_t* part_pos_count;
+  int64_t n, splits;
   acc_t* lse;
   acc_t* pos_mean;
   int64_t* pos_count;
@@ -147,6 +178,7 @@ struct ForwardParams : PairInputs<scalar_t, acc_t> {
 
 template <typename scalar_t, typename acc_t>
 struct BackwardParams : PairInputs<scalar_t, acc_t> {
+  ScheduleView schedule;       // own tiles (rows for dq, columns for dk); splits == 1
   const acc_t* grad_lse;       // [n]
   const acc_t* grad_pos_mean;  // [n]
   const acc_t* lse;            // [n]
@@ -319,7 +351,8 @@ __global__ void __launch_bounds__(kThreads)
   int32_t* cg = cl + kBN;
 
   const int tid = threadIdx.x, r = tid >> 1, part = tid & 1;
-  const int64_t r0 = static_cast<int64_t>(blockIdx.x) * kBM;
+  const int64_t item = blockIdx.x, split = item % p.schedule.splits;
+  const int64_t r0 = (item / p.schedule.splits) * kBM;
   const int64_t row = r0 + r;
   const bool in_range = row < p.n;
   const int32_t li = in_range ? p.row_label[row] : 0;
@@ -328,7 +361,8 @@ __global__ void __launch_bounds__(kThreads)
 
   acc_t m_run = neg_inf<acc_t>(), l_run = acc_t(0), pos_sum = acc_t(0);
   int64_t pos_count = 0;
-  for (int64_t c0 = 0; c0 < p.m; c0 += kBN) {
+  for (int64_t t = p.schedule.item_begin[item]; t < p.schedule.item_begin[item + 1]; ++t) {
+    const int64_t c0 = static_cast<int64_t>(p.schedule.others[t]) * kBN;
     load_column_codes(cl, cg, p.col_label, p.col_group, c0, p.m);
     similarity_tile<scalar_t, kWmma>(S, u, p.q, r0, p.n, p.k, c0, p.m, p.d, p.vec);
     __syncthreads();
@@ -365,7 +399,29 @@ __global__ void __launch_bounds__(kThreads)
   pos_sum += s2;
   pos_count += n2;
   if (part == 0 && in_range) {
-    p.lse[row] = lse_finish(m_run, l_run);
+    const int64_t index = split * p.n + row;
+    p.part_max[index] = m_run;
+    p.part_sum[index] = l_run;
+    p.part_pos_sum[index] = pos_sum;
+    p.part_pos_count[index] = pos_count;
+  }
+}
+
+// The statistics of each row from its splits' partial states, merged in split order (fixed:
+// deterministic). One thread per row.
+template <typename acc_t>
+__global__ void pair_stats_merge_kernel(MergeParams<acc_t> p) {
+  for (int64_t row = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; row < p.n;
+       row += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    acc_t m = neg_inf<acc_t>(), l = acc_t(0), pos_sum = acc_t(0);
+    int64_t pos_count = 0;
+    for (int64_t s = 0; s < p.splits; ++s) {
+      const int64_t index = s * p.n + row;
+      lse_merge(m, l, p.part_max[index], p.part_sum[index]);
+      pos_sum += p.part_pos_sum[index];
+      pos_count += p.part_pos_count[index];
+    }
+    p.lse[row] = lse_finish(m, l);
     p.pos_mean[row] = pos_count > 0 ? pos_sum / acc_t(pos_count) : acc_t(0);
     p.pos_count[row] = pos_count;
   }
@@ -375,12 +431,17 @@ __global__ void __launch_bounds__(kThreads)
 
 // The power of two that brings max |G| just under 2^15 (see the top of the file); 1 when the
 // bound is 0 or not finite (then nothing needs or can get scaling).
-__device__ __forceinline__ float gradient_scale(const float* grad_max) {
-  const float mx = *grad_max;
+__device__ __forceinline__ float gradient_scale(float mx) {
   if (!(mx > 0.0f) || isinf(mx)) return 1.0f;
   int e;
   frexpf(mx, &e);  // mx = f 2^e, f in [0.5, 1)
   return ldexpf(1.0f, min(15 - e, 126));
+}
+
+// The range scale of row i's G entries, |G_ij| <= |a_i| + |b_i| (as the host's global bound).
+template <typename acc_t>
+__device__ __forceinline__ float row_gradient_scale(const RowGrad<acc_t>& g) {
+  return gradient_scale(static_cast<float>(fabs(g.a) + fabs(g.b)));
 }
 
 // Output element (row, col) of the gradient: v = acc * mul (+ add_in), in the requested dtype.
@@ -414,7 +475,10 @@ __global__ void __launch_bounds__(kThreads) pair_stats_backward_kernel(
   const int64_t d0 = static_cast<int64_t>(blockIdx.y) * C::kDV;
   const int64_t own_len = kForK ? p.m : p.n, other_len = kForK ? p.n : p.m;
   const scalar_t* X = kForK ? p.q : p.k;  // the matrix G (or G^T) multiplies
-  const acc_t scale = kWmma ? acc_t(gradient_scale(p.grad_max)) : acc_t(1);
+  // Range scale of the 16-bit G tiles: dq (blocks own rows) scales each row by its own bound
+  // |a_i| + |b_i| -- exact to undo per output row, and no small row is flushed to zero by a
+  // large one; dk (blocks own columns, summing over rows) uses the one global bound.
+  const acc_t global_scale = kWmma && kForK ? acc_t(gradient_scale(*p.grad_max)) : acc_t(1);
 
   // Accumulators of the [kBM][kDV] gradient tile.
   [[maybe_unused]] acc_t acc2[8][C::kDV / 16];  // SIMT: rows ty + 8 i, columns tx + 16 j
@@ -447,7 +511,9 @@ __global__ void __launch_bounds__(kThreads) pair_stats_backward_kernel(
       for (int j = 0; j < 4; ++j) wmma::fill_fragment(facc[i][j], 0.0f);
   }
 
-  for (int64_t x0 = 0; x0 < other_len; x0 += kBN) {
+  for (int64_t t = p.schedule.item_begin[blockIdx.x]; t < p.schedule.item_begin[blockIdx.x + 1];
+       ++t) {
+    const int64_t x0 = static_cast<int64_t>(p.schedule.others[t]) * kBN;
     const int64_t r0 = kForK ? x0 : own0, c0 = kForK ? own0 : x0;
     load_column_codes(cl, cg, p.col_label, p.col_group, c0, p.m);
     // This thread's row of the tile and its backward factors.
@@ -459,6 +525,7 @@ __global__ void __launch_bounds__(kThreads) pair_stats_backward_kernel(
     const RowGrad<acc_t> rg =
         in_range ? row_grad(p.grad_lse[row], p.lse[row], p.grad_pos_mean[row], p.pos_count[row])
                  : RowGrad<acc_t>{acc_t(0), acc_t(0), acc_t(0)};
+    const acc_t scale = kForK || !kWmma ? global_scale : acc_t(row_gradient_scale(rg));
 
     similarity_tile<scalar_t, kWmma>(S, u, p.q, r0, p.n, p.k, c0, p.m, p.d, p.vec);
     __syncthreads();
@@ -535,7 +602,7 @@ __global__ void __launch_bounds__(kThreads) pair_stats_backward_kernel(
     __syncthreads();  // S, G, X and the codes are rewritten by the next tile
   }
 
-  const acc_t mul = p.inv_tau / scale;  // exact: scale is a power of two
+  const acc_t mul = p.inv_tau / global_scale;  // exact: the scales are powers of two
   if constexpr (kTensorCores) {
     float* stage = reinterpret_cast<float*>(u) + warp * 256;  // u is free after the last sync
     const int lane = tid & 31;
@@ -549,7 +616,14 @@ __global__ void __launch_bounds__(kThreads) pair_stats_backward_kernel(
         __syncwarp();
         for (int e = lane; e < 256; e += 32) {
           const int64_t orow = own0 + wr * 32 + i * 16 + (e >> 4), col = col0 + (e & 15);
-          if (orow < own_len && col < p.d) write_gradient(p, orow * p.d + col, stage[e] * mul);
+          if (orow >= own_len || col >= p.d) continue;
+          // dq: undo the row's own scale (row_grad of the output row, as in the loop above).
+          const acc_t row_mul =
+              kForK ? mul
+                    : p.inv_tau / acc_t(row_gradient_scale(row_grad(
+                                      p.grad_lse[orow], p.lse[orow], p.grad_pos_mean[orow],
+                                      p.pos_count[orow])));
+          write_gradient(p, orow * p.d + col, stage[e] * row_mul);
         }
         __syncwarp();
       }
