@@ -175,6 +175,15 @@ def test_train_eval_predict(runs):
     for key in REQUIRED:
         assert key in metrics
     assert metrics["n_images"] == 4 and metrics["method"] == "bce"
+    assert metrics["resolution"] == "native"  # the default: the images' own pixels
+    # per_image.csv: one row per image, forgery kinds from the synth set's meta.json
+    rows = (tmp / "eval" / "per_image.csv").read_text().splitlines()
+    assert rows[0].split(",")[:4] == ["file", "kind", "tampered", "pixel_f1"] and len(rows) == 5
+    meta = {m["image"]: m["kind"] for m in json.loads((tmp / "data" / "meta.json").read_text())}
+    for line in rows[1:]:
+        f, kind, tampered = line.split(",")[:3]
+        assert kind == meta[f] and tampered == str(int(kind != "authentic"))
+    assert set(metrics["by_kind"]) == {k for k in meta.values() if k != "authentic"}
 
     _ok(r["predict_file"])
     mask = cv2.imread(str(tmp / "pred1" / "photo_mask.png"), cv2.IMREAD_UNCHANGED)
