@@ -1,8 +1,8 @@
 """The ``fastiml`` command (also ``python -m fastiml``).
 
     fastiml train    --config C [--set section.key=value ...] [--resume CKPT]
-    fastiml eval     --checkpoint CKPT --data PATH --out DIR [--robustness]
-    fastiml predict  --checkpoint CKPT --input FILE_OR_DIR --out DIR [--threshold 0.5]
+    fastiml eval     --checkpoint CKPT --data PATH --out DIR [--robustness] [--resolution native|train]
+    fastiml predict  --checkpoint CKPT --input FILE_OR_DIR --out DIR [--threshold 0.5] [--resolution native|train]
     fastiml synth    --out DIR --n N [--size S] [--seed K] [--source DIR]
     fastiml demo     --out DIR [--method ncl|bce|mpc] [--minutes M]
     fastiml bench    [NAME ...] [-- ARGS]
@@ -183,6 +183,8 @@ def cmd_train(args) -> int:
         cfg = load_config(None, args.overrides, base=state["config"])
     if args.resume:
         load_checkpoint(args.resume)  # a clear error before any work
+    elif os.environ.get("RANK", "0") == "0":  # under torchrun, other ranks must find the files
+        _add_source_forgeries(cfg, seed=cfg["train"]["seed"])
     result = train(cfg, resume=args.resume)
     if os.environ.get("RANK", "0") == "0":  # under torchrun, rank 0 reports
         _print(f"checkpoint: {result['checkpoint']}")
@@ -192,6 +194,30 @@ def cmd_train(args) -> int:
         for split, m in result["metrics"].items():
             _print(f"{split}: " + _metric_line(m))
     return 0
+
+
+def _add_source_forgeries(cfg: Dict, seed: int) -> None:
+    """data.source_dir: forge data.source_n photo-style images from that folder of photographs
+    (under output.dir/data/source) and add them to data.train (or make them data.train)."""
+    src = cfg["data"].get("source_dir", "")
+    if not src:
+        return
+    _require_path(src, "data.source_dir", "dir")
+    from fastiml.data import synthesize
+
+    n = int(cfg["data"]["source_n"])
+    if n < 1:
+        raise CLIError(f"data.source_n must be >= 1 with data.source_dir, got {n}")
+    out = os.path.join(cfg["output"]["dir"], "data", "source")
+    t0 = time.perf_counter()
+    r = synthesize(out, n, size=cfg["data"]["size"], seed=10_000 + seed, source_dir=src,
+                   style="photo")
+    _print(f"[data] {n} forgeries from the photographs in {src} in "
+           f"{time.perf_counter() - t0:.1f} s: {r['json']}")
+    train = cfg["data"]["train"]
+    train = [] if train in ("", []) else (list(train) if isinstance(train, list) else [train])
+    cfg["data"]["train"] = train + [r["json"]] if train else r["json"]
+    cfg["data"]["source_dir"] = ""  # done: a resumed run must not forge again
 
 
 def _metric_line(m: Dict) -> str:
@@ -494,6 +520,9 @@ def cmd_demo(args) -> int:
            f"under {os.path.join(out, 'data')}")
     synthesize(train_dir, n_train, size=size, seed=2 * args.seed + 1, **synth_options)
     synthesize(test_dir, n_test, size=size, seed=2 * args.seed + 2, **synth_options)
+    cfg["data"]["train"] = os.path.join(train_dir, "list.json")
+    cfg["data"]["test"] = os.path.join(test_dir, "list.json")
+    _add_source_forgeries(cfg, seed=args.seed)  # photographs mixed in (data.source_dir)
     t_data = time.perf_counter() - t0
     _print(f"[demo] data ready in {t_data:.1f} s")
 
@@ -503,8 +532,6 @@ def cmd_demo(args) -> int:
     if budget < 10:
         raise CLIError(f"--minutes {args.minutes:g} leaves no time to train "
                        f"(data synthesis took {t_data:.0f} s); give it more minutes")
-    cfg["data"]["train"] = os.path.join(train_dir, "list.json")
-    cfg["data"]["test"] = os.path.join(test_dir, "list.json")
     cfg["train"]["time_budget_s"] = float(budget)
     cfg["train"]["seed"] = args.seed
     _print(f"[demo] training {args.method} on the CPU for {budget:.0f} s "

@@ -150,3 +150,33 @@ def test_synth_writes_the_kinds(tmp_path):
     assert [m["image"] for m in meta] == [p[0] for p in pairs]
     kinds = [m["kind"] for m in meta]
     assert kinds.count("authentic") == 1 and sum(r["counts"].values()) == 5
+
+
+def test_self_correlation_finds_a_copied_patch():
+    from fastiml.models.layers import SelfCorrelation
+    torch.manual_seed(0)
+    f = torch.randn(1, 8, 6, 7)
+    f[..., 4, 5] = f[..., 1, 1]  # a "copied" feature: its best match elsewhere is exact
+    block = SelfCorrelation(out_ch=4, k=3, exclude=1)
+    v = torch.nn.functional.normalize(f.flatten(2), dim=1)[0]
+    sim = v.T @ v
+    # the block's first sorted channel, before its 1x1 conv, is each position's best far match
+    captured = {}
+    block.proj.register_forward_hook(lambda m, i, o: captured.setdefault("x", i[0]))
+    block.eval()(f)
+    top1 = captured["x"][0, 0]
+    assert float(top1[4, 5]) == pytest.approx(1.0, abs=1e-5) and float(top1[1, 1]) == pytest.approx(1.0, abs=1e-5)
+    i = 2 * 7 + 3  # position (2, 3): its 3x3 neighbourhood is excluded
+    far = [j for j in range(42) if abs(j // 7 - 2) > 1 or abs(j % 7 - 3) > 1]
+    assert float(top1[2, 3]) == pytest.approx(float(sim[i, far].max()), abs=1e-5)
+
+
+def test_nclnet_with_self_correlation(net):
+    torch.manual_seed(0)
+    method = build("ncl", model=dict(TINY_NCL, self_correlation=8))
+    model = method.build_model().eval()
+    with torch.no_grad():
+        out = model(torch.rand(2, 3, 37, 53))
+    assert out["pred_mask"].shape == (2, 1, 37, 53)
+    with pytest.raises(ValueError, match="self_correlation"):
+        build("ncl", model=dict(TINY_NCL, self_correlation=-1)).build_model()

@@ -334,18 +334,38 @@ class _FileSource:
         if not self.files:
             raise ValueError(f"source_dir {str(folder)!r} holds no image ({', '.join(IMAGE_EXTENSIONS)})")
         self.size = size
+        self._decoded: Dict[int, np.ndarray] = {}  # a folder is forged from many times: decode once
+        self._cached_bytes = 0
 
-    def load(self, index: int, rng: np.random.Generator) -> np.ndarray:
+    def _decode(self, index: int) -> np.ndarray:
+        img = self._decoded.get(index)
+        if img is not None:
+            return img
         path = self.files[index]
         data = np.fromfile(str(path), np.uint8)
         bgr = cv2.imdecode(data, cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION) if data.size else None
         if bgr is None:
             raise ValueError(f"source_dir image {str(path)!r} could not be decoded")
         img = bgr[..., ::-1]
+        if self._cached_bytes + img.nbytes <= 1 << 30:  # keep at most 1 GiB of decoded photos
+            self._decoded[index] = img
+            self._cached_bytes += img.nbytes
+        return img
+
+    def load(self, index: int, rng: np.random.Generator, native: bool = False) -> np.ndarray:
+        """A random crop of file ``index``. ``native``: the crop keeps the photograph's own pixels
+        half of the time and is otherwise downscaled by at most 4x (camera traces survive);
+        else the image is first brought near the output size."""
+        img = self._decode(index)
         h, w = self.size
         ih, iw = img.shape[:2]
         s = max(h / ih, w / iw)
-        if s > 1.0 or s < 0.5:  # bring the image near the output size, then crop at random
+        if native and s <= 1.0:
+            s = 1.0 if rng.random() < 0.5 else max(s, float(np.exp(rng.uniform(np.log(0.25), 0))))
+            if s < 1.0:
+                img = cv2.resize(img, (max(w, round(iw * s)), max(h, round(ih * s))),
+                                 interpolation=cv2.INTER_AREA)
+        elif s > 1.0 or s < 0.5:  # bring the image near the output size, then crop at random
             s = s if s > 1.0 else s * float(rng.uniform(1.0, 1.5))
             img = cv2.resize(img, (max(w, round(iw * s)), max(h, round(ih * s))),
                              interpolation=cv2.INTER_AREA if s < 1 else cv2.INTER_CUBIC)
@@ -413,7 +433,8 @@ def synthesize(out_dir: Union[str, Path], n_images: int, size=256, seed: int = 0
             :func:`fastiml.data.camera.natural_scene` through a :func:`~fastiml.data.camera.render`
             camera (a splice donor through another camera), forgeries use ``photo_edits``, and
             every image, authentic or not, is finally re-saved as JPEG with probability
-            ``resave_p`` (quality 70-98: double compression for JPEG hosts), else kept lossless.
+            ``resave_p`` (quality 70-98: double compression for JPEG hosts), else kept lossless;
+            crops of ``source_dir`` photographs keep (or mildly downscale) their own pixels.
 
     Returns:
         dict with ``out_dir``, ``json`` (path of list.json), ``counts`` ({kind: n, "authentic": n}),
@@ -480,7 +501,7 @@ def synthesize(out_dir: Union[str, Path], n_images: int, size=256, seed: int = 0
             host = procedural_image(rng, (h, w), host_trace)
         else:
             host_index = int(rng.integers(len(source.files)))
-            host = source.load(host_index, rng)
+            host = source.load(host_index, rng, native=photo)
         name = f"synth_{i:0{digits}d}.{image_format}"
         if kind is None:
             host, resave = _resave(host, rng, resave_p) if photo else (host, None)
@@ -500,7 +521,7 @@ def synthesize(out_dir: Union[str, Path], n_images: int, size=256, seed: int = 0
             else:
                 other = int(rng.integers(len(source.files) - 1))
                 other += other >= host_index  # any file but the host's
-                donor = source.load(other, rng)
+                donor = source.load(other, rng, native=photo)
         img, mask, info = make_forgery(
             kind, host, rng, donor=donor, area=area, host_trace=host_trace,
             recompress_p=recompress_p, noise_mismatch_p=noise_mismatch_p,

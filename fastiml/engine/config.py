@@ -12,6 +12,8 @@ Sections and keys (every key is optional; the defaults are in :data:`DEFAULTS`):
     preload = false                 # decode the training set once into memory (augment: flips and rot90 only)
     num_workers = 2                 # DataLoader worker processes (0 = load in the training process)
     input_filter = "none"           # "highpass": the network sees the noise residual (see engine.evaluate.input_filter)
+    source_dir = ""                 # a folder of authentic photographs: `fastiml train` / `demo` forge
+    source_n = 1000                 #   source_n images from it (photo-style edits, at data.size) and add them to data.train
 
     [train]
     method = "ncl"                  # a name from fastiml.methods.available()
@@ -80,6 +82,8 @@ DEFAULTS: Dict[str, Dict[str, Any]] = {
         "preload": False,
         "num_workers": 2,
         "input_filter": "none",
+        "source_dir": "",
+        "source_n": 1000,
     },
     "train": {
         "method": "ncl",
@@ -129,7 +133,7 @@ CHOICES = {
     ("eval", "resolution"): ("native", "train"),
 }
 POSITIVE = {("data", "size"), ("train", "batch_size"), ("eval", "max_pixels"), ("eval", "tile")}
-NON_NEGATIVE = {("data", "num_workers"), ("train", "epochs"), ("train", "steps"),
+NON_NEGATIVE = {("data", "num_workers"), ("data", "source_n"), ("train", "epochs"), ("train", "steps"),
                 ("train", "time_budget_s"), ("train", "lr"), ("train", "weight_decay"),
                 ("train", "warmup_steps"), ("train", "min_lr_ratio"), ("train", "seed"),
                 ("train", "grad_clip"), ("train", "log_every"), ("train", "ckpt_every"),
