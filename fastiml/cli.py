@@ -1,8 +1,8 @@
 """The ``fastiml`` command (also ``python -m fastiml``).
 
     fastiml train    --config C [--set section.key=value ...] [--resume CKPT]
-    fastiml eval     --checkpoint CKPT --data PATH --out DIR [--robustness]
-    fastiml predict  --checkpoint CKPT --input FILE_OR_DIR --out DIR [--threshold 0.5]
+    fastiml eval     --checkpoint CKPT --data PATH --out DIR [--robustness] [--resolution native|train]
+    fastiml predict  --checkpoint CKPT --input FILE_OR_DIR --out DIR [--threshold 0.5] [--resolution native|train]
     fastiml synth    --out DIR --n N [--size S] [--seed K] [--source DIR]
     fastiml demo     --out DIR [--method ncl|bce|mpc] [--minutes M]
     fastiml bench    [NAME ...] [-- ARGS]
@@ -92,6 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--threshold", type=float, default=0.5)
     e.add_argument("--device", default="auto")
     e.add_argument("--workers", type=int, default=2)
+    _resolution_options(e)
 
     pr = sub.add_parser("predict", help="predict masks for images (heat-map overlays + masks)")
     pr.add_argument("--checkpoint", required=True, metavar="CKPT")
@@ -99,6 +100,7 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--out", required=True, metavar="DIR")
     pr.add_argument("--threshold", type=float, default=0.5)
     pr.add_argument("--device", default="auto")
+    _resolution_options(pr)
 
     s = sub.add_parser("synth", help="write a synthetic forgery data set")
     s.add_argument("--out", required=True, metavar="DIR")
@@ -126,6 +128,15 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("selftest", help="check the kernels against the references on this machine "
                    "(fastiml selftest --help for its options)", add_help=False)
     return p
+
+
+def _resolution_options(p) -> None:
+    p.add_argument("--resolution", choices=("native", "train"), default="",
+                   help="native: the image's own pixels, tiled above --max-pixels; train: resized "
+                   "as in training (default: the checkpoint's eval.resolution)")
+    p.add_argument("--max-pixels", type=int, default=0, help="native: one pass up to this many "
+                   "pixels, tiles above (default: the checkpoint's eval.max_pixels)")
+    p.add_argument("--tile", type=int, default=0, help="native: tile side (default: eval.tile)")
 
 
 def _version() -> str:
@@ -172,6 +183,8 @@ def cmd_train(args) -> int:
         cfg = load_config(None, args.overrides, base=state["config"])
     if args.resume:
         load_checkpoint(args.resume)  # a clear error before any work
+    elif os.environ.get("RANK", "0") == "0":  # under torchrun, other ranks must find the files
+        _add_source_forgeries(cfg, seed=cfg["train"]["seed"])
     result = train(cfg, resume=args.resume)
     if os.environ.get("RANK", "0") == "0":  # under torchrun, rank 0 reports
         _print(f"checkpoint: {result['checkpoint']}")
@@ -181,6 +194,30 @@ def cmd_train(args) -> int:
         for split, m in result["metrics"].items():
             _print(f"{split}: " + _metric_line(m))
     return 0
+
+
+def _add_source_forgeries(cfg: Dict, seed: int) -> None:
+    """data.source_dir: forge data.source_n photo-style images from that folder of photographs
+    (under output.dir/data/source) and add them to data.train (or make them data.train)."""
+    src = cfg["data"].get("source_dir", "")
+    if not src:
+        return
+    _require_path(src, "data.source_dir", "dir")
+    from fastiml.data import synthesize
+
+    n = int(cfg["data"]["source_n"])
+    if n < 1:
+        raise CLIError(f"data.source_n must be >= 1 with data.source_dir, got {n}")
+    out = os.path.join(cfg["output"]["dir"], "data", "source")
+    t0 = time.perf_counter()
+    r = synthesize(out, n, size=cfg["data"]["size"], seed=10_000 + seed, source_dir=src,
+                   style="photo")
+    _print(f"[data] {n} forgeries from the photographs in {src} in "
+           f"{time.perf_counter() - t0:.1f} s: {r['json']}")
+    train = cfg["data"]["train"]
+    train = [] if train in ("", []) else (list(train) if isinstance(train, list) else [train])
+    cfg["data"]["train"] = train + [r["json"]] if train else r["json"]
+    cfg["data"]["source_dir"] = ""  # done: a resumed run must not forge again
 
 
 def _metric_line(m: Dict) -> str:
@@ -205,9 +242,46 @@ def _load_model(path: str, device: str):
     return model, method, state, dev
 
 
+def _tiling(state: Dict, args):
+    """The checkpoint's [eval] table with the command line's --resolution/--max-pixels/--tile."""
+    from fastiml.engine.inference import tiling_from_config
+
+    ec = dict(state["config"].get("eval", {}))
+    for key, value in (("max_pixels", args.max_pixels), ("tile", args.tile)):
+        if value < 0:
+            raise CLIError(f"--{key.replace('_', '-')} must be >= 1, got {value}")
+        if value:
+            ec[key] = value
+    try:
+        return tiling_from_config(ec, args.resolution)
+    except ValueError as e:
+        raise CLIError(str(e)) from None
+
+
+def _synth_kinds(data: str) -> Dict[str, str]:
+    """{image path: forgery kind} from the meta.json that `fastiml synth` writes beside list.json."""
+    folder = os.path.dirname(data) if os.path.isfile(data) else data
+    meta = os.path.join(folder, "meta.json")
+    if not os.path.isfile(meta):
+        return {}
+    try:
+        with open(meta, encoding="utf-8") as f:
+            items = json.load(f)
+        return {os.path.normpath(os.path.join(folder, it["image"])): str(it["kind"]) for it in items}
+    except (OSError, ValueError, KeyError, TypeError):
+        return {}
+
+
+PER_IMAGE_COLUMNS = ("file", "kind", "tampered", "pixel_f1", "pixel_iou", "pixel_auc",
+                     "image_score", "height", "width")
+
+
 def cmd_eval(args) -> int:
+    import csv
+
     from fastiml.data import ForgeryDataset
     from fastiml.engine import evaluate, robustness
+    from fastiml.metrics import per_image_metrics
 
     if args.batch_size < 1:
         raise CLIError(f"--batch-size must be >= 1, got {args.batch_size}")
@@ -219,23 +293,66 @@ def cmd_eval(args) -> int:
     out = _writable_dir(args.out)
     dc = state["config"]["data"]
     amp = state["config"]["train"].get("amp", "off")
-    ds = ForgeryDataset(args.data, size=dc["size"], mode=dc["mode"])
-    kw = dict(batch_size=args.batch_size, device=dev, amp=amp, num_workers=max(0, args.workers),
-              threshold=args.threshold, input_filter_kind=dc.get("input_filter", "none"))
-    metrics = evaluate(model, method, ds, **kw)
+    tiling = _tiling(state, args)
+    mode = "native" if tiling is not None else dc["mode"]  # native: images differ in size
+    ds = ForgeryDataset(args.data, size=dc["size"], mode=mode)
+    kw = dict(batch_size=1 if tiling is not None else args.batch_size, device=dev, amp=amp,
+              num_workers=max(0, args.workers), threshold=args.threshold,
+              input_filter_kind=dc.get("input_filter", "none"), tiling=tiling)
+    kinds, rows = _synth_kinds(args.data), []
+
+    def per_image(batch, prob):  # the loader goes through ds in order (one process)
+        for b in range(prob.shape[0]):
+            img_path = ds.samples[len(rows)][0]
+            r = per_image_metrics(prob[b, 0], batch["mask"][b], batch["valid"][b], args.threshold)
+            kind = kinds.get(os.path.normpath(img_path), "" if r["tampered"] else "authentic")
+            rows.append([os.path.relpath(img_path, os.path.dirname(os.path.abspath(args.data))
+                                         if os.path.isfile(args.data) else args.data),
+                         kind, int(r["tampered"])]
+                        + [_csv_num(r.get(k)) for k in ("f1", "iou", "auc", "score")]
+                        + [int(v) for v in batch["size"][b]])
+
+    metrics = evaluate(model, method, ds, on_batch=per_image, **kw)
     result = dict(metrics)
     result.update(checkpoint=os.path.abspath(args.checkpoint), data=os.path.abspath(args.data),
                   method=state["method"]["name"], size=dc["size"], mode=dc["mode"],
+                  resolution="native" if tiling is not None else "train",
                   threshold=args.threshold)
-    _print(f"{len(ds)} images: " + _metric_line(metrics))
+    by_kind = _metrics_by_kind(rows)
+    if by_kind:
+        result["by_kind"] = by_kind
+    _print(f"{len(ds)} images ({result['resolution']} resolution): " + _metric_line(metrics))
+    for kind, m in by_kind.items():
+        _print(f"  {kind} ({m['n']} images): pixel_f1 {_fmt(m['pixel_f1'])}, "
+               f"pixel_auc {_fmt(m['pixel_auc'])}")
     if args.robustness:
         result["robustness"] = robustness(model, method, args.data, size=dc["size"],
-                                          mode=dc["mode"], log=_print, **kw)
+                                          mode=mode, log=_print, **kw)
     path = os.path.join(out, "metrics.json")
     with open(path, "w", encoding="utf-8") as f:
         json.dump(result, f, indent=2)
-    _print(f"wrote {path}")
+    with open(os.path.join(out, "per_image.csv"), "w", newline="", encoding="utf-8") as f:
+        w = csv.writer(f)
+        w.writerow(PER_IMAGE_COLUMNS)
+        w.writerows(rows)
+    _print(f"wrote {path} and per_image.csv")
     return 0
+
+
+def _csv_num(x) -> str:
+    return "" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.6g}"
+
+
+def _metrics_by_kind(rows: List[list]) -> Dict[str, Dict]:
+    """Mean pixel F1 / AUC of the tampered images of each forgery kind (per_image.csv's rows)."""
+    out: Dict[str, Dict] = {}
+    for kind in sorted({r[1] for r in rows if r[2] and r[1]}):
+        sel = [r for r in rows if r[1] == kind and r[2]]
+        f1 = [float(r[3]) for r in sel]
+        auc = [float(r[5]) for r in sel if r[5] != ""]
+        out[kind] = {"n": len(sel), "pixel_f1": sum(f1) / len(f1),
+                     "pixel_auc": sum(auc) / len(auc) if auc else float("nan")}
+    return out
 
 
 def _list_images(path: str) -> List[str]:
@@ -266,10 +383,12 @@ def cmd_predict(args) -> int:
     out = _writable_dir(args.out)
     dc = state["config"]["data"]
     amp = state["config"]["train"].get("amp", "off")
+    tiling = _tiling(state, args)
     for path in files:
         img = read_image(path)  # ValueError naming the file when it cannot be decoded
         prob = predict_image(model, method, img, size=dc["size"], mode=dc["mode"], device=dev,
-                             amp=amp, input_filter_kind=dc.get("input_filter", "none"))
+                             amp=amp, input_filter_kind=dc.get("input_filter", "none"),
+                             tiling=tiling)
         stem = Path(path).stem
         write_png(os.path.join(out, f"{stem}_overlay.png"), heatmap_overlay(img, prob))
         write_png(os.path.join(out, f"{stem}_mask.png"), binary_mask(prob, args.threshold))
@@ -401,6 +520,9 @@ def cmd_demo(args) -> int:
            f"under {os.path.join(out, 'data')}")
     synthesize(train_dir, n_train, size=size, seed=2 * args.seed + 1, **synth_options)
     synthesize(test_dir, n_test, size=size, seed=2 * args.seed + 2, **synth_options)
+    cfg["data"]["train"] = os.path.join(train_dir, "list.json")
+    cfg["data"]["test"] = os.path.join(test_dir, "list.json")
+    _add_source_forgeries(cfg, seed=args.seed)  # photographs mixed in (data.source_dir)
     t_data = time.perf_counter() - t0
     _print(f"[demo] data ready in {t_data:.1f} s")
 
@@ -410,8 +532,6 @@ def cmd_demo(args) -> int:
     if budget < 10:
         raise CLIError(f"--minutes {args.minutes:g} leaves no time to train "
                        f"(data synthesis took {t_data:.0f} s); give it more minutes")
-    cfg["data"]["train"] = os.path.join(train_dir, "list.json")
-    cfg["data"]["test"] = os.path.join(test_dir, "list.json")
     cfg["train"]["time_budget_s"] = float(budget)
     cfg["train"]["seed"] = args.seed
     _print(f"[demo] training {args.method} on the CPU for {budget:.0f} s "

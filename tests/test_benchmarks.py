@@ -167,3 +167,15 @@ def test_plot_runs_or_explains(tmp_path):
     assert {e["provider"]: e["status"] for e in entries} == {"fused": "ok",
                                                             "reference": "skipped (x)"}
     assert plot.main(["--csv", str(csv_path), "--out", str(tmp_path / "plots")]) == 0
+
+
+def test_bench_accuracy_table():
+    from benchmarks import bench_accuracy
+    metrics = {"pixel_f1": 0.5, "pixel_auc": 0.8, "image_auc": 0.7,
+               "by_kind": {"splice": {"n": 3, "pixel_f1": 0.6, "pixel_auc": 0.9},
+                           "copymove": {"n": 2, "pixel_f1": 0.25, "pixel_auc": 0.6}}}
+    s = bench_accuracy._summary(metrics)
+    assert s["splice_f1"] == 0.6 and s["copymove_auc"] == 0.6 and "inpaint_f1" not in s
+    row = {"method": "ncl", "seed": 0, "steps": 10, "synthetic": s, "photos": s}
+    lines = bench_accuracy.table([row]).splitlines()
+    assert len(lines) == 4 and "| ncl | 0 | 10 | photos | 0.500 | 0.800 | 0.600 / 0.900 | 0.250 / 0.600 | nan / nan |" in lines

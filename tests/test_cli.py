@@ -135,6 +135,10 @@ def runs(tmp_path_factory):
     wave1 = {name: fill(argv) for name, (argv, _) in NO_CKPT_CASES.items()}
     wave1["train"] = ["train", "--config", str(tmp / "ok.toml")]
     wave1["synth"] = ["synth", "--out", str(tmp / "synth"), "--n", "3", "--size", "24"]
+    # a folder of photographs instead of a data set: forged on the fly (data.source_dir)
+    wave1["train_source"] = ["train", "--config", str(tmp / "ok.toml"), "--set", "data.train=",
+                             "--set", f"data.source_dir={tmp / 'photos'}", "--set",
+                             "data.source_n=5", "--set", f"output.dir={tmp / 'run_src'}"]
     results = _run_all(wave1)
 
     ckpt = tmp / "run" / "model.pt"
@@ -175,6 +179,15 @@ def test_train_eval_predict(runs):
     for key in REQUIRED:
         assert key in metrics
     assert metrics["n_images"] == 4 and metrics["method"] == "bce"
+    assert metrics["resolution"] == "native"  # the default: the images' own pixels
+    # per_image.csv: one row per image, forgery kinds from the synth set's meta.json
+    rows = (tmp / "eval" / "per_image.csv").read_text().splitlines()
+    assert rows[0].split(",")[:4] == ["file", "kind", "tampered", "pixel_f1"] and len(rows) == 5
+    meta = {m["image"]: m["kind"] for m in json.loads((tmp / "data" / "meta.json").read_text())}
+    for line in rows[1:]:
+        f, kind, tampered = line.split(",")[:3]
+        assert kind == meta[f] and tampered == str(int(kind != "authentic"))
+    assert set(metrics["by_kind"]) == {k for k in meta.values() if k != "authentic"}
 
     _ok(r["predict_file"])
     mask = cv2.imread(str(tmp / "pred1" / "photo_mask.png"), cv2.IMREAD_UNCHANGED)
@@ -186,6 +199,15 @@ def test_train_eval_predict(runs):
     assert cv2.imread(str(tmp / "pred2" / "a_mask.png"), cv2.IMREAD_UNCHANGED).shape == (37, 53)
     assert cv2.imread(str(tmp / "pred2" / "b_mask.png"), cv2.IMREAD_UNCHANGED).shape == (29, 41)
     assert (tmp / "pred2" / "b_overlay.png").is_file()
+
+
+def test_train_on_a_folder_of_photographs(runs):
+    tmp, r = runs
+    _ok(r["train_source"])
+    meta = json.loads((tmp / "run_src" / "data" / "source" / "meta.json").read_text())
+    assert len(meta) == 5 and (tmp / "run_src" / "model.pt").is_file()
+    state = torch.load(tmp / "run_src" / "model.pt", weights_only=True)
+    assert state["config"]["data"]["train"].endswith("list.json")
 
 
 def test_resume_from_the_command_line(runs):

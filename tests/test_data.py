@@ -94,7 +94,7 @@ def test_resize_or_pad_function():
         assert o.shape == (64, 64, 3) and m.shape == (64, 64) and v.shape == (64, 64) and v.dtype == bool
         assert set(np.unique(m)) <= {0, 1}
     assert v.sum() == 31 * 17
-    with pytest.raises(ValueError, match="mode must be 'resize' or 'pad'"):
+    with pytest.raises(ValueError, match="mode must be 'resize', 'pad' or 'native'"):
         resize_or_pad(img, mask, 64, "crop")
     with pytest.raises(ValueError, match="mask must be an array"):
         resize_or_pad(img, mask[:5], 64)

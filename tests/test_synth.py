@@ -64,10 +64,11 @@ def test_reproducible_bytes(tmp_path, synth_dir):
     assert _digest(out) == _digest(again["out_dir"])
     other = synthesize(tmp_path / "other", n_images=24, size=64, seed=4, authentic_fraction=0.25)
     assert _digest(out) != _digest(other["out_dir"])
-    # Re-running into the same folder with fewer images leaves no stale files behind.
+    # Re-running into the same folder with fewer images leaves no stale files behind
+    # (images, masks, list.json and meta.json).
     synthesize(tmp_path / "other", n_images=5, size=64, seed=4)
     assert sum(len(fs) for _, _, fs in os.walk(tmp_path / "other")) == 5 + sum(
-        m != "Negative" for _, m in json.loads((tmp_path / "other" / "list.json").read_text())) + 1
+        m != "Negative" for _, m in json.loads((tmp_path / "other" / "list.json").read_text())) + 2
 
 
 def test_loads_back_through_dataset(synth_dir):

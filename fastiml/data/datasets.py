@@ -262,6 +262,8 @@ class ForgeryDataset(Dataset):
         size: output side S.
         mode: ``"resize"`` (stretch to S x S) or ``"pad"`` (downscale to fit if larger, then pad
             bottom/right with zeros; ``valid`` marks the real pixels). One of the two, explicitly.
+            ``"native"`` (evaluation at the image's own resolution) keeps every image as it is:
+            items then differ in size (batch size 1).
         augment: training augmentation ``fn(img, mask, rng) -> (img, mask)`` (e.g.
             :class:`fastiml.data.Augment`), applied at original resolution after ``degrade``. Its
             generator is seeded from torch's RNG, so it differs per DataLoader worker and epoch and
@@ -296,8 +298,8 @@ class ForgeryDataset(Dataset):
                  seed: int = 0):
         if isinstance(size, bool) or not isinstance(size, (int, np.integer)) or size < 1:
             raise ValueError(f"size must be a positive int, got {size!r}")
-        if mode not in ("resize", "pad"):
-            raise ValueError(f"mode must be 'resize' or 'pad', got {mode!r}")
+        if mode not in ("resize", "pad", "native"):
+            raise ValueError(f"mode must be 'resize', 'pad' or 'native', got {mode!r}")
         if on_error not in ("warn", "raise"):
             raise ValueError(f"on_error must be 'warn' or 'raise', got {on_error!r}")
         if check not in ("full", "header", "none"):

@@ -7,6 +7,7 @@ reads::
     out_dir/Gt/synth_00000.png    their masks (0 / 255, same stem as the image)
     out_dir/Au/synth_00003.png    authentic images (no mask)
     out_dir/list.json             [[image, mask], ...] relative to out_dir; mask "Negative" for Au
+    out_dir/meta.json             per image: image, mask, kind ("authentic" for Au), area, post, ...
 
 Forgeries (the mask is always the hard region whose pixels were changed):
 
@@ -39,11 +40,16 @@ from typing import Dict, List, Optional, Sequence, Tuple, Union
 import cv2
 import numpy as np
 
+from .camera import jpeg_save, natural_scene, random_camera, render
 from .procedural import CameraTrace, _hw, jpeg_roundtrip, procedural_image, random_trace
 
-__all__ = ["synthesize", "random_region", "make_forgery", "KINDS"]
+__all__ = ["synthesize", "random_region", "make_forgery", "KINDS", "STYLES"]
 
 KINDS = ("splice", "copymove", "inpaint")
+#: Built-in generators: "classic" (procedural scenes + CameraTrace, plain edits) and "photo"
+#: (fastiml.data.camera: dead-leaves scenes through a simulated camera, edits as people make them,
+#: a final re-save of every image).
+STYLES = ("classic", "photo")
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 _OWN_FILE = re.compile(r"^synth_\d+\.(png|jpg)$")
 _PLAN_STREAM = 2**32 - 1  # SeedSequence word that separates the plan stream from per-image ones
@@ -160,14 +166,39 @@ def _composite(base: np.ndarray, fill: np.ndarray, mask: np.ndarray) -> np.ndarr
     return np.where(mask[..., None].astype(bool), fill, base)
 
 
-def _splice(host: np.ndarray, donor: np.ndarray, mask: np.ndarray, rng: np.random.Generator) -> Dict:
+def _splice(host: np.ndarray, donor: np.ndarray, mask: np.ndarray, rng: np.random.Generator,
+            photo_edits: bool = False) -> Dict:
     # The donor is a whole other image of the host's size, so its content at the region is as
     # random as any; a mirrored donor adds variety for small source folders.
     flip = bool(rng.random() < 0.5)
-    return {"image": _composite(host, donor[:, ::-1] if flip else donor, mask), "flip": flip}
+    donor = donor[:, ::-1] if flip else donor
+    if not photo_edits:
+        return {"image": _composite(host, donor, mask), "flip": flip}
+    # As an editor pastes: the donor resized / rotated to fit, its colours matched to the host
+    # around the region, its edge feathered (the mask stays the hard region).
+    h, w = mask.shape
+    angle, scale = float(rng.uniform(-20, 20)), float(np.exp(rng.uniform(-0.4, 0.4)))
+    m = cv2.getRotationMatrix2D((w / 2.0, h / 2.0), angle, scale)
+    donor = cv2.warpAffine(np.ascontiguousarray(donor), m, (w, h), flags=cv2.INTER_LINEAR,
+                           borderMode=cv2.BORDER_REFLECT_101).astype(np.float32)
+    sel = mask.astype(bool)
+    if rng.random() < 0.7:
+        hm, hs = host[sel].mean(0), host[sel].std(0) + 1.0
+        dm, ds = donor[sel].mean(0), donor[sel].std(0) + 1.0
+        t = float(rng.uniform(0.3, 1.0))  # partial colour transfer
+        donor = (donor - dm) * (1 - t + t * hs / ds) + (1 - t) * dm + t * hm
+    feather = float(rng.choice([0.0, rng.uniform(0.5, 2.0)]))
+    alpha = mask.astype(np.float32)
+    if feather > 0:
+        alpha = cv2.GaussianBlur(alpha, (0, 0), feather)
+        alpha = np.where(sel, np.maximum(alpha, 0.5), np.minimum(alpha, 0.5))  # hard region = mask
+    out = host.astype(np.float32) * (1 - alpha[..., None]) + donor * alpha[..., None]
+    return {"image": np.clip(out + 0.5, 0, 255).astype(np.uint8), "flip": flip, "angle": angle,
+            "scale": scale, "feather": feather}
 
 
-def _copymove(img: np.ndarray, mask: np.ndarray, rng: np.random.Generator) -> Dict:
+def _copymove(img: np.ndarray, mask: np.ndarray, rng: np.random.Generator,
+              photo_edits: bool = False) -> Dict:
     h, w = mask.shape
     ys, xs = np.nonzero(mask)
     c_dst = np.array([xs.mean(), ys.mean()])
@@ -186,8 +217,11 @@ def _copymove(img: np.ndarray, mask: np.ndarray, rng: np.random.Generator) -> Di
     # M maps source coordinates to destination ones: rotate/scale about c_src, then move to c_dst.
     m = cv2.getRotationMatrix2D((float(c_src[0]), float(c_src[1])), angle, scale)
     m[:, 2] += c_dst - c_src
+    flip = bool(photo_edits and rng.random() < 0.3)
+    if flip:  # mirrored about the vertical line through the destination centre
+        m = np.array([[-1.0, 0.0, 2.0 * c_dst[0]], [0.0, 1.0, 0.0]]) @ np.vstack([m, [0.0, 0.0, 1.0]])
     moved = cv2.warpAffine(img, m, (w, h), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REFLECT_101)
-    return {"image": _composite(img, moved, mask), "angle": angle, "scale": scale}
+    return {"image": _composite(img, moved, mask), "angle": angle, "scale": scale, "flip": flip}
 
 
 def _inpaint(img: np.ndarray, mask: np.ndarray, rng: np.random.Generator) -> Dict:
@@ -235,8 +269,8 @@ def _boundary_blur(img: np.ndarray, mask: np.ndarray, rng: np.random.Generator) 
 def make_forgery(kind: str, host: np.ndarray, rng: np.random.Generator, *,
                  donor: Optional[np.ndarray] = None, area: Tuple[float, float] = (0.05, 0.5),
                  host_trace: Optional[CameraTrace] = None, recompress_p: float = 0.5,
-                 noise_mismatch_p: float = 0.5, boundary_blur_p: float = 0.5
-                 ) -> Tuple[np.ndarray, np.ndarray, Dict]:
+                 noise_mismatch_p: float = 0.5, boundary_blur_p: float = 0.5,
+                 photo_edits: bool = False) -> Tuple[np.ndarray, np.ndarray, Dict]:
     """Forge one image.
 
     Args:
@@ -248,6 +282,8 @@ def make_forgery(kind: str, host: np.ndarray, rng: np.random.Generator, *,
         host_trace: the host's camera trace if known: re-compression then picks a quality >= 15
             away from the host's, and added noise is scaled to stand out over the host's noise.
         recompress_p, noise_mismatch_p, boundary_blur_p: probabilities of the post-processing steps.
+        photo_edits: edits as people make them: a spliced donor resized / rotated, colour-matched
+            and feathered; copy-moved regions sometimes mirrored.
 
     Returns:
         (image uint8 [H, W, 3] RGB, mask uint8 [H, W] in {0, 1}, info dict of what was done).
@@ -259,9 +295,9 @@ def make_forgery(kind: str, host: np.ndarray, rng: np.random.Generator, *,
         if donor is None or donor.shape != host.shape:
             raise ValueError("splice needs a donor image with the host's shape "
                              f"{host.shape}, got {None if donor is None else donor.shape}")
-        res = _splice(host, donor, mask, rng)
+        res = _splice(host, donor, mask, rng, photo_edits)
     elif kind == "copymove":
-        res = _copymove(host, mask, rng)
+        res = _copymove(host, mask, rng, photo_edits)
     elif kind == "inpaint":
         res = _inpaint(host, mask, rng)
     else:
@@ -298,18 +334,38 @@ class _FileSource:
         if not self.files:
             raise ValueError(f"source_dir {str(folder)!r} holds no image ({', '.join(IMAGE_EXTENSIONS)})")
         self.size = size
+        self._decoded: Dict[int, np.ndarray] = {}  # a folder is forged from many times: decode once
+        self._cached_bytes = 0
 
-    def load(self, index: int, rng: np.random.Generator) -> np.ndarray:
+    def _decode(self, index: int) -> np.ndarray:
+        img = self._decoded.get(index)
+        if img is not None:
+            return img
         path = self.files[index]
         data = np.fromfile(str(path), np.uint8)
         bgr = cv2.imdecode(data, cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION) if data.size else None
         if bgr is None:
             raise ValueError(f"source_dir image {str(path)!r} could not be decoded")
         img = bgr[..., ::-1]
+        if self._cached_bytes + img.nbytes <= 1 << 30:  # keep at most 1 GiB of decoded photos
+            self._decoded[index] = img
+            self._cached_bytes += img.nbytes
+        return img
+
+    def load(self, index: int, rng: np.random.Generator, native: bool = False) -> np.ndarray:
+        """A random crop of file ``index``. ``native``: the crop keeps the photograph's own pixels
+        half of the time and is otherwise downscaled by at most 4x (camera traces survive);
+        else the image is first brought near the output size."""
+        img = self._decode(index)
         h, w = self.size
         ih, iw = img.shape[:2]
         s = max(h / ih, w / iw)
-        if s > 1.0 or s < 0.5:  # bring the image near the output size, then crop at random
+        if native and s <= 1.0:
+            s = 1.0 if rng.random() < 0.5 else max(s, float(np.exp(rng.uniform(np.log(0.25), 0))))
+            if s < 1.0:
+                img = cv2.resize(img, (max(w, round(iw * s)), max(h, round(ih * s))),
+                                 interpolation=cv2.INTER_AREA)
+        elif s > 1.0 or s < 0.5:  # bring the image near the output size, then crop at random
             s = s if s > 1.0 else s * float(rng.uniform(1.0, 1.5))
             img = cv2.resize(img, (max(w, round(iw * s)), max(h, round(ih * s))),
                              interpolation=cv2.INTER_AREA if s < 1 else cv2.INTER_CUBIC)
@@ -331,6 +387,14 @@ def _write_image(path: Path, img: np.ndarray) -> None:
     buf.tofile(str(path))
 
 
+def _resave(img: np.ndarray, rng: np.random.Generator, p: float) -> Tuple[np.ndarray, Optional[int]]:
+    """The edited (or authentic) image saved once more: JPEG with probability p, else lossless."""
+    if rng.random() >= p:
+        return img, None
+    q = int(rng.integers(70, 99))
+    return jpeg_save(img, q, chroma420=bool(rng.random() < 0.8)), q
+
+
 def _check_prob(name: str, p: float) -> float:
     try:
         p = float(p)
@@ -345,7 +409,8 @@ def synthesize(out_dir: Union[str, Path], n_images: int, size=256, seed: int = 0
                source_dir: Optional[Union[str, Path]] = None, kinds: Sequence[str] = KINDS,
                authentic_fraction: float = 0.2, area: Tuple[float, float] = (0.05, 0.5),
                recompress_p: float = 0.5, noise_mismatch_p: float = 0.5,
-               boundary_blur_p: float = 0.5, image_format: str = "png") -> Dict:
+               boundary_blur_p: float = 0.5, image_format: str = "png", style: str = "classic",
+               resave_p: float = 0.7) -> Dict:
     """Write a synthetic forgery data set (see the module docstring for the layout).
 
     Args:
@@ -364,6 +429,12 @@ def synthesize(out_dir: Union[str, Path], n_images: int, size=256, seed: int = 0
         recompress_p, noise_mismatch_p, boundary_blur_p: per-image probabilities of region-level
             JPEG re-compression, noise-level mismatch and boundary blur.
         image_format: "png" (lossless; byte-reproducible) or "jpg" (quality 95; masks stay PNG).
+        style: "classic" or "photo" (see :data:`STYLES`). With "photo", procedural images are
+            :func:`fastiml.data.camera.natural_scene` through a :func:`~fastiml.data.camera.render`
+            camera (a splice donor through another camera), forgeries use ``photo_edits``, and
+            every image, authentic or not, is finally re-saved as JPEG with probability
+            ``resave_p`` (quality 70-98: double compression for JPEG hosts), else kept lossless;
+            crops of ``source_dir`` photographs keep (or mildly downscale) their own pixels.
 
     Returns:
         dict with ``out_dir``, ``json`` (path of list.json), ``counts`` ({kind: n, "authentic": n}),
@@ -383,6 +454,10 @@ def synthesize(out_dir: Union[str, Path], n_images: int, size=256, seed: int = 0
     noise_mismatch_p = _check_prob("noise_mismatch_p", noise_mismatch_p)
     boundary_blur_p = _check_prob("boundary_blur_p", boundary_blur_p)
     _check_area(area)
+    if style not in STYLES:
+        raise ValueError(f"style must be one of {STYLES}, got {style!r}")
+    resave_p = _check_prob("resave_p", resave_p)
+    photo = style == "photo"
     if image_format not in ("png", "jpg"):
         raise ValueError(f"image_format must be 'png' or 'jpg', got {image_format!r}")
     n_auth = int(round(n_images * authentic_fraction))
@@ -418,32 +493,43 @@ def synthesize(out_dir: Union[str, Path], n_images: int, size=256, seed: int = 0
         rng = np.random.default_rng([int(seed), i])
         kind = plan[i]
         host_trace: Optional[CameraTrace] = None
-        if source is None:
+        if source is None and photo:
+            host_trace = random_camera(rng)
+            host = render(natural_scene(rng, (h, w)), host_trace, rng)
+        elif source is None:
             host_trace = random_trace(rng)
             host = procedural_image(rng, (h, w), host_trace)
         else:
             host_index = int(rng.integers(len(source.files)))
-            host = source.load(host_index, rng)
+            host = source.load(host_index, rng, native=photo)
         name = f"synth_{i:0{digits}d}.{image_format}"
         if kind is None:
+            host, resave = _resave(host, rng, resave_p) if photo else (host, None)
             _write_image(dirs["Au"] / name, host)
             pairs.append([f"Au/{name}", "Negative"])
             items.append({"image": f"Au/{name}", "mask": "Negative", "kind": "authentic", "area": 0.0,
-                          "post": []})
+                          "post": [] if resave is None else [f"resave{resave}"]})
             counts["authentic"] += 1
             continue
         donor = None
         if kind == "splice":
-            if source is None:
+            if source is None and photo:
+                donor = render(natural_scene(rng, (h, w)), random_camera(rng, different_from=host_trace),
+                               rng)
+            elif source is None:
                 donor = procedural_image(rng, (h, w), random_trace(rng, different_from=host_trace))
             else:
                 other = int(rng.integers(len(source.files) - 1))
                 other += other >= host_index  # any file but the host's
-                donor = source.load(other, rng)
+                donor = source.load(other, rng, native=photo)
         img, mask, info = make_forgery(
             kind, host, rng, donor=donor, area=area, host_trace=host_trace,
             recompress_p=recompress_p, noise_mismatch_p=noise_mismatch_p,
-            boundary_blur_p=boundary_blur_p)
+            boundary_blur_p=boundary_blur_p, photo_edits=photo)
+        if photo:
+            img, resave = _resave(img, rng, resave_p)
+            if resave is not None:
+                info["post"].append(f"resave{resave}")
         mask_name = f"synth_{i:0{digits}d}.png"
         _write_image(dirs["Tp"] / name, img)
         _write_image(dirs["Gt"] / mask_name, mask * np.uint8(255))
@@ -455,6 +541,9 @@ def synthesize(out_dir: Union[str, Path], n_images: int, size=256, seed: int = 0
     json_path = out / "list.json"
     with open(json_path, "w") as f:
         json.dump(pairs, f, indent=0)
+        f.write("\n")
+    with open(out / "meta.json", "w") as f:  # `fastiml eval` reads the kinds for per_image.csv
+        json.dump(items, f, indent=0)
         f.write("\n")
     return {"out_dir": str(out), "json": str(json_path), "n_images": n_images, "counts": counts,
             "items": items}

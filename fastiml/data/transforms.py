@@ -46,6 +46,7 @@ def resize_or_pad(img: np.ndarray, mask: np.ndarray, size: int, mode: str = "res
       aspect ratio (image area-averaged, mask nearest-exact); then zeros are added at the bottom and
       right (IMDL-BenCo's convention). ``valid`` is True on the real pixels only; metrics ignore
       the rest.
+    - ``"native"``: unchanged (inference at the image's own resolution); ``size`` is not used.
 
     Args:
         img: uint8 [H, W, 3]. mask: uint8 [H, W] (any values; nearest keeps them).
@@ -58,6 +59,8 @@ def resize_or_pad(img: np.ndarray, mask: np.ndarray, size: int, mode: str = "res
     if isinstance(size, bool) or not isinstance(size, (int, np.integer)) or size < 1:
         raise ValueError(f"size must be a positive int, got {size!r}")
     h, w = img.shape[:2]
+    if mode == "native":
+        return img, mask, np.ones((h, w), bool)
     if mode == "resize":
         if (h, w) != (size, size):
             img = cv2.resize(img, (size, size), interpolation=cv2.INTER_LINEAR)
@@ -77,7 +80,7 @@ def resize_or_pad(img: np.ndarray, mask: np.ndarray, size: int, mode: str = "res
         out_mask[:h, :w] = mask
         valid[:h, :w] = True
         return out_img, out_mask, valid
-    raise ValueError(f"mode must be 'resize' or 'pad', got {mode!r}")
+    raise ValueError(f"mode must be 'resize', 'pad' or 'native', got {mode!r}")
 
 
 # ----------------------------------------------------------------------------------------------

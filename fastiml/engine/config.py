@@ -12,6 +12,8 @@ Sections and keys (every key is optional; the defaults are in :data:`DEFAULTS`):
     preload = false                 # decode the training set once into memory (augment: flips and rot90 only)
     num_workers = 2                 # DataLoader worker processes (0 = load in the training process)
     input_filter = "none"           # "highpass": the network sees the noise residual (see engine.evaluate.input_filter)
+    source_dir = ""                 # a folder of authentic photographs: `fastiml train` / `demo` forge
+    source_n = 1000                 #   source_n images from it (photo-style edits, at data.size) and add them to data.train
 
     [train]
     method = "ncl"                  # a name from fastiml.methods.available()
@@ -39,6 +41,12 @@ Sections and keys (every key is optional; the defaults are in :data:`DEFAULTS`):
     [method]                        # passed to fastiml.methods.build(train.method, **method)
     model = { encoder = "resnet18", base_width = 64 }
     loss = { patch = 4 }
+
+    [eval]                          # how `fastiml eval` / `predict` (and the demo's report) see an image
+    resolution = "native"           # "native": its own pixels (tiled when large); "train": resized as data.size / data.mode
+    max_pixels = 1048576            # native: images up to this many pixels in one pass ...
+    tile = 768                      # ... larger ones in tile x tile tiles
+    overlap = 96                    # pixels shared by neighbouring tiles (blended; see engine.inference)
 
     [output]
     dir = "runs/fastiml"
@@ -74,6 +82,8 @@ DEFAULTS: Dict[str, Dict[str, Any]] = {
         "preload": False,
         "num_workers": 2,
         "input_filter": "none",
+        "source_dir": "",
+        "source_n": 1000,
     },
     "train": {
         "method": "ncl",
@@ -99,6 +109,12 @@ DEFAULTS: Dict[str, Dict[str, Any]] = {
         "progress": True,
     },
     "method": {},
+    "eval": {
+        "resolution": "native",
+        "max_pixels": 1024 * 1024,
+        "tile": 768,
+        "overlap": 96,
+    },
     "output": {
         "dir": "runs/fastiml",
     },
@@ -114,13 +130,15 @@ CHOICES = {
     ("data", "input_filter"): ("none", "highpass"),
     ("train", "amp"): ("auto", "bf16", "fp16", "off"),
     ("train", "batchnorm"): ("batch", "frozen", "sync"),
+    ("eval", "resolution"): ("native", "train"),
 }
-POSITIVE = {("data", "size"), ("train", "batch_size")}
-NON_NEGATIVE = {("data", "num_workers"), ("train", "epochs"), ("train", "steps"),
+POSITIVE = {("data", "size"), ("train", "batch_size"), ("eval", "max_pixels"), ("eval", "tile")}
+NON_NEGATIVE = {("data", "num_workers"), ("data", "source_n"), ("train", "epochs"), ("train", "steps"),
                 ("train", "time_budget_s"), ("train", "lr"), ("train", "weight_decay"),
                 ("train", "warmup_steps"), ("train", "min_lr_ratio"), ("train", "seed"),
                 ("train", "grad_clip"), ("train", "log_every"), ("train", "ckpt_every"),
-                ("train", "eval_every"), ("train", "eval_batch_size"), ("train", "threads")}
+                ("train", "eval_every"), ("train", "eval_batch_size"), ("train", "threads"),
+                ("eval", "overlap")}
 
 
 class ConfigError(ValueError):
@@ -300,6 +318,9 @@ def load_config(path: Optional[str] = None, overrides: Iterable[str] = (),
     cfg = copy.deepcopy(base) if base is not None else default_config()
     for section in DEFAULTS:
         cfg.setdefault(section, copy.deepcopy(DEFAULTS[section]))
+        if section not in FREE_FORM:  # a checkpoint's config from before a key existed
+            for name, value in DEFAULTS[section].items():
+                cfg[section].setdefault(name, copy.deepcopy(value))
     if path is not None:
         _merge_file(cfg, read_toml(path), os.fspath(path))
     for item in overrides:

@@ -22,6 +22,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from fastiml.data import ROBUSTNESS_PROTOCOL, Degrade, ForgeryDataset, resize_or_pad
 from fastiml.engine import distributed as D
 from fastiml.engine.checkpoint import unwrap
+from fastiml.engine.inference import Tiling, predict_tiled
 from fastiml.metrics import IMLMetrics
 
 __all__ = ["evaluate", "robustness", "predict_image", "resolve_amp", "autocast", "ShardSampler",
@@ -112,7 +113,8 @@ def _to_device(batch: Dict, device: torch.device) -> Dict:
 def evaluate(model: nn.Module, method, dataset: Dataset, *, batch_size: int = 8,
              device: Optional[torch.device] = None, amp: str = "off", num_workers: int = 0,
              threshold: float = 0.5, input_filter_kind: str = "none",
-             on_batch: Optional[Callable[[Dict, torch.Tensor], None]] = None) -> Dict:
+             on_batch: Optional[Callable[[Dict, torch.Tensor], None]] = None,
+             tiling: Optional[Tiling] = None) -> Dict:
     """Metrics of ``method``'s predictions on ``dataset``.
 
     Args:
@@ -125,6 +127,9 @@ def evaluate(model: nn.Module, method, dataset: Dataset, *, batch_size: int = 8,
         amp: as :func:`resolve_amp`. threshold: pixel / image decision threshold.
         input_filter_kind: as :func:`input_filter` (the training config's ``data.input_filter``).
         on_batch: called as ``on_batch(batch, prob)`` for every batch (e.g. to save overlays).
+        tiling: for images at their own resolution (``ForgeryDataset(mode="native")``, batch
+            size 1): large ones go through in blended tiles (:func:`fastiml.engine.inference.
+            predict_tiled`). None: the whole batch in one pass.
 
     Returns:
         the :meth:`IMLMetrics.compute` dict (``pixel_f1``, ``pixel_iou``, ``pixel_precision``,
@@ -147,7 +152,9 @@ def evaluate(model: nn.Module, method, dataset: Dataset, *, batch_size: int = 8,
         for batch in loader:
             batch = _to_device(batch, device)
             with autocast(device, dtype):
-                prob = method.predict(net, input_filter(batch["image"], input_filter_kind))
+                x = input_filter(batch["image"], input_filter_kind)
+                prob = (method.predict(net, x) if tiling is None
+                        else predict_tiled(lambda t: method.predict(net, t), x, tiling))
             prob = prob.float().clamp_(0.0, 1.0)
             metrics.update(prob, batch["mask"], batch.get("valid"))
             if on_batch is not None:
@@ -195,13 +202,16 @@ def _fmt(x) -> str:
 @torch.no_grad()
 def predict_image(model: nn.Module, method, img: np.ndarray, *, size: int, mode: str,
                   device: Optional[torch.device] = None, amp: str = "off",
-                  input_filter_kind: str = "none") -> np.ndarray:
+                  input_filter_kind: str = "none", tiling: Optional[Tiling] = None) -> np.ndarray:
     """Tampering probability of one image at its original resolution.
 
     Args:
         img: uint8 [H, W, 3] RGB (as :func:`fastiml.data.read_image` returns it).
         size, mode, input_filter_kind: how the network sees it (the training config's
             ``data.size``, ``data.mode``, ``data.input_filter``).
+        tiling: None: the image is brought to ``size`` by ``mode`` (as in training). A
+            :class:`fastiml.engine.inference.Tiling`: the network sees the image's own pixels,
+            in blended tiles when it is large (``size`` and ``mode`` are then not used).
 
     Returns:
         float32 [H, W] in [0, 1]: the network's map, cropped to the real pixels (``pad``) and
@@ -212,13 +222,16 @@ def predict_image(model: nn.Module, method, img: np.ndarray, *, size: int, mode:
         p = next(net.parameters(), None)
         device = p.device if p is not None else torch.device("cpu")
     h, w = img.shape[:2]
-    small, _, valid = resize_or_pad(img, np.zeros((h, w), np.uint8), size, mode)
+    small, _, valid = resize_or_pad(img, np.zeros((h, w), np.uint8), size,
+                                    "native" if tiling is not None else mode)
     x = torch.from_numpy(np.ascontiguousarray(small)).permute(2, 0, 1).float().div_(255.0)
     was_training = net.training
     net.eval()
     try:
         with autocast(device, resolve_amp(amp, device)):
-            prob = method.predict(net, input_filter(x[None].to(device), input_filter_kind))
+            x = input_filter(x[None].to(device), input_filter_kind)
+            prob = (method.predict(net, x) if tiling is None
+                    else predict_tiled(lambda t: method.predict(net, t), x, tiling))
     finally:
         net.train(was_training)
     prob = prob.float().clamp_(0.0, 1.0)[0, 0].cpu().numpy()

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 __all__ = [
     "DropPath",
     "ConvBNReLU",
+    "SelfCorrelation",
     "ASPP",
     "ProjectionHead",
     "SegHead",
@@ -146,6 +147,39 @@ class DropPath(nn.Module):
 
     def extra_repr(self) -> str:
         return f"p={self.p}"
+
+
+class SelfCorrelation(nn.Module):
+    """Copy-move cue: at each position, its ``k`` highest cosine similarities to the other
+    positions of the same image, sorted (the self-correlation and sorted pooling of copy-move
+    detectors such as BusterNet), mapped to ``out_ch`` channels by a 1x1 conv-BN-ReLU.
+
+    A copied region finds a near-identical twin elsewhere in the image; an ordinary region finds
+    only its neighbours, which are excluded (Chebyshev distance <= ``exclude`` cells).
+    B×in_ch×h×w → B×out_ch×h×w; memory B·(hw)² (a 768² tile at stride 16: 2304² per image).
+    """
+
+    def __init__(self, out_ch: int, k: int = 16, exclude: int = 1):
+        super().__init__()
+        self.k, self.exclude = int(k), int(exclude)
+        self.proj = ConvBNReLU(self.k, out_ch, 1)
+
+    def forward(self, f: torch.Tensor) -> torch.Tensor:
+        b, _, h, w = f.shape
+        n = h * w
+        v = F.normalize(f.flatten(2).float(), dim=1)  # B×C×N
+        sim = torch.bmm(v.transpose(1, 2), v)  # B×N×N cosine similarities
+        yy, xx = torch.meshgrid(torch.arange(h, device=f.device), torch.arange(w, device=f.device),
+                                indexing="ij")
+        yy, xx = yy.reshape(-1), xx.reshape(-1)
+        near = ((yy[:, None] - yy[None, :]).abs() <= self.exclude) & (
+            (xx[:, None] - xx[None, :]).abs() <= self.exclude)
+        sim = sim.masked_fill(near, -1.0)
+        top = sim.topk(min(self.k, n), dim=-1).values  # B×N×k', sorted
+        if top.shape[-1] < self.k:
+            top = F.pad(top, (0, self.k - top.shape[-1]), value=-1.0)
+        top = top.transpose(1, 2).reshape(b, self.k, h, w).to(f.dtype)
+        return self.proj(top)
 
 
 class ConvBNReLU(nn.Sequential):

@@ -30,9 +30,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .layers import (ASPP, IMAGENET_MEAN, IMAGENET_STD, ConvBNReLU, ImageNormalize,
-                     ProjectionHead, SegHead, ceil_div, check_image, check_positive_int,
-                     check_rate, check_rates, init_weights, pad_to_multiple, stride_of,
-                     upsample_crop)
+                     ProjectionHead, SegHead, SelfCorrelation, ceil_div, check_image,
+                     check_positive_int, check_rate, check_rates, init_weights, pad_to_multiple,
+                     stride_of, upsample_crop)
 from .resnet import ResNet, build_resnet
 from .timm_encoder import TimmLowHigh, check_pretrained, is_timm_encoder
 
@@ -86,6 +86,9 @@ class NCLNet(nn.Module):
         pretrained: timm encoders only: load timm's ImageNet weights (cache or network; a clear
             error when neither has them). The built-in ResNets start from random weights.
         timm_kwargs: extra keyword arguments of ``timm.create_model`` (timm encoders only).
+        self_correlation: k > 0 adds a :class:`~fastiml.models.layers.SelfCorrelation` block
+            (each stride-16 position's k best matches elsewhere in the image: a copy-move cue)
+            to the ASPP output; 0 (default) leaves the network as above.
 
     ``forward(x)``, x: B×3×H×W float in [0, 1] (any H, W), returns a dict with s = 4 for the
     built-in ResNet, h = ⌈H/s⌉, w = ⌈W/s⌉ (cell (i, j) covers input pixels [s·i, s·i+s) ×
@@ -105,7 +108,8 @@ class NCLNet(nn.Module):
     def __init__(self, encoder: str = "resnet18", base_width: int = 64, proj_dim: int = 128,
                  aspp_rates=(6, 12, 18), decoder_channels: int = 256,
                  backbone: nn.Module | None = None, drop_path: float = 0.0,
-                 pretrained: bool = False, timm_kwargs: dict | None = None):
+                 pretrained: bool = False, timm_kwargs: dict | None = None,
+                 self_correlation: int = 0):
         super().__init__()
         self.proj_dim = check_positive_int(proj_dim, "proj_dim")
         check_positive_int(decoder_channels, "decoder_channels")
@@ -128,6 +132,11 @@ class NCLNet(nn.Module):
         self.normalize = ImageNormalize(getattr(backbone, "input_mean", IMAGENET_MEAN),
                                         getattr(backbone, "input_std", IMAGENET_STD))
         self.aspp = ASPP(high_ch, decoder_channels, aspp_rates)
+        if (isinstance(self_correlation, bool) or not isinstance(self_correlation, int)
+                or self_correlation < 0):
+            raise ValueError(f"self_correlation must be an int >= 0, got {self_correlation!r}")
+        self.self_corr = (SelfCorrelation(decoder_channels, self_correlation)
+                          if self_correlation else None)
         self.low_reduce = ConvBNReLU(low_ch, 48, 1)  # 48 channels: DeepLabV3+'s choice
         self.decoder = nn.Sequential(
             ConvBNReLU(decoder_channels + 48, decoder_channels, 3),
@@ -137,8 +146,10 @@ class NCLNet(nn.Module):
         self.branch_a = NCLBranch(decoder_channels, proj_dim, seg_channels)
         self.branch_b = NCLBranch(decoder_channels, proj_dim, seg_channels)
         # The backbone initialises itself (a custom one may carry its own weights).
-        for m in (self.aspp, self.low_reduce, self.decoder, self.branch_a, self.branch_b):
-            init_weights(m)
+        for m in (self.aspp, self.low_reduce, self.decoder, self.branch_a, self.branch_b,
+                  self.self_corr):
+            if m is not None:
+                init_weights(m)
 
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         check_image(x, "x")
@@ -147,7 +158,7 @@ class NCLNet(nn.Module):
         low, high = self.backbone(xp)
         s = stride_of(xp.shape[-2:], low, "backbone low map")
 
-        high = self.aspp(high)
+        high = self.aspp(high) if self.self_corr is None else self.aspp(high) + self.self_corr(high)
         high = F.interpolate(high, size=low.shape[-2:], mode="bilinear", align_corners=False)
         feat = self.decoder(torch.cat([high, self.low_reduce(low)], dim=1))
         # Drop the cells that only cover padding, so heads (and their BN stats) see the image.
