@@ -11,6 +11,9 @@
 Every bad input (missing path, bad config key, unknown method, unreadable image, a file that is
 not a fastiml checkpoint, ...) ends the command with exactly one line ``fastiml: error: ...`` on
 stderr and a non-zero exit status (2). Set ``FASTIML_DEBUG=1`` to get the traceback instead.
+A training run that diverges (non-finite loss, see ``train.max_nonfinite_steps``) exits with 2; one
+stopped by SIGINT / SIGTERM saves ``checkpoints/last.pt``, prints how to resume and exits with
+128 + the signal number (130, 143).
 """
 from __future__ import annotations
 
@@ -476,6 +479,14 @@ def cmd_demo(args) -> int:
 # ----------------------------------------------------------------------------------------------
 # Entry point
 # ----------------------------------------------------------------------------------------------
+def _training_stops():
+    """The exceptions that end a training run on purpose (not a bug: no traceback)."""
+    if "fastiml.engine.guards" not in sys.modules:  # never imported: nothing can have raised them
+        return ()
+    from fastiml.engine.guards import TrainingDiverged, TrainingInterrupted
+    return (TrainingInterrupted, TrainingDiverged)
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Run the ``fastiml`` command; returns the exit status."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -508,6 +519,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except KeyboardInterrupt:
         sys.stderr.write("\nfastiml: interrupted\n")
         return 130
+    except _training_stops() as e:
+        from fastiml.engine.guards import TrainingInterrupted
+
+        if isinstance(e, TrainingInterrupted):  # a resumable checkpoint was saved
+            sys.stderr.write(f"fastiml: {e}\n")
+            return 128 + e.signum
+        _err(str(e))  # diverged
+        return EXIT_ERROR
     except SystemExit:
         raise
     except CLIError as e:
