@@ -39,6 +39,7 @@ import os
 import signal
 import sys
 import time
+import warnings
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
@@ -562,13 +563,21 @@ class _Run:
         t_data = _clock() - self.t_prev
         batch = _to_device(batch, self.device)
         batch["image"] = input_filter(batch["image"], self.dc["input_filter"])
+        # BatchNorm's running statistics change in the forward pass: kept to undo a skipped step
+        buffers = [b for b in self.model.buffers() if b.is_floating_point()]
+        saved_buffers = [b.clone() for b in buffers]
         with autocast(self.device, self.amp_dtype):
             loss, parts = self.method.training_loss(st.net, batch, st.index)
         st.optimizer.zero_grad(set_to_none=True)
         st.scaler.scale(loss).backward()
         updated = self._update(st, loss)
+        if not updated:
+            for b, saved in zip(buffers, saved_buffers):
+                b.copy_(saved)
         lr = st.optimizer.param_groups[0]["lr"]
-        st.scheduler.step()  # a skipped step still counts: the schedule and step count go on
+        with warnings.catch_warnings():  # a skipped step still counts: the schedule goes on
+            warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step")
+            st.scheduler.step()
         self.step += 1
         st.step += 1
         self._count_skips(updated, lr)
