@@ -2,7 +2,7 @@
 
     fastiml train    --config C [--set section.key=value ...] [--resume CKPT]
     fastiml eval     --checkpoint CKPT --data PATH --out DIR [--robustness]
-    fastiml predict  --checkpoint CKPT --input FILE_OR_DIR --out DIR [--threshold 0.5]
+    fastiml predict  --checkpoint CKPT --input FILE_OR_DIR [...] --out DIR [--threshold 0.5]
     fastiml synth    --out DIR --n N [--size S] [--seed K] [--source DIR]
     fastiml demo     --out DIR [--method ncl|bce|mpc] [--minutes M]
     fastiml bench    [NAME ...] [-- ARGS]
@@ -98,7 +98,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     pr = sub.add_parser("predict", help="predict masks for images (heat-map overlays + masks)")
     pr.add_argument("--checkpoint", required=True, metavar="CKPT")
-    pr.add_argument("--input", required=True, metavar="FILE_OR_DIR")
+    pr.add_argument("--input", required=True, nargs="+", metavar="FILE_OR_DIR",
+                    help="image files and/or folders of images")
     pr.add_argument("--out", required=True, metavar="DIR")
     pr.add_argument("--threshold", type=float, default=0.5)
     pr.add_argument("--device", default="auto")
@@ -211,6 +212,7 @@ def _load_model(path: str, device: str):
 def cmd_eval(args) -> int:
     from fastiml.data import ForgeryDataset
     from fastiml.engine import evaluate, robustness
+    from fastiml.engine.guards import skipped_files
 
     if args.batch_size < 1:
         raise CLIError(f"--batch-size must be >= 1, got {args.batch_size}")
@@ -227,10 +229,13 @@ def cmd_eval(args) -> int:
               threshold=args.threshold, input_filter_kind=dc.get("input_filter", "none"))
     metrics = evaluate(model, method, ds, **kw)
     result = dict(metrics)
+    result["skipped"] = skipped_files(ds)  # pairs the data set could not read
     result.update(checkpoint=os.path.abspath(args.checkpoint), data=os.path.abspath(args.data),
                   method=state["method"]["name"], size=dc["size"], mode=dc["mode"],
                   threshold=args.threshold)
-    _print(f"{len(ds)} images: " + _metric_line(metrics))
+    _print(f"{len(ds)} images: " + _metric_line(metrics)
+           + (f" ({len(ds.skipped)} unreadable file(s) skipped, listed in metrics.json)"
+              if ds.skipped else ""))
     if args.robustness:
         result["robustness"] = robustness(model, method, args.data, size=dc["size"],
                                           mode=dc["mode"], log=_print, **kw)
@@ -264,23 +269,45 @@ def cmd_predict(args) -> int:
     if not 0.0 <= args.threshold <= 1.0:
         raise CLIError(f"--threshold must be in [0, 1], got {args.threshold}")
     _require_path(args.checkpoint, "checkpoint", "file")
-    files = _list_images(args.input)
+    files = [f for item in args.input for f in _list_images(item)]
     model, method, state, dev = _load_model(args.checkpoint, args.device)
     out = _writable_dir(args.out)
     dc = state["config"]["data"]
     amp = state["config"]["train"].get("amp", "off")
-    for path in files:
-        img = read_image(path)  # ValueError naming the file when it cannot be decoded
+    failed = []
+    for path, stem in zip(files, _output_stems(files)):
+        try:
+            img = read_image(path)  # ValueError naming the file when it cannot be decoded
+        except ValueError as e:  # carry on with the others; the exit status reports it
+            sys.stderr.write(f"fastiml: warning: skipped {path}: {_one_line(e)}\n")
+            failed.append(_one_line(e))
+            continue
         prob = predict_image(model, method, img, size=dc["size"], mode=dc["mode"], device=dev,
                              amp=amp, input_filter_kind=dc.get("input_filter", "none"))
-        stem = Path(path).stem
         write_png(os.path.join(out, f"{stem}_overlay.png"), heatmap_overlay(img, prob))
         write_png(os.path.join(out, f"{stem}_mask.png"), binary_mask(prob, args.threshold))
         _print(f"{path}: max probability {float(prob.max()):.3f}, "
                f"{100.0 * float((prob > args.threshold).mean()):.1f}% of pixels above "
                f"{args.threshold:g}")
-    _print(f"wrote {2 * len(files)} PNG files to {out}")
+    _print(f"wrote {2 * (len(files) - len(failed))} PNG files to {out}")
+    if failed:
+        raise CLIError(f"{len(failed)} of {len(files)} input(s) could not be read, the first: "
+                       f"{failed[0]}")
     return 0
+
+
+def _output_stems(files: Sequence[str]) -> List[str]:
+    """One distinct output name per input: its stem, or where stems collide (a.png and a.jpg)
+    stem_extension, and where even those collide (dir1/a.png and dir2/a.png) a numbered suffix."""
+    stems = [Path(f).stem for f in files]
+    names = [s if stems.count(s) == 1 else f"{s}_{Path(f).suffix.lstrip('.').lower()}"
+             for s, f in zip(stems, files)]
+    seen: Dict[str, int] = {}
+    unique = []
+    for n in names:
+        seen[n] = seen.get(n, 0) + 1
+        unique.append(n if seen[n] == 1 and names.count(n) == 1 else f"{n}_{seen[n]}")
+    return unique
 
 
 def cmd_synth(args) -> int:
