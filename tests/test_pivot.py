@@ -375,6 +375,11 @@ BAD = [
     (dict(patch=3), ValueError, "klass"),  # klass grid no longer matches ceil(8/3) = 3
     (dict(weight_contour=-1.0), ValueError, "weight"),
     (dict(weight_other=-0.5), ValueError, "weight"),
+    (dict(weight_contour=float("nan")), ValueError, "weight_contour"),
+    (dict(weight_contour=float("inf")), ValueError, "weight_contour"),
+    (dict(weight_other=float("nan")), ValueError, "weight_other"),
+    (dict(weight_other=True), ValueError, "weight_other"),
+    (dict(weight_contour=torch.tensor(1.0)), ValueError, "weight_contour"),
 ]
 
 
