@@ -50,6 +50,8 @@ def worker(rank, init_file, out_dir):
         half = slice(2 * rank, 2 * rank + 2)
         results = {name: loss_and_grads([t[half] for t in tensors], mask[half], valid[half],
                                         options) for name, options in OPTIONS.items()}
+        results["no_gather"] = loss_and_grads([t[half] for t in tensors], mask[half], valid[half],
+                                              {"gather_across_ranks": False})
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
@@ -75,9 +77,16 @@ def test_two_ranks_equal_one_process(rank_results, name):
             torch.testing.assert_close(got / WORLD, want[half], rtol=1e-5, atol=1e-7)
 
 
-def test_without_gather_ranks_see_only_their_half():
-    """Outside torch.distributed the option changes nothing (one process, one batch)."""
+def test_without_gather_ranks_see_only_their_half(rank_results):
+    """Inside the process group, ``gather_across_ranks=False`` makes each rank's loss that of its
+    own half alone (computed here in one process), not the cross-rank one."""
     tensors, mask, valid = make_batch()
-    with_gather, _ = loss_and_grads(tensors, mask, valid, {"gather_across_ranks": True})
-    without, _ = loss_and_grads(tensors, mask, valid, {"gather_across_ranks": False})
-    assert torch.equal(with_gather, without)
+    for rank, result in enumerate(rank_results):
+        half = slice(2 * rank, 2 * rank + 2)
+        alone, alone_grads = loss_and_grads([t[half] for t in tensors], mask[half], valid[half],
+                                            {})
+        got, got_grads = result["no_gather"]
+        torch.testing.assert_close(got, alone, rtol=1e-6, atol=1e-7)
+        for g, want in zip(got_grads, alone_grads):
+            torch.testing.assert_close(g, want, rtol=1e-5, atol=1e-7)
+        assert not torch.allclose(result["batch"][0], got, rtol=1e-3)  # gathering does matter
