@@ -146,3 +146,12 @@ def test_plot_runs_or_explains(tmp_path):
     assert {e["provider"]: e["status"] for e in entries} == {"fused": "ok",
                                                             "reference": "skipped (x)"}
     assert plot.main(["--csv", str(csv_path), "--out", str(tmp_path / "plots")]) == 0
+
+
+@pytest.mark.parametrize("provider", ["procedural", "decode"])
+def test_synth_case(provider):
+    from benchmarks import bench_synth
+    out = bench_synth.run_case({"provider": provider, "count": 2, "size": 32, "repeat": 1,
+                                "threads": 1})
+    _check_case(out)
+    assert out["imgs_per_s"] == pytest.approx(2 / out["time_s"])
