@@ -213,6 +213,7 @@ def cmd_eval(args) -> int:
     from fastiml.data import ForgeryDataset
     from fastiml.engine import evaluate, robustness
     from fastiml.engine.guards import skipped_files
+    from fastiml.engine.progress import json_safe
 
     if args.batch_size < 1:
         raise CLIError(f"--batch-size must be >= 1, got {args.batch_size}")
@@ -240,8 +241,8 @@ def cmd_eval(args) -> int:
         result["robustness"] = robustness(model, method, args.data, size=dc["size"],
                                           mode=dc["mode"], log=_print, **kw)
     path = os.path.join(out, "metrics.json")
-    with open(path, "w", encoding="utf-8") as f:
-        json.dump(result, f, indent=2)
+    with open(path, "w", encoding="utf-8") as f:  # standard JSON: NaN (e.g. one class) -> null
+        json.dump(json_safe(result), f, indent=2, allow_nan=False)
     _print(f"wrote {path}")
     return 0
 

@@ -13,7 +13,7 @@ import sys
 import time
 from typing import Dict, Optional, TextIO
 
-__all__ = ["Progress", "JsonlLog", "Window", "format_duration"]
+__all__ = ["Progress", "JsonlLog", "Window", "format_duration", "json_safe"]
 
 
 def format_duration(seconds: Optional[float]) -> str:
@@ -117,15 +117,15 @@ class JsonlLog:
         if not self.path:
             return
         with open(self.path, "a", encoding="utf-8") as f:
-            f.write(json.dumps(_finite_or_null(record), allow_nan=False) + "\n")
+            f.write(json.dumps(json_safe(record), allow_nan=False) + "\n")
 
 
-def _finite_or_null(x):
+def json_safe(x):
     """``x`` with every non-finite float replaced by None and other objects made JSON-able."""
     if isinstance(x, dict):
-        return {str(k): _finite_or_null(v) for k, v in x.items()}
+        return {str(k): json_safe(v) for k, v in x.items()}
     if isinstance(x, (list, tuple)):
-        return [_finite_or_null(v) for v in x]
+        return [json_safe(v) for v in x]
     if x is None or isinstance(x, (bool, int, str)):
         return x
     try:

@@ -59,7 +59,7 @@ from fastiml.engine.guards import (GlobalState, StopSignals, TrainingDiverged, T
                                    ignore_interrupts_in_worker, non_finite_weights,
                                    remove_stale_temp_files, skipped_files)
 from fastiml.engine.precision import autocast, resolve_amp
-from fastiml.engine.progress import JsonlLog, Progress, Window, format_duration
+from fastiml.engine.progress import JsonlLog, Progress, Window, format_duration, json_safe
 
 #: The loop's clock (tests replace it with a fake one to check time budgets deterministically).
 _clock = time.perf_counter
@@ -789,7 +789,7 @@ class _Run:
                      f"pixel_auc {_fmt(m['pixel_auc'])} image_auc {_fmt(m['image_auc'])}")
         if self.main and metrics:
             with open(os.path.join(self.out_dir, "metrics.json"), "w", encoding="utf-8") as f:
-                json.dump(metrics, f, indent=2)
+                json.dump(json_safe(metrics), f, indent=2, allow_nan=False)  # NaN -> null
         D.barrier()
         t = self.totals
         return {
