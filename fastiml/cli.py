@@ -2,7 +2,8 @@
 
     fastiml train    --config C [--set section.key=value ...] [--resume CKPT]
     fastiml eval     --checkpoint CKPT --data PATH --out DIR [--robustness] [--resolution native|train]
-    fastiml predict  --checkpoint CKPT --input FILE_OR_DIR --out DIR [--threshold 0.5] [--resolution native|train]
+    fastiml predict  --checkpoint CKPT --input FILE_OR_DIR [...] --out DIR [--threshold 0.5]
+                     [--resolution native|train]
     fastiml synth    --out DIR --n N [--size S] [--seed K] [--source DIR]
     fastiml demo     --out DIR [--method ncl|bce|mpc] [--minutes M]
     fastiml bench    [NAME ...] [-- ARGS]
@@ -11,6 +12,9 @@
 Every bad input (missing path, bad config key, unknown method, unreadable image, a file that is
 not a fastiml checkpoint, ...) ends the command with exactly one line ``fastiml: error: ...`` on
 stderr and a non-zero exit status (2). Set ``FASTIML_DEBUG=1`` to get the traceback instead.
+A training run that diverges (non-finite loss, see ``train.max_nonfinite_steps``) exits with 2; one
+stopped by SIGINT / SIGTERM saves ``checkpoints/last.pt``, prints how to resume and exits with
+128 + the signal number (130, 143).
 """
 from __future__ import annotations
 
@@ -96,7 +100,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     pr = sub.add_parser("predict", help="predict masks for images (heat-map overlays + masks)")
     pr.add_argument("--checkpoint", required=True, metavar="CKPT")
-    pr.add_argument("--input", required=True, metavar="FILE_OR_DIR")
+    pr.add_argument("--input", required=True, nargs="+", metavar="FILE_OR_DIR",
+                    help="image files and/or folders of images")
     pr.add_argument("--out", required=True, metavar="DIR")
     pr.add_argument("--threshold", type=float, default=0.5)
     pr.add_argument("--device", default="auto")
@@ -281,6 +286,8 @@ def cmd_eval(args) -> int:
 
     from fastiml.data import ForgeryDataset
     from fastiml.engine import evaluate, robustness
+    from fastiml.engine.guards import skipped_files
+    from fastiml.engine.progress import json_safe
     from fastiml.metrics import per_image_metrics
 
     if args.batch_size < 1:
@@ -314,6 +321,7 @@ def cmd_eval(args) -> int:
 
     metrics = evaluate(model, method, ds, on_batch=per_image, **kw)
     result = dict(metrics)
+    result["skipped"] = skipped_files(ds)  # pairs the data set could not read
     result.update(checkpoint=os.path.abspath(args.checkpoint), data=os.path.abspath(args.data),
                   method=state["method"]["name"], size=dc["size"], mode=dc["mode"],
                   resolution="native" if tiling is not None else "train",
@@ -321,7 +329,9 @@ def cmd_eval(args) -> int:
     by_kind = _metrics_by_kind(rows)
     if by_kind:
         result["by_kind"] = by_kind
-    _print(f"{len(ds)} images ({result['resolution']} resolution): " + _metric_line(metrics))
+    _print(f"{len(ds)} images ({result['resolution']} resolution): " + _metric_line(metrics)
+           + (f" ({len(ds.skipped)} unreadable file(s) skipped, listed in metrics.json)"
+              if ds.skipped else ""))
     for kind, m in by_kind.items():
         _print(f"  {kind} ({m['n']} images): pixel_f1 {_fmt(m['pixel_f1'])}, "
                f"pixel_auc {_fmt(m['pixel_auc'])}")
@@ -329,8 +339,8 @@ def cmd_eval(args) -> int:
         result["robustness"] = robustness(model, method, args.data, size=dc["size"],
                                           mode=mode, log=_print, **kw)
     path = os.path.join(out, "metrics.json")
-    with open(path, "w", encoding="utf-8") as f:
-        json.dump(result, f, indent=2)
+    with open(path, "w", encoding="utf-8") as f:  # standard JSON: NaN (e.g. one class) -> null
+        json.dump(json_safe(result), f, indent=2, allow_nan=False)
     with open(os.path.join(out, "per_image.csv"), "w", newline="", encoding="utf-8") as f:
         w = csv.writer(f)
         w.writerow(PER_IMAGE_COLUMNS)
@@ -378,25 +388,47 @@ def cmd_predict(args) -> int:
     if not 0.0 <= args.threshold <= 1.0:
         raise CLIError(f"--threshold must be in [0, 1], got {args.threshold}")
     _require_path(args.checkpoint, "checkpoint", "file")
-    files = _list_images(args.input)
+    files = [f for item in args.input for f in _list_images(item)]
     model, method, state, dev = _load_model(args.checkpoint, args.device)
     out = _writable_dir(args.out)
     dc = state["config"]["data"]
     amp = state["config"]["train"].get("amp", "off")
     tiling = _tiling(state, args)
-    for path in files:
-        img = read_image(path)  # ValueError naming the file when it cannot be decoded
+    failed = []
+    for path, stem in zip(files, _output_stems(files)):
+        try:
+            img = read_image(path)  # ValueError naming the file when it cannot be decoded
+        except ValueError as e:  # carry on with the others; the exit status reports it
+            sys.stderr.write(f"fastiml: warning: skipped {path}: {_one_line(e)}\n")
+            failed.append(_one_line(e))
+            continue
         prob = predict_image(model, method, img, size=dc["size"], mode=dc["mode"], device=dev,
                              amp=amp, input_filter_kind=dc.get("input_filter", "none"),
                              tiling=tiling)
-        stem = Path(path).stem
         write_png(os.path.join(out, f"{stem}_overlay.png"), heatmap_overlay(img, prob))
         write_png(os.path.join(out, f"{stem}_mask.png"), binary_mask(prob, args.threshold))
         _print(f"{path}: max probability {float(prob.max()):.3f}, "
                f"{100.0 * float((prob > args.threshold).mean()):.1f}% of pixels above "
                f"{args.threshold:g}")
-    _print(f"wrote {2 * len(files)} PNG files to {out}")
+    _print(f"wrote {2 * (len(files) - len(failed))} PNG files to {out}")
+    if failed:
+        raise CLIError(f"{len(failed)} of {len(files)} input(s) could not be read, the first: "
+                       f"{failed[0]}")
     return 0
+
+
+def _output_stems(files: Sequence[str]) -> List[str]:
+    """One distinct output name per input: its stem, or where stems collide (a.png and a.jpg)
+    stem_extension, and where even those collide (dir1/a.png and dir2/a.png) a numbered suffix."""
+    stems = [Path(f).stem for f in files]
+    names = [s if stems.count(s) == 1 else f"{s}_{Path(f).suffix.lstrip('.').lower()}"
+             for s, f in zip(stems, files)]
+    seen: Dict[str, int] = {}
+    unique = []
+    for n in names:
+        seen[n] = seen.get(n, 0) + 1
+        unique.append(n if seen[n] == 1 and names.count(n) == 1 else f"{n}_{seen[n]}")
+    return unique
 
 
 def cmd_synth(args) -> int:
@@ -596,6 +628,14 @@ def cmd_demo(args) -> int:
 # ----------------------------------------------------------------------------------------------
 # Entry point
 # ----------------------------------------------------------------------------------------------
+def _training_stops():
+    """The exceptions that end a training run on purpose (not a bug: no traceback)."""
+    if "fastiml.engine.guards" not in sys.modules:  # never imported: nothing can have raised them
+        return ()
+    from fastiml.engine.guards import TrainingDiverged, TrainingInterrupted
+    return (TrainingInterrupted, TrainingDiverged)
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Run the ``fastiml`` command; returns the exit status."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -628,6 +668,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except KeyboardInterrupt:
         sys.stderr.write("\nfastiml: interrupted\n")
         return 130
+    except _training_stops() as e:
+        from fastiml.engine.guards import TrainingInterrupted
+
+        if isinstance(e, TrainingInterrupted):  # a resumable checkpoint was saved
+            sys.stderr.write(f"fastiml: {e}\n")
+            return 128 + e.signum
+        _err(str(e))  # diverged
+        return EXIT_ERROR
     except SystemExit:
         raise
     except CLIError as e:

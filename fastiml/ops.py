@@ -9,8 +9,11 @@ Dtypes: inputs may be float32, float16 or bfloat16 (float64 for gradcheck); all 
 in float32 (float64 for float64 inputs); statistics come back in float32 (float64), gradients in
 the input dtype.
 """
+import math
+import numbers
 from typing import Optional, Tuple
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -39,6 +42,11 @@ def compiled_with_cuda() -> bool:
 
 def _stat_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _is_real(x) -> bool:
+    """A Python / NumPy real number; bool is not one here (True would pass as 1)."""
+    return isinstance(x, numbers.Real) and not isinstance(x, (bool, np.bool_))
 
 
 def _check_features(name: str, x, rows_name: str = "N") -> None:
@@ -123,8 +131,10 @@ def pair_stats(q: Tensor, k: Optional[Tensor], q_label: Tensor, k_label: Optiona
         _check_index_vector("q_group", q_group, n, q.device)
         if not self_contrast:
             _check_index_vector("k_group", k_group, k.shape[0], q.device)
-    if not isinstance(tau, (int, float)) or not tau > 0:
-        raise ValueError(f"tau must be a number > 0, got {tau!r}")
+    if not _is_real(tau) or not (math.isfinite(tau) and tau > 0):
+        raise ValueError(f"tau must be a finite real number > 0 (not a bool), got {tau!r}")
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, numbers.Integral):
+        raise TypeError(f"ignore_index must be an int, got {ignore_index!r}")
     if denominator not in ("all", "negatives"):
         raise ValueError(f"denominator must be 'all' or 'negatives', got {denominator!r}")
     if exclude_self and not self_contrast and k.shape[0] != n:
@@ -316,9 +326,9 @@ def pivot_consistency(logit_a: Tensor, logit_b: Tensor, klass: Tensor, patch: in
     if tuple(klass.shape) != grid or klass.device != logit_a.device:
         raise ValueError(f"klass must have shape {list(grid)} (B, ceil(H/patch), ceil(W/patch)) "
                          f"on {logit_a.device}, got {list(klass.shape)} on {klass.device}")
-    if weight_contour < 0 or weight_other < 0:
-        raise ValueError(f"weights must be >= 0, got weight_contour={weight_contour}, "
-                         f"weight_other={weight_other}")
+    for name, weight in (("weight_contour", weight_contour), ("weight_other", weight_other)):
+        if not _is_real(weight) or not (math.isfinite(weight) and weight >= 0):
+            raise ValueError(f"{name} must be a finite real number >= 0, got {weight!r}")
     return torch.ops.fastiml.pivot_consistency(logit_a, logit_b, klass, patch,
                                                float(weight_contour), float(weight_other))
 

@@ -179,3 +179,10 @@ def test_bench_accuracy_table():
     row = {"method": "ncl", "seed": 0, "steps": 10, "synthetic": s, "photos": s}
     lines = bench_accuracy.table([row]).splitlines()
     assert len(lines) == 4 and "| ncl | 0 | 10 | photos | 0.500 | 0.800 | 0.600 / 0.900 | 0.250 / 0.600 | nan / nan |" in lines
+@pytest.mark.parametrize("provider", ["procedural", "decode"])
+def test_synth_case(provider):
+    from benchmarks import bench_synth
+    out = bench_synth.run_case({"provider": provider, "count": 2, "size": 32, "repeat": 1,
+                                "threads": 1})
+    _check_case(out)
+    assert out["imgs_per_s"] == pytest.approx(2 / out["time_s"])

@@ -131,9 +131,18 @@ def runs(tmp_path_factory):
     cv2.imwrite(str(tmp / "photos" / "a.png"), rgb)
     cv2.imwrite(str(tmp / "photos" / "b.jpg"), rgb[:29, :41])
 
+    (tmp / "mixed").mkdir()  # a.png and a.jpg share a stem; c.png cannot be read
+    cv2.imwrite(str(tmp / "mixed" / "a.png"), rgb)
+    cv2.imwrite(str(tmp / "mixed" / "a.jpg"), rgb[:31, :43])
+    (tmp / "mixed" / "c.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\x00" * 40)
+    (tmp / "other").mkdir()  # other/a.png: the same name as photos/a.png
+    cv2.imwrite(str(tmp / "other" / "a.png"), rgb[:23, :19])
+
     fill = lambda argv, ckpt="": [a.format(tmp=tmp, ckpt=ckpt) for a in argv]  # noqa: E731
     wave1 = {name: fill(argv) for name, (argv, _) in NO_CKPT_CASES.items()}
     wave1["train"] = ["train", "--config", str(tmp / "ok.toml")]
+    wave1["train_highpass"] = ["train", "--config", str(tmp / "ok.toml"), "--set",
+                               "data.input_filter=highpass", "--set", f"output.dir={tmp / 'hp'}"]
     wave1["synth"] = ["synth", "--out", str(tmp / "synth"), "--n", "3", "--size", "24"]
     # a folder of photographs instead of a data set: forged on the fly (data.source_dir)
     wave1["train_source"] = ["train", "--config", str(tmp / "ok.toml"), "--set", "data.train=",
@@ -149,6 +158,14 @@ def runs(tmp_path_factory):
                              str(tmp / "photo.png"), "--out", str(tmp / "pred1")]
     wave2["predict_dir"] = ["predict", "--checkpoint", str(ckpt), "--input", str(tmp / "photos"),
                             "--out", str(tmp / "pred2")]
+    wave2["predict_mixed"] = ["predict", "--checkpoint", str(ckpt), "--input", str(tmp / "mixed"),
+                              str(tmp / "photos" / "a.png"), str(tmp / "other" / "a.png"),
+                              "--out", str(tmp / "pred3")]
+    hp = tmp / "hp" / "model.pt"
+    wave2["eval_highpass"] = ["eval", "--checkpoint", str(hp), "--data", str(tmp / "data"),
+                              "--out", str(tmp / "eval_hp"), "--workers", "0"]
+    wave2["predict_highpass"] = ["predict", "--checkpoint", str(hp), "--input",
+                                 str(tmp / "photo.png"), "--out", str(tmp / "pred_hp")]
     wave2["resume"] = ["train", "--resume", str(tmp / "run" / "model.pt"), "--set",
                        f"output.dir={tmp / 'resumed'}", "--set", "train.steps=3"]
     results.update(_run_all(wave2))
@@ -208,6 +225,47 @@ def test_train_on_a_folder_of_photographs(runs):
     assert len(meta) == 5 and (tmp / "run_src" / "model.pt").is_file()
     state = torch.load(tmp / "run_src" / "model.pt", weights_only=True)
     assert state["config"]["data"]["train"].endswith("list.json")
+
+
+def test_predict_carries_on_and_never_overwrites(runs):
+    tmp, r = runs
+    p = r["predict_mixed"]
+    assert p.returncode != 0 and "Traceback" not in p.stderr
+    assert f"fastiml: warning: skipped {tmp / 'mixed' / 'c.png'}" in p.stderr
+    assert "fastiml: error: 1 of 5 input(s) could not be read" in p.stderr
+    # Five inputs, three named a: each gets its own outputs, at its own size.
+    shapes = {name: cv2.imread(str(tmp / "pred3" / f"{name}_mask.png"), cv2.IMREAD_UNCHANGED).shape
+              for name in ("a_png_1", "a_jpg", "a_png_2", "a_png_3")}
+    assert shapes == {"a_png_1": (37, 53), "a_jpg": (31, 43), "a_png_2": (37, 53),
+                      "a_png_3": (23, 19)}
+    assert len(list((tmp / "pred3").iterdir())) == 8
+
+
+def test_eval_and_predict_use_the_checkpoints_input_filter(runs):
+    """A model trained on highpass residuals is evaluated and applied on residuals: the command's
+    outputs equal the in-process ones with input_filter "highpass", not those without."""
+    from fastiml.engine import build_dataset, evaluate, model_from_checkpoint, predict_image
+    from fastiml.engine.report import heatmap_overlay
+    tmp, r = runs
+    _ok(r["train_highpass"])
+    _ok(r["eval_highpass"])
+    _ok(r["predict_highpass"])
+    model, method, state = model_from_checkpoint(tmp / "hp" / "model.pt")
+    assert state["config"]["data"]["input_filter"] == "highpass"
+    ds = build_dataset(str(tmp / "data"), state["config"]["data"], train=False)
+    saved = json.loads((tmp / "eval_hp" / "metrics.json").read_text())
+    assert saved["skipped"] == []
+    ref = {kind: evaluate(model, method, ds, batch_size=8, input_filter_kind=kind)
+           for kind in ("highpass", "none")}
+    assert saved["pixel_auc"] == pytest.approx(ref["highpass"]["pixel_auc"], abs=1e-6)
+    assert abs(saved["pixel_auc"] - ref["none"]["pixel_auc"]) > 1e-4
+
+    img = cv2.cvtColor(cv2.imread(str(tmp / "photo.png")), cv2.COLOR_BGR2RGB)
+    over = cv2.cvtColor(cv2.imread(str(tmp / "pred_hp" / "photo_overlay.png")), cv2.COLOR_BGR2RGB)
+    diff = {kind: np.abs(over.astype(int) - heatmap_overlay(img, predict_image(
+                model, method, img, size=32, mode="resize", input_filter_kind=kind)).astype(int))
+            for kind in ("highpass", "none")}
+    assert diff["highpass"].max() <= 1 and diff["none"].max() > 1
 
 
 def test_resume_from_the_command_line(runs):

@@ -307,3 +307,32 @@ def test_not_a_checkpoint(tmp_path):
         load_checkpoint(other)
     with pytest.raises(CheckpointError, match="not found"):
         load_checkpoint(tmp_path / "missing.pt")
+
+
+# ------------------------------------------------------------------------------ progress bar
+def test_progress_bar_output(data, tmp_path, capsys):
+    """What a user sees on stderr: plain lines every log_every steps when stderr is not a
+    terminal (here, through a real training run), and one line redrawn in place on a terminal."""
+    import io
+    from fastiml.engine.progress import Progress
+
+    train(tiny_cfg(data, tmp_path / "p", "bce", steps=4, progress=True, log_every=2))
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("step ")]
+    assert [line.split(" ")[1] for line in lines] == ["2/4", "4/4"]
+    for line in lines:
+        assert " loss " in line and " lr " in line and "img/s" in line and "ETA " in line
+        loss = float(line.split(" loss ")[1].split(" ")[0])
+        assert math.isfinite(loss) and loss > 0
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+    term = Terminal()
+    bar = Progress(stream=term, every=1, width=10)
+    bar.update(1, 4, stage="train", loss=0.5, eta_s=65.0, force=True)
+    bar.update(4, 4, stage="train", loss=0.25, eta_s=0.0, force=True)
+    bar.close()
+    text = term.getvalue()
+    assert text.count("\r\033[K") == 2 and text.endswith("\n") and text.count("\n") == 1
+    assert "[train] step 1/4 |##--------| loss 0.5000" in text and "ETA 1m05s" in text
+    assert "[train] step 4/4 |##########| loss 0.2500" in text

@@ -282,15 +282,41 @@ def test_pixel_level_patch_1():
 @pytest.mark.parametrize("shapes", [((5, 5), (16, 16)), ((6, 4), (16, 16)), ((7, 9), (16, 20)),
                                     ((4, 4), (4, 4))])
 @pytest.mark.parametrize("kind", ["bool", "float"])
-def test_unaligned_sizes_run_and_are_finite(shapes, kind):
+def test_unaligned_sizes_match_the_reference(shapes, kind):
+    """Logits not a whole multiple of the projection grid: the contrastive patches come from the
+    area-averaged target (adaptive average pooling, float64 here), the pivot and BCE terms from
+    the full-resolution mask; every part against float64 reference values, and the gradient of
+    the total against the float64 gradient of the expected total."""
     (h, w), big = shapes
     proj_a, proj_b, logit_a, logit_b, mask = make_batch(2, 6, h, w, 1, seed=h * w, big=big)
     mask = mask if kind == "bool" else mask.float() * 0.9
-    xs = [t.requires_grad_() for t in (proj_a, proj_b, logit_a, logit_b)]
-    total, parts = NCLLoss(patch=2)(*xs, mask)
-    assert torch.isfinite(total) and all(torch.isfinite(v) for v in parts.values())
-    total.backward()
-    assert all(torch.isfinite(x.grad).all() for x in xs)
+    loss = NCLLoss(patch=2)
+    xs = [t.detach().clone().requires_grad_() for t in (proj_a, proj_b, logit_a, logit_b)]
+    total, parts = loss(*xs, mask)
+    grads = torch.autograd.grad(total, xs)
+
+    refs = [t.detach().clone().requires_grad_() for t in (proj_a, proj_b, logit_a, logit_b)]
+    target = mask.double()
+    _, klass_full = reference.contour_mine(mask, 2, lo=loss.lo, hi=loss.hi)
+    small = F.adaptive_avg_pool2d(target[:, None], (h, w))[:, 0]
+    _, klass = reference.contour_mine(small, 2, lo=loss.lo, hi=loss.hi)
+    expected = {
+        "bce_a": F.binary_cross_entropy_with_logits(refs[2][:, 0], target),
+        "bce_b": F.binary_cross_entropy_with_logits(refs[3][:, 0], target),
+        "supcon_a": dense_supcon(cell_embeddings(refs[0], 2),
+                                 patch_labels(klass, "tampered").reshape(-1), None, loss.tau),
+        "supcon_b": dense_supcon(cell_embeddings(refs[1], 2),
+                                 patch_labels(klass, "authentic").reshape(-1), None, loss.tau),
+        "pivot": reference.pivot_consistency(refs[2], refs[3], klass_full, 2),
+    }
+    assert_parts_close(parts, expected)
+    expected_total = (expected["bce_a"] + expected["bce_b"] + loss.lambda_contrast
+                      * (expected["supcon_a"] + expected["supcon_b"])
+                      + loss.lambda_pivot * expected["pivot"])
+    torch.testing.assert_close(total.double(), expected_total, rtol=1e-5, atol=1e-6)
+    for name, got, want in zip(("proj_a", "proj_b", "logit_a", "logit_b"), grads,
+                               torch.autograd.grad(expected_total, refs)):
+        torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-6, msg=name)
 
 
 def test_unaligned_sizes_accept_uint8_255_masks():

@@ -169,13 +169,25 @@ def test_large_logits_are_finite(magnitude, dtype):
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_large_half_logits_are_finite(dtype):
-    a = torch.full((1, 1, 4, 4), 6e4 if dtype == torch.float16 else 1e30).to(dtype)
-    b = -a
-    klass = torch.full((1, 2, 2), 2, dtype=torch.int8)
-    loss, ga, gb = loss_and_grads(ops.pivot_consistency, a, b, klass, 2)
-    assert loss.dtype == torch.float32 and torch.isfinite(loss)
-    assert torch.isfinite(ga).all() and torch.isfinite(gb).all()
+def test_large_half_logits_match_the_reference(dtype):
+    """Logits near the half type's range (float32 accumulation): value and gradient equal the
+    float64 reference's on the same (exactly representable) inputs."""
+    big = 6e4 if dtype == torch.float16 else 1e30
+    g = generator(6)
+    signs = torch.where(torch.rand(2, 1, 4, 4, generator=g) < 0.5, -1.0, 1.0)
+    a = (signs * big).to(dtype)
+    b = torch.where(torch.rand(2, 1, 4, 4, generator=g) < 0.5, -a, a)  # agreeing and opposed
+    b[1, 0, 0, 0] = 0.5  # one moderate logit: a non-vanishing gradient
+    klass = torch.full((2, 2, 2), 2, dtype=torch.int8)
+    klass[1, 1, 1] = 0
+    loss, ga, gb = loss_and_grads(ops.pivot_consistency, a, b, klass, 2, weight_other=0.5)
+    assert loss.dtype == torch.float32 and ga.dtype == dtype
+    exact, ea, eb = loss_and_grads(reference.pivot_consistency, a.double(), b.double(), klass, 2,
+                                   weight_other=0.5)
+    torch.testing.assert_close(loss.double(), exact, rtol=1e-6, atol=0)
+    torch.testing.assert_close(ga.double(), ea, rtol=1e-2, atol=1e-6)
+    torch.testing.assert_close(gb.double(), eb, rtol=1e-2, atol=1e-6)
+    assert eb.abs().max() > 1e-3  # the moderate logit's gradient is checked, not only zeros
 
 
 @pytest.mark.parametrize("case", ["all_padding", "no_contour", "zero_weights"])
@@ -375,6 +387,11 @@ BAD = [
     (dict(patch=3), ValueError, "klass"),  # klass grid no longer matches ceil(8/3) = 3
     (dict(weight_contour=-1.0), ValueError, "weight"),
     (dict(weight_other=-0.5), ValueError, "weight"),
+    (dict(weight_contour=float("nan")), ValueError, "weight_contour"),
+    (dict(weight_contour=float("inf")), ValueError, "weight_contour"),
+    (dict(weight_other=float("nan")), ValueError, "weight_other"),
+    (dict(weight_other=True), ValueError, "weight_other"),
+    (dict(weight_contour=torch.tensor(1.0)), ValueError, "weight_contour"),
 ]
 
 

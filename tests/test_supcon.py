@@ -77,6 +77,49 @@ def test_supcon_matches_supcontrast(contrast_mode, target, n_views, trailing, sc
     assert_same_loss(ours, theirs)
 
 
+def supcontrast_by_definition(features, mask, temperature, contrast_mode, base_temperature):
+    """SupContrast's loss written from its definition, anchor by anchor, in float64: for anchor
+    a (view-major index), A(a) = every view but a, P(a) = those whose sample is a positive of a's
+    by ``mask``; loss_a = -(T / T_base) / |P(a)| sum_{p in P(a)} log(exp(s_ap) / sum_{q in A(a)}
+    exp(s_aq)), 0 when P(a) is empty; the mean over anchors."""
+    bsz, n_views = features.shape[:2]
+    views = features.double().reshape(bsz, n_views, -1)
+    rows = [(v, i) for v in range(n_views) for i in range(bsz)]  # view-major
+    anchors = rows[:bsz] if contrast_mode == "one" else rows
+    losses = []
+    for a, (va, ia) in enumerate(anchors):
+        others = [(b, vb, ib) for b, (vb, ib) in enumerate(rows) if b != a]
+        s = {b: (views[ia, va] @ views[ib, vb]) / temperature for b, vb, ib in others}
+        log_denominator = torch.logsumexp(torch.stack([s[b] for b, _, _ in others]), 0)
+        positives = [b for b, _, ib in others if mask[ia, ib] != 0]
+        if positives:
+            mean = sum(s[b] - log_denominator for b in positives) / len(positives)
+            losses.append(-(temperature / base_temperature) * mean)
+        else:
+            losses.append(views.sum() * 0.0)
+    return torch.stack(losses).mean()
+
+
+@pytest.mark.parametrize("n_views", [1, 3])
+@pytest.mark.parametrize("contrast_mode", ["all", "one"])
+def test_supcon_mask_matches_the_definition(contrast_mode, n_views):
+    """The dense ``mask=`` path (an arbitrary, asymmetric mask with empty rows) against the
+    definition computed independently in float64: value and gradient."""
+    g = generator(13)
+    bsz = 9
+    feats = supcon_features(bsz, n_views, (6,), 1.5, torch.float64, g)
+    mask = (torch.rand(bsz, bsz, generator=g) < 0.3).double()
+    mask[2] = 0.0  # an anchor sample without positives
+    params = dict(temperature=0.1, contrast_mode=contrast_mode, base_temperature=0.07)
+    assert_same_loss(value_and_grads(lambda f: SupConLoss(**params)(f, mask=mask), feats),
+                     value_and_grads(lambda f: supcontrast_by_definition(f, mask, **params), feats),
+                     rtol=1e-10)
+    half = SupConLoss(**params)(feats.to(torch.bfloat16), mask=mask)
+    assert half.dtype == torch.float32
+    assert half.item() == pytest.approx(supcontrast_by_definition(feats, mask, **params).item(),
+                                        rel=0.05)
+
+
 @pytest.mark.parametrize("contrast_mode", ["all", "one"])
 def test_supcon_label_mask_equals_labels(contrast_mode):
     """``mask = labels == labels.T`` (the dense path) and ``labels`` (the fused one) agree."""

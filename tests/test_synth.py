@@ -2,7 +2,6 @@
 import hashlib
 import json
 import os
-import time
 
 import cv2
 import numpy as np
@@ -153,16 +152,12 @@ def test_trace_mismatch_is_measurable():
         assert ratio > 2.5 if donor_t is high else ratio < 1 / 2.5
 
 
-def test_procedural_is_reproducible_and_fast():
+def test_procedural_is_reproducible():
     a = procedural_image(np.random.default_rng(9), (40, 56))
     b = procedural_image(np.random.default_rng(9), (40, 56))
     assert a.shape == (40, 56, 3) and a.dtype == np.uint8 and np.array_equal(a, b)
     assert a.std() > 5  # not a flat image
-    t = time.perf_counter()
-    for i in range(20):
-        procedural_image(np.random.default_rng(i), 256)
-    # Nominal speed is ~90 images/s on one core; this only catches a gross regression on a busy box.
-    assert 20 / (time.perf_counter() - t) > 15
+    assert not np.array_equal(a, procedural_image(np.random.default_rng(10), (40, 56)))
 
 
 def test_source_dir_and_bad_args(tmp_path):

@@ -14,11 +14,12 @@ from .checkpoint import (CheckpointError, load_checkpoint, model_from_checkpoint
                          unwrap)
 from .config import DEFAULTS, ConfigError, config_to_toml, default_config, load_config
 from .evaluate import REQUIRED_KEYS, evaluate, predict_image, robustness
+from .guards import TrainingDiverged, TrainingInterrupted
 from .train import InMemoryDataset, WarmupCosine, build_dataset, build_method, train
 
 __all__ = [
     "DEFAULTS", "ConfigError", "load_config", "default_config", "config_to_toml",
-    "train", "WarmupCosine", "InMemoryDataset", "build_dataset", "build_method",
+    "train", "TrainingInterrupted", "TrainingDiverged", "WarmupCosine", "InMemoryDataset", "build_dataset", "build_method",
     "evaluate", "robustness", "predict_image", "REQUIRED_KEYS",
     "CheckpointError", "save_checkpoint", "load_checkpoint", "model_from_checkpoint", "unwrap",
 ]

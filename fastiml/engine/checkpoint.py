@@ -45,7 +45,7 @@ def unwrap(model: nn.Module) -> nn.Module:
 def save_checkpoint(path: str, *, model: nn.Module, method_name: str, method_options: dict,
                     config: dict, optimizer=None, scheduler=None, scaler=None,
                     progress: Optional[dict] = None, rng: bool = True) -> str:
-    """Write a checkpoint atomically (temporary file + rename); returns ``path``."""
+    """Write a checkpoint atomically (temporary file, fsync, rename); returns ``path``."""
     state = {
         "format": FORMAT,
         "version": VERSION,
@@ -64,14 +64,30 @@ def save_checkpoint(path: str, *, model: nn.Module, method_name: str, method_opt
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=".tmp_", suffix=".pt", dir=folder)
-    os.close(fd)
     try:
-        torch.save(state, tmp)
+        with os.fdopen(fd, "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())  # on disk before the rename makes it the checkpoint
         os.replace(tmp, path)
+        _fsync_folder(folder)  # the rename itself survives a power cut
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
     return path
+
+
+def _fsync_folder(folder: str) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:  # e.g. platforms where a folder cannot be opened
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 def load_checkpoint(path: str, map_location="cpu") -> Dict[str, Any]:

@@ -14,6 +14,7 @@ Sections and keys (every key is optional; the defaults are in :data:`DEFAULTS`):
     input_filter = "none"           # "highpass": the network sees the noise residual (see engine.evaluate.input_filter)
     source_dir = ""                 # a folder of authentic photographs: `fastiml train` / `demo` forge
     source_n = 1000                 #   source_n images from it (photo-style edits, at data.size) and add them to data.train
+    on_error = "warn"               # a bad image / mask pair: "warn" skips it (listed in the logs), "raise" stops
 
     [train]
     method = "ncl"                  # a name from fastiml.methods.available()
@@ -30,6 +31,8 @@ Sections and keys (every key is optional; the defaults are in :data:`DEFAULTS`):
     grad_clip = 1.0                 # max global gradient norm (0 = no clipping)
     log_every = 10                  # steps between log lines / train_log.jsonl records
     ckpt_every = 0                  # steps between checkpoints (0 = only at stage ends and the end)
+    ckpt_minutes = 10.0             # minutes between resumable checkpoints/last.pt (0 = never)
+    max_nonfinite_steps = 20        # stop after this many consecutive steps with a non-finite loss / gradient (0 = never)
     eval_every = 0                  # steps between validations on data.val (0 = only at the end)
     eval_batch_size = 0             # 0 = batch_size
     device = "auto"                 # "auto" (cuda:LOCAL_RANK when available, else cpu), "cpu", "cuda", "cuda:1"
@@ -84,6 +87,7 @@ DEFAULTS: Dict[str, Dict[str, Any]] = {
         "input_filter": "none",
         "source_dir": "",
         "source_n": 1000,
+        "on_error": "warn",
     },
     "train": {
         "method": "ncl",
@@ -100,6 +104,8 @@ DEFAULTS: Dict[str, Dict[str, Any]] = {
         "grad_clip": 1.0,
         "log_every": 10,
         "ckpt_every": 0,
+        "ckpt_minutes": 10.0,
+        "max_nonfinite_steps": 20,
         "eval_every": 0,
         "eval_batch_size": 0,
         "device": "auto",
@@ -128,6 +134,7 @@ SOURCE_KEYS = ("train", "val", "test")
 CHOICES = {
     ("data", "mode"): ("resize", "pad"),
     ("data", "input_filter"): ("none", "highpass"),
+    ("data", "on_error"): ("warn", "raise"),
     ("train", "amp"): ("auto", "bf16", "fp16", "off"),
     ("train", "batchnorm"): ("batch", "frozen", "sync"),
     ("eval", "resolution"): ("native", "train"),
@@ -137,6 +144,7 @@ NON_NEGATIVE = {("data", "num_workers"), ("data", "source_n"), ("train", "epochs
                 ("train", "time_budget_s"), ("train", "lr"), ("train", "weight_decay"),
                 ("train", "warmup_steps"), ("train", "min_lr_ratio"), ("train", "seed"),
                 ("train", "grad_clip"), ("train", "log_every"), ("train", "ckpt_every"),
+                ("train", "ckpt_minutes"), ("train", "max_nonfinite_steps"),
                 ("train", "eval_every"), ("train", "eval_batch_size"), ("train", "threads"),
                 ("eval", "overlap")}
 
@@ -318,9 +326,9 @@ def load_config(path: Optional[str] = None, overrides: Iterable[str] = (),
     cfg = copy.deepcopy(base) if base is not None else default_config()
     for section in DEFAULTS:
         cfg.setdefault(section, copy.deepcopy(DEFAULTS[section]))
-        if section not in FREE_FORM:  # a checkpoint's config from before a key existed
-            for name, value in DEFAULTS[section].items():
-                cfg[section].setdefault(name, copy.deepcopy(value))
+        if section not in FREE_FORM:  # a base from an older checkpoint may lack newer keys
+            for name, default in DEFAULTS[section].items():
+                cfg[section].setdefault(name, copy.deepcopy(default))
     if path is not None:
         _merge_file(cfg, read_toml(path), os.fspath(path))
     for item in overrides:

@@ -17,7 +17,7 @@ import torch.distributed as dist
 
 __all__ = ["DistInfo", "init_from_env", "teardown", "is_distributed", "rank", "world_size",
            "is_main", "barrier", "broadcast_object", "all_reduce_min", "all_reduce_sum",
-           "resolve_device"]
+           "any_over_ranks", "resolve_device"]
 
 
 @dataclass
@@ -164,3 +164,15 @@ def all_reduce_min(value: float, device: torch.device = torch.device("cpu")) -> 
 def all_reduce_sum(value: float, device: torch.device = torch.device("cpu")) -> float:
     """The sum of ``value`` over ranks."""
     return _reduce(value, dist.ReduceOp.SUM if dist.is_available() else None, device)
+
+
+def any_over_ranks(flags, device: torch.device = torch.device("cpu")) -> list:
+    """Per position, the largest of ``flags`` (numbers; booleans count as 0 / 1) over ranks: one
+    all-reduce for several yes/no questions all ranks must answer alike."""
+    values = [float(f) for f in flags]
+    if not is_distributed():
+        return values
+    t = torch.tensor(values, dtype=torch.float64,
+                     device=device if dist.get_backend() == "nccl" else "cpu")
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return t.tolist()

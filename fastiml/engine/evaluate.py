@@ -7,7 +7,6 @@ every rank returns the metrics of the whole data set.
 """
 from __future__ import annotations
 
-import contextlib
 import math
 import time
 from typing import Callable, Dict, Iterator, List, Optional
@@ -23,6 +22,7 @@ from fastiml.data import ROBUSTNESS_PROTOCOL, Degrade, ForgeryDataset, resize_or
 from fastiml.engine import distributed as D
 from fastiml.engine.checkpoint import unwrap
 from fastiml.engine.inference import Tiling, predict_tiled
+from fastiml.engine.precision import autocast, resolve_amp  # re-exported: the old home
 from fastiml.metrics import IMLMetrics
 
 __all__ = ["evaluate", "robustness", "predict_image", "resolve_amp", "autocast", "ShardSampler",
@@ -30,35 +30,6 @@ __all__ = ["evaluate", "robustness", "predict_image", "resolve_amp", "autocast",
 
 #: Keys every metrics.json written by fastiml holds.
 REQUIRED_KEYS = ("pixel_f1", "pixel_iou", "pixel_auc", "image_auc", "image_acc")
-
-
-# ----------------------------------------------------------------------------------------------
-# Mixed precision
-# ----------------------------------------------------------------------------------------------
-def resolve_amp(amp: str, device: torch.device) -> Optional[torch.dtype]:
-    """The autocast dtype for ``amp`` ("auto", "bf16", "fp16", "off") on ``device``; None = off.
-
-    "auto" is bf16 on a CUDA device that supports it and off elsewhere (bf16 matmuls are slow on
-    CPUs without bf16 hardware). "bf16" / "fp16" are honoured on any device.
-    """
-    if amp == "off":
-        return None
-    if amp == "bf16":
-        return torch.bfloat16
-    if amp == "fp16":
-        return torch.float16
-    if amp == "auto":
-        if device.type == "cuda" and torch.cuda.is_bf16_supported():
-            return torch.bfloat16
-        return None
-    raise ValueError(f"amp must be 'auto', 'bf16', 'fp16' or 'off', got {amp!r}")
-
-
-def autocast(device: torch.device, dtype: Optional[torch.dtype]):
-    """``torch.autocast`` for ``dtype`` on ``device``'s type, or a no-op when dtype is None."""
-    if dtype is None:
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=dtype)
 
 
 # ----------------------------------------------------------------------------------------------

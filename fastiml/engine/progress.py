@@ -13,7 +13,7 @@ import sys
 import time
 from typing import Dict, Optional, TextIO
 
-__all__ = ["Progress", "JsonlLog", "Window", "format_duration"]
+__all__ = ["Progress", "JsonlLog", "Window", "format_duration", "json_safe"]
 
 
 def format_duration(seconds: Optional[float]) -> str:
@@ -105,7 +105,8 @@ class Progress:
 
 
 class JsonlLog:
-    """Append JSON objects, one per line, to ``path`` (``None``: write nothing)."""
+    """Append JSON objects, one per line, to ``path`` (``None``: write nothing). Standard JSON: a
+    NaN or infinite number is written as ``null``."""
 
     def __init__(self, path: Optional[str]):
         self.path = path
@@ -116,18 +117,27 @@ class JsonlLog:
         if not self.path:
             return
         with open(self.path, "a", encoding="utf-8") as f:
-            f.write(json.dumps(record, default=_jsonable) + "\n")
+            f.write(json.dumps(json_safe(record), allow_nan=False) + "\n")
 
 
-def _jsonable(x):
+def json_safe(x):
+    """``x`` with every non-finite float replaced by None and other objects made JSON-able."""
+    if isinstance(x, dict):
+        return {str(k): json_safe(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [json_safe(v) for v in x]
+    if x is None or isinstance(x, (bool, int, str)):
+        return x
     try:
-        return float(x)
+        f = float(x)
     except (TypeError, ValueError):
         return str(x)
+    return f if math.isfinite(f) else None
 
 
 class Window:
-    """Sums of per-step quantities since the last :meth:`reset` (one log record's worth)."""
+    """Sums of per-step quantities since the last :meth:`reset` (one log record's worth). The loss
+    of a skipped step (non-finite: no update) is counted in ``skipped``, not in the mean loss."""
 
     def __init__(self):
         self.reset()
@@ -139,23 +149,28 @@ class Window:
         self.parts: Dict[str, float] = {}
         self.step_time = 0.0
         self.data_time = 0.0
+        self.skipped = 0
 
     def add(self, loss: float, parts: Dict[str, float], images: int, step_time: float,
-            data_time: float) -> None:
+            data_time: float, skipped: bool = False) -> None:
         self.steps += 1
         self.images += images
-        self.loss += loss
-        for k, v in parts.items():
-            self.parts[k] = self.parts.get(k, 0.0) + v
+        if skipped:
+            self.skipped += 1
+        else:
+            self.loss += loss
+            for k, v in parts.items():
+                self.parts[k] = self.parts.get(k, 0.0) + v
         self.step_time += step_time
         self.data_time += data_time
 
     def summary(self) -> Dict[str, float]:
-        n = max(self.steps, 1)
+        n = self.steps - self.skipped
         t = max(self.step_time, 1e-12)
         return {
-            "loss": self.loss / n,
+            "loss": self.loss / n if n > 0 else math.nan,
             "parts": {k: v / n for k, v in self.parts.items()},
+            "skipped_steps": self.skipped,
             "imgs_per_s": self.images / t,
             "data_wait_fraction": self.data_time / t,
         }

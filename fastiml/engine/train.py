@@ -13,8 +13,19 @@ step to the time left (all ranks agree on it), so the schedule ends when the tim
 
 Outputs in ``output.dir`` (rank 0 only): ``config.toml`` (resolved), ``train_log.jsonl``,
 ``checkpoints/step_*.pt`` (every ``train.ckpt_every`` steps and at the end of every stage but the
-last), ``model.pt`` (the final checkpoint: resumable, and what ``eval`` / ``predict`` load),
+last), ``checkpoints/last.pt`` (every ``train.ckpt_minutes`` and on SIGINT / SIGTERM),
+``model.pt`` (the final checkpoint: resumable, and what ``eval`` / ``predict`` load),
 ``metrics.json`` (``{"val": ..., "test": ...}`` for the sources given).
+
+Safety (see :func:`train`): a step whose loss or gradient is NaN / inf is skipped (no update) and
+counted in the log; ``train.max_nonfinite_steps`` such steps in a row stop the run; a checkpoint is
+never written with non-finite weights; SIGINT / SIGTERM end the run after the current step with a
+resumable checkpoint.
+
+The loop reads top to bottom in :class:`_Run`: set-up (``__init__``), the stage loop (:meth:`run`,
+:meth:`_train_stage`), one step (:meth:`_train_step`, :meth:`_update`), logging
+(:meth:`_report`), checkpointing (:meth:`_periodic_work`, :meth:`_checkpoint`,
+:meth:`_interrupt`), final evaluation (:meth:`_finish`).
 
 The engine never looks at the method's name: everything method-specific is behind the method's
 ``stages``, ``build_model``, ``start_stage``, ``training_loss`` and ``predict``.
@@ -25,9 +36,12 @@ import copy
 import json
 import math
 import os
+import signal
 import sys
 import time
-from typing import Callable, Dict, List, Optional, Sequence
+import warnings
+from dataclasses import dataclass
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -40,14 +54,18 @@ from fastiml.data import Augment, ForgeryDataset
 from fastiml.engine import distributed as D
 from fastiml.engine.checkpoint import load_checkpoint, save_checkpoint, unwrap
 from fastiml.engine.config import ConfigError, config_to_toml
-from fastiml.engine.evaluate import autocast, evaluate, input_filter, resolve_amp
-from fastiml.engine.progress import JsonlLog, Progress, Window, format_duration
+from fastiml.engine.evaluate import evaluate, input_filter
+from fastiml.engine.guards import (GlobalState, StopSignals, TrainingDiverged, TrainingInterrupted,
+                                   ignore_interrupts_in_worker, non_finite_weights,
+                                   remove_stale_temp_files, skipped_files)
+from fastiml.engine.precision import autocast, resolve_amp
+from fastiml.engine.progress import JsonlLog, Progress, Window, format_duration, json_safe
 
 #: The loop's clock (tests replace it with a fake one to check time budgets deterministically).
 _clock = time.perf_counter
 
 __all__ = ["train", "WarmupCosine", "InMemoryDataset", "build_dataset", "build_method",
-           "plan_stages"]
+           "plan_stages", "TrainingInterrupted", "TrainingDiverged"]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -123,6 +141,7 @@ class InMemoryDataset(Dataset):
         self.sizes = torch.stack(sizes)
         self.names = names
         self.augment = bool(augment)
+        self.skipped = list(getattr(source, "skipped", []))  # pairs the source could not read
 
     def __len__(self) -> int:
         return len(self.names)
@@ -151,12 +170,13 @@ def build_dataset(source, data_cfg: Dict, train: bool) -> Dataset:
     """The training (``train=True``: augmentation / preload as configured) or evaluation data set
     of ``source`` under the config's ``[data]`` table."""
     size, mode = data_cfg["size"], data_cfg["mode"]
+    on_error = data_cfg.get("on_error", "warn")
     if not train:
-        return ForgeryDataset(source, size=size, mode=mode)
+        return ForgeryDataset(source, size=size, mode=mode, on_error=on_error)
     if data_cfg["preload"]:
-        return InMemoryDataset(ForgeryDataset(source, size=size, mode=mode),
+        return InMemoryDataset(ForgeryDataset(source, size=size, mode=mode, on_error=on_error),
                                augment=data_cfg["augment"])
-    return ForgeryDataset(source, size=size, mode=mode,
+    return ForgeryDataset(source, size=size, mode=mode, on_error=on_error,
                           augment=Augment() if data_cfg["augment"] else None)
 
 
@@ -280,286 +300,510 @@ def train(cfg: Dict, resume: Optional[str] = None, log: Optional[Callable[[str],
         log: where one-line messages go (default: stderr on rank 0).
 
     Returns (on every rank) a dict: ``output_dir``, ``checkpoint`` (model.pt), ``steps``,
-    ``elapsed_s``, ``train_s``, ``data_wait_fraction``, ``imgs_per_s``, ``final_loss``,
-    ``metrics`` (``{"val": ..., "test": ...}``).
+    ``skipped_steps``, ``elapsed_s``, ``train_s``, ``data_wait_fraction``, ``imgs_per_s``,
+    ``final_loss``, ``metrics`` (``{"val": ..., "test": ...}``).
+
+    Raises:
+        TrainingInterrupted: on SIGINT / SIGTERM, after the current step, once a resumable
+            checkpoint (``checkpoints/last.pt``) is written; its message says how to resume.
+        TrainingDiverged: ``train.max_nonfinite_steps`` consecutive steps had a non-finite loss
+            or gradient (each was skipped: no update), or the weights themselves became
+            non-finite; no checkpoint is ever written with non-finite weights.
+
+    The thread count (``train.threads``) and the torch / NumPy RNGs (seeded by ``train.seed``) are
+    put back as they were when it returns or raises.
     """
-    tc, dc = cfg["train"], cfg["data"]
-    info = D.init_from_env(tc["device"])
+    saved = GlobalState()
+    info = D.init_from_env(cfg["train"]["device"])
     try:
-        return _train(cfg, tc, dc, info, resume, log)
+        with StopSignals() as signals:
+            return _Run(cfg, info, resume, log, signals).run()
     finally:
         D.teardown(info)
+        saved.restore()
 
 
-def _train(cfg, tc, dc, info: D.DistInfo, resume, log) -> Dict:
-    t_begin = _clock()
-    device = info.device
-    main = info.is_main
-    out_dir = cfg["output"]["dir"]
-    progress = Progress(enabled=main and tc["progress"], every=max(1, tc["log_every"]))
+@dataclass
+class _Stage:
+    """The stage being trained: its position, schedule and optimiser."""
+    index: int
+    name: str
+    step: int  # steps done in this stage
+    total: int  # steps planned for it (re-fitted under a time budget)
+    elapsed_before: float  # seconds spent in it before this process started (resume)
+    params: List[nn.Parameter]
+    net: nn.Module  # the model, DDP-wrapped under torch.distributed
+    optimizer: torch.optim.Optimizer
+    scheduler: WarmupCosine
+    scaler: torch.amp.GradScaler
+    t_start: float = 0.0
+    measure_from: Optional[Tuple[float, int]] = None  # (time, step) after its first step
 
-    def say(text: str) -> None:
-        if log is not None:
-            log(text)
-        elif main:
-            progress.close()
+    def elapsed(self) -> float:
+        return self.elapsed_before + _clock() - self.t_start
+
+
+class _Run:
+    """One call of :func:`train`: ``__init__`` sets everything up, :meth:`run` trains the stages
+    one after the other, then evaluates."""
+
+    # ------------------------------------------------------------------------------ set-up
+    def __init__(self, cfg: Dict, info: D.DistInfo, resume: Optional[str],
+                 log: Optional[Callable[[str], None]], signals: StopSignals):
+        self.t_begin = _clock()
+        self.cfg, self.tc, self.dc = cfg, cfg["train"], cfg["data"]
+        self.info, self.device, self.main = info, info.device, info.is_main
+        self.log_fn, self.signals = log, signals
+        self.out_dir = cfg["output"]["dir"]
+        tc = self.tc
+        self.progress = Progress(enabled=self.main and tc["progress"], every=max(1, tc["log_every"]))
+        if tc["threads"] > 0:
+            torch.set_num_threads(tc["threads"])
+        if tc["batchnorm"] == "sync" and info.distributed and self.device.type != "cuda":
+            raise ConfigError("train.batchnorm = 'sync' needs CUDA devices (SyncBatchNorm has no "
+                              "CPU implementation); use 'batch' or 'frozen'")
+        self.amp_dtype = resolve_amp(tc["amp"], self.device)
+        torch.manual_seed(tc["seed"])
+        np.random.seed(tc["seed"] % 2**32)
+
+        self.method = build_method(cfg)
+        self.state = self._read_resume(resume)
+        self.model = self._build_model()
+        self._build_data()
+        self._plan()
+        self._open_outputs()
+
+        self.step = self.prog["step"]
+        self.elapsed_before = self.prog["elapsed_s"]
+        self.t_run = _clock()
+        self.t_last_checkpoint = self.t_run
+        self.last_checkpoint: Optional[str] = resume
+        self.totals = {"wall": 0.0, "data": 0.0, "images": 0, "steps": 0, "loss": math.nan}
+        self.nonfinite_run = 0  # consecutive skipped steps
+        self.skipped_steps = 0
+        self.stop_signal = 0  # the signal all ranks agreed to stop on
+        self.checkpoint_due = False  # train.ckpt_minutes have passed (all ranks agree)
+
+    def say(self, text: str) -> None:
+        if self.log_fn is not None:
+            self.log_fn(text)
+        elif self.main:
+            self.progress.close()
             sys.stderr.write(text + "\n")
             sys.stderr.flush()
 
-    if tc["threads"] > 0:
-        torch.set_num_threads(tc["threads"])
-    if tc["batchnorm"] == "sync" and info.distributed and device.type != "cuda":
-        raise ConfigError("train.batchnorm = 'sync' needs CUDA devices (SyncBatchNorm has no CPU "
-                          "implementation); use 'batch' or 'frozen'")
-    amp_dtype = resolve_amp(tc["amp"], device)
-    torch.manual_seed(tc["seed"])
-    np.random.seed(tc["seed"] % 2**32)
-
-    method = build_method(cfg)
-    state = None
-    if resume:
+    def _read_resume(self, resume: Optional[str]) -> Optional[Dict]:
+        if not resume:
+            return None
         state = load_checkpoint(resume)
-        if state["method"]["name"] != method.name or state["method"]["options"] != cfg["method"]:
+        if (state["method"]["name"] != self.method.name
+                or state["method"]["options"] != self.cfg["method"]):
             raise ConfigError(f"checkpoint {resume} was trained with method "
                               f"{state['method']['name']!r} and other [method] options; resume it "
                               "with its own configuration (omit --config)")
-    try:
-        model = method.build_model()
-    except (ValueError, TypeError) as e:
-        raise ConfigError(f"bad [method] options for method {method.name!r}: {e}") from None
-    if state is not None:
-        model.load_state_dict(state["model"])
-    model.to(device)
-    if tc["batchnorm"] == "sync" and info.distributed:
-        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        return state
 
-    # ---- data
-    if not _has_source(dc["train"]):
-        raise ConfigError("no training data: set data.train (a JSON list or a Tp/Gt folder)")
-    train_set = build_dataset(dc["train"], dc, train=True)
-    val_set = build_dataset(dc["val"], dc, train=False) if _has_source(dc["val"]) else None
-    test_set = build_dataset(dc["test"], dc, train=False) if _has_source(dc["test"]) else None
-    bs = tc["batch_size"]
-    sampler = _EpochSampler(train_set, info.rank, info.world_size, tc["seed"])
-    workers = 0 if isinstance(train_set, InMemoryDataset) else dc["num_workers"]
-    loader = DataLoader(train_set, batch_size=bs, sampler=sampler, num_workers=workers,
-                        drop_last=True, pin_memory=device.type == "cuda",
-                        persistent_workers=workers > 0)
-    per_epoch = len(train_set) // info.world_size // bs
-    if per_epoch == 0:
-        raise ConfigError(f"the training set has {len(train_set)} images, fewer than "
-                          f"train.batch_size ({bs}) x processes ({info.world_size})")
+    def _build_model(self) -> nn.Module:
+        try:
+            model = self.method.build_model()
+        except (ValueError, TypeError) as e:
+            raise ConfigError(f"bad [method] options for method {self.method.name!r}: {e}") from None
+        if self.state is not None:
+            model.load_state_dict(self.state["model"])
+        model.to(self.device)
+        if self.tc["batchnorm"] == "sync" and self.info.distributed:
+            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        return model
 
-    # ---- plan
-    stages = tuple(method.stages)
-    fractions = [f for _, f in stages]
-    budget = float(tc["time_budget_s"])
-    cap_total = tc["steps"] if tc["steps"] > 0 else tc["epochs"] * per_epoch
-    if cap_total > 0:
-        stage_caps = plan_stages(fractions, cap_total)
-    else:  # time budget only
-        stage_caps = [10**12] * len(stages)
-    stage_budgets = [budget * f / sum(fractions) for f in fractions] if budget > 0 else None
+    def _build_data(self) -> None:
+        dc, tc, info = self.dc, self.tc, self.info
+        if not _has_source(dc["train"]):
+            raise ConfigError("no training data: set data.train (a JSON list or a Tp/Gt folder)")
+        self.train_set = build_dataset(dc["train"], dc, train=True)
+        self.val_set = build_dataset(dc["val"], dc, train=False) if _has_source(dc["val"]) else None
+        self.test_set = (build_dataset(dc["test"], dc, train=False) if _has_source(dc["test"])
+                         else None)
+        bs = tc["batch_size"]
+        self.sampler = _EpochSampler(self.train_set, info.rank, info.world_size, tc["seed"])
+        workers = 0 if isinstance(self.train_set, InMemoryDataset) else dc["num_workers"]
+        self.loader = DataLoader(self.train_set, batch_size=bs, sampler=self.sampler,
+                                 num_workers=workers, drop_last=True,
+                                 pin_memory=self.device.type == "cuda",
+                                 persistent_workers=workers > 0,
+                                 worker_init_fn=ignore_interrupts_in_worker if workers else None)
+        self.per_epoch = len(self.train_set) // info.world_size // bs
+        if self.per_epoch == 0:
+            raise ConfigError(f"the training set has {len(self.train_set)} images, fewer than "
+                              f"train.batch_size ({bs}) x processes ({info.world_size})")
 
-    prog = dict(step=0, stage=0, stage_step=0, stage_total=None, epoch=0, batch_in_epoch=0,
-                elapsed_s=0.0, stage_elapsed_s=0.0)
-    if state is not None:
-        prog.update(state.get("progress") or {})
-        if state.get("rng"):
-            torch.set_rng_state(state["rng"]["torch"])
-            if torch.cuda.is_available() and state["rng"].get("cuda"):
-                torch.cuda.set_rng_state_all(state["rng"]["cuda"])
-    batches = _Batches(loader, sampler, per_epoch, prog["epoch"], prog["batch_in_epoch"])
+    def _plan(self) -> None:
+        """Steps (or seconds) per stage, and where to start (0, or the resumed position)."""
+        tc = self.tc
+        self.stages = tuple(self.method.stages)
+        fractions = [f for _, f in self.stages]
+        budget = float(tc["time_budget_s"])
+        self.cap_total = tc["steps"] if tc["steps"] > 0 else tc["epochs"] * self.per_epoch
+        if self.cap_total > 0:
+            self.stage_caps = plan_stages(fractions, self.cap_total)
+        else:  # time budget only
+            self.stage_caps = [10**12] * len(self.stages)
+        self.stage_budgets = ([budget * f / sum(fractions) for f in fractions] if budget > 0
+                              else None)
+        self.prog = dict(step=0, stage=0, stage_step=0, stage_total=None, epoch=0,
+                         batch_in_epoch=0, elapsed_s=0.0, stage_elapsed_s=0.0)
+        if self.state is not None:
+            self.prog.update(self.state.get("progress") or {})
+            if self.state.get("rng"):
+                torch.set_rng_state(self.state["rng"]["torch"])
+                if torch.cuda.is_available() and self.state["rng"].get("cuda"):
+                    torch.cuda.set_rng_state_all(self.state["rng"]["cuda"])
+        self.batches = _Batches(self.loader, self.sampler, self.per_epoch, self.prog["epoch"],
+                                self.prog["batch_in_epoch"])
 
-    log_path = os.path.join(out_dir, "train_log.jsonl") if main else None
-    if main:
-        os.makedirs(out_dir, exist_ok=True)
-        with open(os.path.join(out_dir, "config.toml"), "w", encoding="utf-8") as f:
-            f.write(config_to_toml(cfg))
-        if state is None and os.path.exists(log_path):
-            os.remove(log_path)
-    jlog = JsonlLog(log_path)
-    say(f"fastiml: method {method.name} ({', '.join(n for n, _ in stages)}), "
-        f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, "
-        f"{len(train_set)} training images, batch {bs} x {info.world_size} process(es), "
-        f"device {device}, amp {amp_dtype or 'off'}"
-        + (f", time budget {format_duration(budget)}" if budget > 0 else f", {cap_total} steps")
-        + (f"; resuming at step {prog['step']}" if state is not None else ""))
+    def _open_outputs(self) -> None:
+        out_dir, main = self.out_dir, self.main
+        log_path = os.path.join(out_dir, "train_log.jsonl") if main else None
+        if main:
+            os.makedirs(out_dir, exist_ok=True)
+            remove_stale_temp_files(out_dir, os.path.join(out_dir, "checkpoints"))
+            with open(os.path.join(out_dir, "config.toml"), "w", encoding="utf-8") as f:
+                f.write(config_to_toml(self.cfg))
+            if self.state is None and os.path.exists(log_path):
+                os.remove(log_path)
+        self.jlog = JsonlLog(log_path)
+        self.window = Window()
+        budget = float(self.tc["time_budget_s"])
+        self.say(f"fastiml: method {self.method.name} "
+                 f"({', '.join(n for n, _ in self.stages)}), "
+                 f"{sum(p.numel() for p in self.model.parameters()) / 1e6:.2f}M parameters, "
+                 f"{len(self.train_set)} training images, batch {self.tc['batch_size']} x "
+                 f"{self.info.world_size} process(es), device {self.device}, "
+                 f"amp {self.amp_dtype or 'off'}"
+                 + (f", time budget {format_duration(budget)}" if budget > 0
+                    else f", {self.cap_total} steps")
+                 + (f"; resuming at step {self.prog['step']}" if self.state is not None else ""))
+        for split, ds in (("train", self.train_set), ("val", self.val_set),
+                          ("test", self.test_set)):
+            files = skipped_files(ds)
+            if files:
+                self.jlog.write({"event": "skipped_files", "split": split, "files": files})
+                self.say(f"fastiml: warning: {len(files)} {split} file(s) skipped as unreadable "
+                         f"(data.on_error = 'warn'; listed in train_log.jsonl), first: "
+                         f"{files[0]['file']}")
 
-    ckpt_common = dict(method_name=method.name, method_options=copy.deepcopy(cfg["method"]),
-                       config=cfg)
-    step = prog["step"]
-    elapsed_before = prog["elapsed_s"]
-    t_run = _clock()
-    run = {"wall": 0.0, "data": 0.0, "images": 0, "steps": 0, "loss": math.nan}
-    metrics: Dict[str, Dict] = {}
+    # ---------------------------------------------------------------------------- the run
+    def run(self) -> Dict:
+        for si in range(self.prog["stage"], len(self.stages)):
+            stage = self._start_stage(si)
+            if stage is None:  # finished before the checkpoint this run resumed from
+                continue
+            self._train_stage(stage)
+        return self._finish()
 
-    def elapsed() -> float:
-        return elapsed_before + _clock() - t_run
-
-    for si in range(prog["stage"], len(stages)):
-        stage_name = stages[si][0]
+    def _start_stage(self, si: int) -> Optional[_Stage]:
+        """Fresh AdamW, schedule and scaler for stage ``si`` (restored when resuming inside it)."""
+        tc, state, prog = self.tc, self.state, self.prog
         resumed_here = state is not None and si == prog["stage"]
-        stage_step = prog["stage_step"] if resumed_here else 0
-        stage_elapsed_before = prog["stage_elapsed_s"] if resumed_here else 0.0
-        cap = stage_caps[si]
-        if stage_budgets is not None and resumed_here and prog.get("stage_total"):
-            stage_total = int(prog["stage_total"])  # re-fitted below as the time is measured
+        step = prog["stage_step"] if resumed_here else 0
+        cap = self.stage_caps[si]
+        if self.stage_budgets is not None and resumed_here and prog.get("stage_total"):
+            total = int(prog["stage_total"])  # re-fitted as the time is measured
         elif cap < 10**12:
-            stage_total = cap
+            total = cap
         else:
-            stage_total = 1000  # placeholder until the speed is measured
-        if stage_step >= stage_total:
-            continue
-
-        params = method.start_stage(model, si)
-        params = [p for p in params if p.requires_grad]
+            total = 1000  # placeholder until the speed is measured
+        if step >= total:
+            return None
+        name = self.stages[si][0]
+        params = [p for p in self.method.start_stage(self.model, si) if p.requires_grad]
         if not params:
-            raise RuntimeError(f"method {method.name!r} returned no trainable parameters for "
-                               f"stage {stage_name!r}")
-        _set_train_mode(model, tc["batchnorm"])
-        net = model
-        if info.distributed:
+            raise RuntimeError(f"method {self.method.name!r} returned no trainable parameters for "
+                               f"stage {name!r}")
+        _set_train_mode(self.model, tc["batchnorm"])
+        net = self.model
+        if self.info.distributed:
             net = nn.parallel.DistributedDataParallel(
-                model, device_ids=[device.index] if device.type == "cuda" else None,
+                self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None,
                 find_unused_parameters=tc["find_unused_parameters"])
         optimizer = torch.optim.AdamW(_param_groups(params, tc["weight_decay"]), lr=tc["lr"])
-        scheduler = WarmupCosine(optimizer, stage_total, tc["warmup_steps"], tc["min_lr_ratio"])
-        scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
-        if resumed_here and state.get("optimizer") is not None and stage_step > 0:
+        scheduler = WarmupCosine(optimizer, total, tc["warmup_steps"], tc["min_lr_ratio"])
+        scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
+        if resumed_here and state.get("optimizer") is not None and step > 0:
             optimizer.load_state_dict(state["optimizer"])
             if state.get("scheduler") is not None:
                 scheduler.load_state_dict(state["scheduler"])
-                scheduler.set_total(stage_total)
+                scheduler.set_total(total)
             if state.get("scaler") is not None:
                 scaler.load_state_dict(state["scaler"])
+        return _Stage(si, name, step, total,
+                      prog["stage_elapsed_s"] if resumed_here else 0.0, params, net, optimizer,
+                      scheduler, scaler)
 
-        def checkpoint(path: str) -> None:
-            if main:
-                save_checkpoint(path, model=model, optimizer=optimizer, scheduler=scheduler,
-                                scaler=scaler, progress=dict(
-                                    step=step, stage=si, stage_step=stage_step,
-                                    stage_total=stage_total, epoch=batches.epoch,
-                                    batch_in_epoch=batches.batch_in_epoch, elapsed_s=elapsed(),
-                                    stage_elapsed_s=stage_elapsed_before + _clock()
-                                    - t_stage),
-                                **ckpt_common)
-            D.barrier()
+    def _train_stage(self, st: _Stage) -> None:
+        self.window.reset()
+        st.t_start = self.t_prev = _clock()
+        while st.step < st.total:
+            if self.stop_signal or (not self.info.distributed and self.signals.received):
+                self._interrupt(st)
+            lr, now = self._train_step(st)
+            self._fit_to_time_budget(st, now)
+            self._report(st, lr, now)
+            self._periodic_work(st)
+            self.t_prev = _clock()
+        self.progress.close()
+        last = st.index == len(self.stages) - 1
+        self._checkpoint(st, os.path.join(self.out_dir, "model.pt") if last else
+                         self._step_checkpoint_path())
 
-        window = Window()
-        t_stage = _clock()
-        t_prev = t_stage
-        measure_from = None  # (time, stage_step) once the first step of this stage is done
-        while stage_step < stage_total:
-            batch = batches.next()
-            t_data = _clock() - t_prev
-            batch = _to_device(batch, device)
-            batch["image"] = input_filter(batch["image"], dc["input_filter"])
-            with autocast(device, amp_dtype):
-                loss, parts = method.training_loss(net, batch, si)
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            if tc["grad_clip"] > 0:
-                scaler.unscale_(optimizer)
-                torch.nn.utils.clip_grad_norm_(params, tc["grad_clip"])
-            scaler.step(optimizer)
-            scaler.update()
-            lr = optimizer.param_groups[0]["lr"]
-            scheduler.step()
-            step += 1
-            stage_step += 1
-            now = _clock()
-            n_img = batch["image"].shape[0] * info.world_size
-            window.add(_number(loss), {k: _number(v) for k, v in parts.items()}, n_img,
-                       now - t_prev, t_data)
-            run["wall"] += now - t_prev
-            run["data"] += t_data
-            run["images"] += n_img
-            run["steps"] += 1
+    # ------------------------------------------------------------------------- one step
+    def _train_step(self, st: _Stage) -> Tuple[float, float]:
+        """Forward, backward and (unless a value is non-finite) the optimiser update of one
+        batch; returns the step's learning rate and the time it ended."""
+        batch = self.batches.next()
+        t_data = _clock() - self.t_prev
+        batch = _to_device(batch, self.device)
+        batch["image"] = input_filter(batch["image"], self.dc["input_filter"])
+        # BatchNorm's running statistics change in the forward pass: kept to undo a skipped step
+        buffers = [b for b in self.model.buffers() if b.is_floating_point()]
+        saved_buffers = [b.clone() for b in buffers]
+        with autocast(self.device, self.amp_dtype):
+            loss, parts = self.method.training_loss(st.net, batch, st.index)
+        st.optimizer.zero_grad(set_to_none=True)
+        st.scaler.scale(loss).backward()
+        updated = self._update(st, loss)
+        if not updated:
+            for b, saved in zip(buffers, saved_buffers):
+                b.copy_(saved)
+        lr = st.optimizer.param_groups[0]["lr"]
+        with warnings.catch_warnings():  # a skipped step still counts: the schedule goes on
+            warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step")
+            st.scheduler.step()
+        self.step += 1
+        st.step += 1
+        self._count_skips(updated, lr)
 
-            # -- time budget: re-fit this stage's length to the time left (all ranks agree)
-            if stage_budgets is not None:
-                left = stage_budgets[si] - (stage_elapsed_before + now - t_stage)
-                if measure_from is None:
-                    measure_from = (now, stage_step)
-                    proposal = stage_total if left > 0 else stage_step
-                elif stage_step - measure_from[1] >= 2:
-                    per_step = (now - measure_from[0]) / (stage_step - measure_from[1])
-                    proposal = stage_step + max(0, int(left / per_step))
-                else:
-                    proposal = stage_total if left > 0 else stage_step
-                proposal = int(D.all_reduce_min(float(min(proposal, cap)), device))
-                if proposal != stage_total:
-                    stage_total = max(stage_step, proposal)
-                    scheduler.set_total(stage_total)
+        now = _clock()
+        n_img = batch["image"].shape[0] * self.info.world_size
+        self.window.add(_number(loss), {k: _number(v) for k, v in parts.items()}, n_img,
+                        now - self.t_prev, t_data, skipped=not updated)
+        self.totals["wall"] += now - self.t_prev
+        self.totals["data"] += t_data
+        self.totals["images"] += n_img
+        self.totals["steps"] += 1
+        return lr, now
 
-            # -- progress, log, checkpoint, validation
-            avg_step = run["wall"] / max(run["steps"], 1)
-            if stage_budgets is not None:
-                eta = (max(0.0, stage_budgets[si] - (stage_elapsed_before + now - t_stage))
-                       + sum(stage_budgets[si + 1:]))
-            else:
-                eta = avg_step * ((stage_total - stage_step) + sum(stage_caps[si + 1:]))
-            current = window.summary()
-            progress.update(step, step + (stage_total - stage_step) + (
-                sum(stage_caps[si + 1:]) if stage_budgets is None else 0),
-                stage=stage_name if len(stages) > 1 else "", loss=current["loss"],
-                imgs_per_s=current["imgs_per_s"], data_wait=current["data_wait_fraction"],
-                eta_s=eta, lr=lr, force=stage_step >= stage_total)
-            if (tc["log_every"] > 0 and step % tc["log_every"] == 0) or stage_step >= stage_total:
-                if info.distributed:  # the logged loss is the mean over ranks
-                    current = _mean_over_ranks(current, device)
-                run["loss"] = current["loss"]
-                if not math.isfinite(current["loss"]):
-                    say(f"fastiml: warning: non-finite loss at step {step}")
-                jlog.write({"step": step, "stage": stage_name, "stage_index": si,
-                            "epoch": batches.epoch, "loss": current["loss"],
-                            "parts": current["parts"], "lr": lr,
-                            "imgs_per_s": current["imgs_per_s"],
-                            "data_wait_fraction": current["data_wait_fraction"],
-                            "elapsed_s": elapsed()})
-                window.reset()
-            if tc["ckpt_every"] > 0 and step % tc["ckpt_every"] == 0 and stage_step < stage_total:
-                checkpoint(os.path.join(out_dir, "checkpoints", f"step_{step:07d}.pt"))
-            if (tc["eval_every"] > 0 and step % tc["eval_every"] == 0 and val_set is not None
-                    and stage_step < stage_total):
-                m = _evaluate(model, method, val_set, tc, dc, device)
-                jlog.write({"event": "eval", "split": "val", "step": step, "stage": stage_name, **m})
-                say(f"val at step {step}: pixel_f1 {_fmt(m['pixel_f1'])} "
-                    f"pixel_auc {_fmt(m['pixel_auc'])} image_auc {_fmt(m['image_auc'])}")
-                _set_train_mode(model, tc["batchnorm"])
-            t_prev = _clock()
-        progress.close()
-        if si < len(stages) - 1:
-            checkpoint(os.path.join(out_dir, "checkpoints", f"step_{step:07d}.pt"))
+    def _update(self, st: _Stage, loss: torch.Tensor) -> bool:
+        """Clip and apply the gradients unless the loss or a gradient is NaN / inf; returns
+        whether the weights were updated. With fp16 the GradScaler makes that call (it skips such
+        steps and lowers its scale). All ranks agree, in the same all-reduce that shares a stop
+        signal and a due time-based checkpoint."""
+        clip = self.tc["grad_clip"]
+        if st.scaler.is_enabled():
+            if clip > 0:
+                st.scaler.unscale_(st.optimizer)
+                torch.nn.utils.clip_grad_norm_(st.params, clip)
+            scale = st.scaler.get_scale()
+            st.scaler.step(st.optimizer)
+            st.scaler.update()
+            finite = st.scaler.get_scale() >= scale
         else:
-            checkpoint(os.path.join(out_dir, "model.pt"))
+            grads = [p.grad for p in st.params if p.grad is not None]
+            if clip > 0:
+                norm = torch.nn.utils.clip_grad_norm_(st.params, clip)
+            else:
+                norm = torch.nn.utils.get_total_norm(grads)
+            finite = bool(torch.isfinite(norm)) and math.isfinite(_number(loss))
+        due = (self.tc["ckpt_minutes"] > 0  # measured at the step's start: no extra clock reading
+               and self.t_prev - self.t_last_checkpoint >= 60.0 * self.tc["ckpt_minutes"])
+        skip, stop, due = D.any_over_ranks([not finite, self.signals.received, due], self.device)
+        self.stop_signal, self.checkpoint_due = int(stop), bool(due)
+        if skip:
+            return False
+        if not st.scaler.is_enabled():
+            st.optimizer.step()
+        return True
 
-    # ---- final evaluation
-    train_s = elapsed()
-    for split, ds in (("val", val_set), ("test", test_set)):
-        if ds is not None:
-            metrics[split] = _evaluate(model, method, ds, tc, dc, device)
-            jlog.write({"event": "eval", "split": split, "step": step, **metrics[split]})
-            say(f"{split}: pixel_f1 {_fmt(metrics[split]['pixel_f1'])} "
-                f"pixel_iou {_fmt(metrics[split]['pixel_iou'])} "
-                f"pixel_auc {_fmt(metrics[split]['pixel_auc'])} "
-                f"image_auc {_fmt(metrics[split]['image_auc'])}")
-    if main and metrics:
-        with open(os.path.join(out_dir, "metrics.json"), "w", encoding="utf-8") as f:
-            json.dump(metrics, f, indent=2)
-    D.barrier()
-    return {
-        "output_dir": out_dir,
-        "checkpoint": os.path.join(out_dir, "model.pt"),
-        "steps": step,
-        "train_s": train_s,
-        "elapsed_s": _clock() - t_begin,
-        "data_wait_fraction": run["data"] / max(run["wall"], 1e-12),
-        "imgs_per_s": run["images"] / max(run["wall"], 1e-12),
-        "final_loss": run["loss"],
-        "metrics": metrics,
-    }
+    def _count_skips(self, updated: bool, lr: float) -> None:
+        if updated:
+            self.nonfinite_run = 0
+            return
+        self.nonfinite_run += 1
+        self.skipped_steps += 1
+        limit = self.tc["max_nonfinite_steps"]
+        if self.nonfinite_run == 1:
+            self.say(f"fastiml: warning: non-finite loss or gradient at step {self.step}: step "
+                     f"skipped (no update); training stops after {limit} in a row "
+                     "(train.max_nonfinite_steps)" if limit else
+                     f"fastiml: warning: non-finite loss or gradient at step {self.step}: step "
+                     "skipped (no update)")
+        if limit and self.nonfinite_run >= limit:
+            first = self.step - self.nonfinite_run + 1
+            self.jlog.write({"event": "diverged", "step": self.step,
+                             "skipped_steps": self.skipped_steps})
+            raise TrainingDiverged(
+                f"training diverged: the loss or a gradient was NaN / inf in {self.nonfinite_run} "
+                f"consecutive steps ({first}-{self.step}; none was applied); lower train.lr "
+                f"(now {self.tc['lr']:g} at its peak, {lr:.3g} at step {self.step}), check the "
+                f"data, or raise train.max_nonfinite_steps. Last checkpoint: "
+                f"{self.last_checkpoint or 'none'}")
+
+    def _fit_to_time_budget(self, st: _Stage, now: float) -> None:
+        """Under a time budget: re-fit this stage's length to the time left (ranks agree)."""
+        if self.stage_budgets is None:
+            return
+        left = self.stage_budgets[st.index] - (st.elapsed_before + now - st.t_start)
+        if st.measure_from is None:
+            st.measure_from = (now, st.step)
+            proposal = st.total if left > 0 else st.step
+        elif st.step - st.measure_from[1] >= 2:
+            per_step = (now - st.measure_from[0]) / (st.step - st.measure_from[1])
+            proposal = st.step + max(0, int(left / per_step))
+        else:
+            proposal = st.total if left > 0 else st.step
+        proposal = int(D.all_reduce_min(float(min(proposal, self.stage_caps[st.index])),
+                                        self.device))
+        if proposal != st.total:
+            st.total = max(st.step, proposal)
+            st.scheduler.set_total(st.total)
+
+    # -------------------------------------------------------------------------- logging
+    def _report(self, st: _Stage, lr: float, now: float) -> None:
+        """The progress line, and every train.log_every steps a train_log.jsonl record."""
+        tc, si = self.tc, st.index
+        stage_done = st.step >= st.total
+        later_caps = sum(self.stage_caps[si + 1:])
+        if self.stage_budgets is not None:
+            eta = (max(0.0, self.stage_budgets[si] - (st.elapsed_before + now - st.t_start))
+                   + sum(self.stage_budgets[si + 1:]))
+            total = self.step + (st.total - st.step)
+        else:
+            avg_step = self.totals["wall"] / max(self.totals["steps"], 1)
+            eta = avg_step * ((st.total - st.step) + later_caps)
+            total = self.step + (st.total - st.step) + later_caps
+        current = self.window.summary()
+        self.progress.update(self.step, total, stage=st.name if len(self.stages) > 1 else "",
+                             loss=current["loss"], imgs_per_s=current["imgs_per_s"],
+                             data_wait=current["data_wait_fraction"], eta_s=eta, lr=lr,
+                             force=stage_done)
+        if not ((tc["log_every"] > 0 and self.step % tc["log_every"] == 0) or stage_done):
+            return
+        if self.info.distributed:  # the logged loss is the mean over ranks
+            current = _mean_over_ranks(current, self.device)
+        self.totals["loss"] = current["loss"]
+        self.jlog.write({"step": self.step, "stage": st.name, "stage_index": si,
+                         "epoch": self.batches.epoch, "loss": current["loss"],
+                         "parts": current["parts"], "lr": lr,
+                         "imgs_per_s": current["imgs_per_s"],
+                         "data_wait_fraction": current["data_wait_fraction"],
+                         "skipped_steps": current["skipped_steps"],
+                         "skipped_steps_total": self.skipped_steps,
+                         "elapsed_s": self.elapsed()})
+        self.window.reset()
+
+    def elapsed(self) -> float:
+        return self.elapsed_before + _clock() - self.t_run
+
+    # -------------------------------------------------------------------- checkpointing
+    def _periodic_work(self, st: _Stage) -> None:
+        """Checkpoints every train.ckpt_every steps and every train.ckpt_minutes, validation
+        every train.eval_every steps (none after a stage's last step: its end does them)."""
+        tc = self.tc
+        if st.step >= st.total:
+            return
+        if tc["ckpt_every"] > 0 and self.step % tc["ckpt_every"] == 0:
+            self._checkpoint(st, self._step_checkpoint_path(), required=False)
+        elif self.checkpoint_due:
+            self._checkpoint(st, self._last_checkpoint_path(), required=False)
+        if tc["eval_every"] > 0 and self.step % tc["eval_every"] == 0 and self.val_set is not None:
+            m = _evaluate(self.model, self.method, self.val_set, tc, self.dc, self.device)
+            self.jlog.write({"event": "eval", "split": "val", "step": self.step,
+                             "stage": st.name, **m})
+            self.say(f"val at step {self.step}: pixel_f1 {_fmt(m['pixel_f1'])} "
+                     f"pixel_auc {_fmt(m['pixel_auc'])} image_auc {_fmt(m['image_auc'])}")
+            _set_train_mode(self.model, tc["batchnorm"])
+
+    def _step_checkpoint_path(self) -> str:
+        return os.path.join(self.out_dir, "checkpoints", f"step_{self.step:07d}.pt")
+
+    def _last_checkpoint_path(self) -> str:
+        return os.path.join(self.out_dir, "checkpoints", "last.pt")
+
+    def _checkpoint(self, st: _Stage, path: str, required: bool = True) -> Optional[str]:
+        """A resumable checkpoint at ``path`` (rank 0 writes, all ranks wait). Weights with a NaN
+        or an infinity are never written: TrainingDiverged when ``required``, else a warning."""
+        bad = non_finite_weights(unwrap(self.model).state_dict())
+        if bad:
+            msg = (f"the weights are not finite ({len(bad)} tensors, e.g. {bad[0]}) at step "
+                   f"{self.step}: checkpoint {path} not written; lower train.lr. Last checkpoint: "
+                   f"{self.last_checkpoint or 'none'}")
+            if required:
+                raise TrainingDiverged(f"training diverged: {msg}")
+            self.say(f"fastiml: warning: {msg}")
+            return None
+        if self.main:
+            save_checkpoint(path, model=self.model, optimizer=st.optimizer,
+                            scheduler=st.scheduler, scaler=st.scaler, progress=dict(
+                                step=self.step, stage=st.index, stage_step=st.step,
+                                stage_total=st.total, epoch=self.batches.epoch,
+                                batch_in_epoch=self.batches.batch_in_epoch,
+                                elapsed_s=self.elapsed(), stage_elapsed_s=st.elapsed()),
+                            method_name=self.method.name,
+                            method_options=copy.deepcopy(self.cfg["method"]), config=self.cfg)
+        D.barrier()
+        self.last_checkpoint = path
+        self.t_last_checkpoint = _clock()
+        return path
+
+    def _interrupt(self, st: _Stage) -> None:
+        """Save checkpoints/last.pt and raise TrainingInterrupted with the command to resume."""
+        signum = self.stop_signal or self.signals.received or int(signal.SIGTERM)
+        path = self._checkpoint(st, self._last_checkpoint_path())
+        self.progress.close()
+        name = signal.Signals(signum).name
+        self.jlog.write({"event": "interrupted", "signal": name, "step": self.step,
+                         "checkpoint": path})
+        config = os.path.join(self.out_dir, "config.toml")
+        raise TrainingInterrupted(
+            f"interrupted by {name} at step {self.step}; resumable checkpoint {path}; resume "
+            f"with: fastiml train --config {config} --resume {path}", signum, path)
+
+    # ----------------------------------------------------------------- final evaluation
+    def _finish(self) -> Dict:
+        train_s = self.elapsed()
+        metrics: Dict[str, Dict] = {}
+        for split, ds in (("val", self.val_set), ("test", self.test_set)):
+            if ds is None:
+                continue
+            if self.signals.received:
+                raise TrainingInterrupted(
+                    f"interrupted by {signal.Signals(self.signals.received).name} after training "
+                    f"finished, before evaluating on data.{split}; the trained model is "
+                    f"{self.last_checkpoint}", self.signals.received, self.last_checkpoint)
+            m = _evaluate(self.model, self.method, ds, self.tc, self.dc, self.device)
+            files = skipped_files(ds)
+            if files:
+                m["skipped"] = files
+            metrics[split] = m
+            self.jlog.write({"event": "eval", "split": split, "step": self.step, **m})
+            self.say(f"{split}: pixel_f1 {_fmt(m['pixel_f1'])} pixel_iou {_fmt(m['pixel_iou'])} "
+                     f"pixel_auc {_fmt(m['pixel_auc'])} image_auc {_fmt(m['image_auc'])}")
+        if self.main and metrics:
+            with open(os.path.join(self.out_dir, "metrics.json"), "w", encoding="utf-8") as f:
+                json.dump(json_safe(metrics), f, indent=2, allow_nan=False)  # NaN -> null
+        D.barrier()
+        t = self.totals
+        return {
+            "output_dir": self.out_dir,
+            "checkpoint": os.path.join(self.out_dir, "model.pt"),
+            "steps": self.step,
+            "skipped_steps": self.skipped_steps,
+            "train_s": train_s,
+            "elapsed_s": _clock() - self.t_begin,
+            "data_wait_fraction": t["data"] / max(t["wall"], 1e-12),
+            "imgs_per_s": t["images"] / max(t["wall"], 1e-12),
+            "final_loss": t["loss"],
+            "metrics": metrics,
+        }
 
 
 def _fmt(x) -> str:

@@ -5,12 +5,17 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from fastiml.losses.functional import mean_across_ranks
+
 
 def sigmoid_focal_loss(logit: Tensor, target: Tensor, alpha: float = 0.5, gamma: float = 2.0,
-                       valid: Optional[Tensor] = None) -> Tensor:
+                       valid: Optional[Tensor] = None, gather: bool = False) -> Tensor:
     """Mean over (valid) pixels of ``-alpha_t (1 - p_t)^gamma log(p_t)``, float32 math.
 
     ``logit`` and ``target`` have the same shape; ``target`` in {0, 1}; ``valid`` optional bool.
+    ``gather``: under torch.distributed, divide by the valid pixels of all ranks (see
+    :func:`fastiml.losses.functional.mean_across_ranks`), so that DDP's averaged gradient is that
+    of the mean over the union even when ranks hold different numbers of valid pixels.
     """
     logit, target = logit.float(), target.float()
     ce = F.binary_cross_entropy_with_logits(logit, target, reduction="none")
@@ -19,9 +24,9 @@ def sigmoid_focal_loss(logit: Tensor, target: Tensor, alpha: float = 0.5, gamma:
     alpha_t = alpha * target + (1 - alpha) * (1 - target)
     loss = alpha_t * (1 - p_t) ** gamma * ce
     if valid is None:
-        return loss.mean()
+        return mean_across_ranks(loss.sum(), loss.new_tensor(float(loss.numel())), gather)
     weight = valid.float().expand_as(loss)
-    return (loss * weight).sum() / weight.sum().clamp(min=1)
+    return mean_across_ranks((loss * weight).sum(), weight.sum(), gather)
 
 
 class SigmoidFocalLoss(nn.Module):

@@ -4,7 +4,6 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
-from fastiml import reference
 from fastiml.losses.functional import NO_IGNORE, supcon_per_row
 
 
@@ -48,9 +47,7 @@ class SupConLoss(nn.Module):
             raise ValueError("give labels or mask, not both")
         bsz, n_views = features.shape[0], features.shape[1]
         if mask is not None:
-            return reference.supcontrast_loss(features, mask=mask, temperature=self.temperature,
-                                              contrast_mode=self.contrast_mode,
-                                              base_temperature=self.base_temperature)
+            return self._dense_mask_loss(features, mask)
         if labels is None:
             labels = torch.arange(bsz, device=features.device)
         labels = labels.reshape(-1)
@@ -64,3 +61,27 @@ class SupConLoss(nn.Module):
         if self.contrast_mode == "one":  # anchors: the first view; columns: all views
             loss = loss[:bsz]
         return (self.temperature / self.base_temperature) * loss.mean()
+
+    def _dense_mask_loss(self, features: Tensor, mask: Tensor) -> Tensor:
+        """The loss for an arbitrary positive ``mask`` [bsz, bsz], on the dense similarity matrix
+        (float32, float64 for float64 features): rows are the anchors, columns every view but
+        the anchor itself."""
+        bsz, n_views = features.shape[0], features.shape[1]
+        if not isinstance(mask, Tensor) or tuple(mask.shape) != (bsz, bsz):
+            raise ValueError(f"mask must be a Tensor [bsz, bsz] = [{bsz}, {bsz}], got "
+                             f"{tuple(mask.shape) if isinstance(mask, Tensor) else type(mask).__name__}")
+        dtype = torch.float64 if features.dtype == torch.float64 else torch.float32
+        contrast = features.reshape(bsz, n_views, -1).transpose(0, 1).reshape(bsz * n_views, -1)
+        contrast = contrast.to(dtype)  # view-major rows
+        anchors = contrast[:bsz] if self.contrast_mode == "one" else contrast
+        logits = anchors @ contrast.t() / self.temperature
+        is_self = torch.eye(anchors.shape[0], contrast.shape[0], dtype=torch.bool,
+                            device=features.device)
+        log_prob = logits - torch.logsumexp(logits.masked_fill(is_self, float("-inf")), dim=1,
+                                            keepdim=True)
+        positive = mask.to(device=features.device, dtype=dtype).repeat(
+            anchors.shape[0] // bsz, n_views).masked_fill(is_self, 0.0)
+        count = positive.sum(1)
+        mean_log_prob = (positive * log_prob).sum(1) / torch.where(count < 1e-6,
+                                                                   torch.ones_like(count), count)
+        return -(self.temperature / self.base_temperature) * mean_log_prob.mean()

@@ -13,8 +13,9 @@ class BCE(Method):
     def training_loss(self, model, batch, stage):
         out = model(batch["image"])
         mask, valid = batch["mask"], batch.get("valid")
-        parts = {"bce_a": masked_bce(out["logit_a"][:, 0], mask, valid),
-                 "bce_b": masked_bce(out["logit_b"][:, 0], mask, valid)}
+        # gather: under DDP, means over the valid pixels of all ranks (exact with data.mode="pad")
+        parts = {"bce_a": masked_bce(out["logit_a"][:, 0], mask, valid, gather=True),
+                 "bce_b": masked_bce(out["logit_b"][:, 0], mask, valid, gather=True)}
         return parts["bce_a"] + parts["bce_b"], {k: v.detach() for k, v in parts.items()}
 
 

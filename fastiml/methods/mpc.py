@@ -38,7 +38,7 @@ class MPC(Method):
             return self.loss(first, second, batch["mask"])
         out = model(batch["image"])
         focal = sigmoid_focal_loss(out["logit"][:, 0], batch["mask"], self.focal_alpha,
-                                   self.focal_gamma, batch.get("valid"))
+                                   self.focal_gamma, batch.get("valid"), gather=True)
         return focal, {"focal": focal.detach()}
 
 
