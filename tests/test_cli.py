@@ -163,9 +163,11 @@ def runs(tmp_path_factory):
                               "--out", str(tmp / "pred3")]
     hp = tmp / "hp" / "model.pt"
     wave2["eval_highpass"] = ["eval", "--checkpoint", str(hp), "--data", str(tmp / "data"),
-                              "--out", str(tmp / "eval_hp"), "--workers", "0"]
+                              "--out", str(tmp / "eval_hp"), "--workers", "0",
+                              "--resolution", "train"]
     wave2["predict_highpass"] = ["predict", "--checkpoint", str(hp), "--input",
-                                 str(tmp / "photo.png"), "--out", str(tmp / "pred_hp")]
+                                 str(tmp / "photo.png"), "--out", str(tmp / "pred_hp"),
+                                 "--resolution", "train"]
     wave2["resume"] = ["train", "--resume", str(tmp / "run" / "model.pt"), "--set",
                        f"output.dir={tmp / 'resumed'}", "--set", "train.steps=3"]
     results.update(_run_all(wave2))
