@@ -4,7 +4,7 @@
 #include <torch/library.h>
 
 // Bumped whenever a schema changes: fastiml/ops.py refuses a compiled module of another version.
-#define FASTIML_ABI_VERSION 2
+#define FASTIML_ABI_VERSION 3
 
 TORCH_LIBRARY(fastiml, m) {
   // DESIGN 2.1. k, k_label and k_group are None for self-contrast (k is q): the kernels then
@@ -31,6 +31,15 @@ TORCH_LIBRARY(fastiml, m) {
         "float weight_contour, float weight_other) -> Tensor");
   m.def("pivot_consistency_backward(Tensor grad, Tensor logit_a, Tensor logit_b, Tensor klass, "
         "int patch, float weight_contour, float weight_other) -> (Tensor grad_a, Tensor grad_b)");
+  // DESIGN 9 (NT-Xent): per row, total = sum over positives j of softplus(lse_i - s_ij) and
+  // weight = the sum of sigmoid(lse_i - s_ij) (d total / d lse); arguments as pair_stats'.
+  m.def("pair_softplus(Tensor q, Tensor? k, Tensor q_label, Tensor? k_label, Tensor? q_group, "
+        "Tensor? k_group, Tensor lse, float tau, bool exclude_self, int ignore_index) "
+        "-> (Tensor total, Tensor weight)");
+  m.def("pair_softplus_backward(Tensor grad_total, Tensor q, Tensor? k, Tensor q_label, "
+        "Tensor? k_label, Tensor? q_group, Tensor? k_group, Tensor lse, float tau, "
+        "bool exclude_self, int ignore_index, bool q_needs_grad, bool k_needs_grad) "
+        "-> (Tensor grad_q, Tensor grad_k)");
 }
 
 static PyObject* abi_version(PyObject*, PyObject*) { return PyLong_FromLong(FASTIML_ABI_VERSION); }

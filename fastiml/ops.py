@@ -17,9 +17,10 @@ import numpy as np
 import torch
 from torch import Tensor
 
-_ABI_VERSION = 2  # must match FASTIML_ABI_VERSION in csrc/fastiml.cpp
+_ABI_VERSION = 3  # must match FASTIML_ABI_VERSION in csrc/fastiml.cpp
 _OPS = ("pair_stats", "pair_stats_backward", "contour_mine", "contour_band",
-        "pivot_consistency", "pivot_consistency_backward")
+        "pivot_consistency", "pivot_consistency_backward",
+        "pair_softplus", "pair_softplus_backward")
 _REBUILD = ("rebuild it from the repository root with "
             "`pip install --no-build-isolation -e .` (or `python setup.py build_ext --inplace`)")
 
@@ -358,3 +359,120 @@ def _pivot_backward(ctx, grad):
 
 torch.library.register_autograd("fastiml::pivot_consistency", _pivot_backward,
                                 setup_context=_pivot_setup_context)
+
+
+# ---------------------------------------------------------------------------------------------
+# pair_softplus (NT-Xent's positive pairs, DESIGN 9)
+# ---------------------------------------------------------------------------------------------
+
+def _check_pair_sets(q, k, q_label, k_label, q_group, k_group, tau, exclude_self) -> bool:
+    """pair_stats' row/column set checks; returns whether this is self-contrast."""
+    _check_features("q", q)
+    self_contrast = k is None or (k is q and k_label is q_label and k_group is q_group)
+    if k is None and (k_label is not None or k_group is not None):
+        raise ValueError("k_label and k_group must be None when k is None (self-contrast)")
+    n = q.shape[0]
+    _check_index_vector("q_label", q_label, n, q.device)
+    if not self_contrast:
+        _check_features("k", k, "M")
+        if k.shape[1] != q.shape[1] or k.dtype != q.dtype or k.device != q.device:
+            raise ValueError(f"k must be [M, {q.shape[1]}] with q's dtype {q.dtype} and device "
+                             f"{q.device}, got {tuple(k.shape)}, {k.dtype} on {k.device}")
+        if k_label is None:
+            raise ValueError("k_label is required when k is given")
+        _check_index_vector("k_label", k_label, k.shape[0], q.device)
+    if (q_group is None) != (k_group is None) and not (self_contrast and k_group is None):
+        raise ValueError("q_group and k_group must both be given or both be None")
+    if q_group is not None:
+        _check_index_vector("q_group", q_group, n, q.device)
+        if not self_contrast:
+            _check_index_vector("k_group", k_group, k.shape[0], q.device)
+    if not isinstance(tau, (int, float)) or not tau > 0:
+        raise ValueError(f"tau must be a number > 0, got {tau!r}")
+    if exclude_self and not self_contrast and k.shape[0] != n:
+        raise ValueError(f"exclude_self needs q and k to be the same set (N == M), got "
+                         f"N={n}, M={k.shape[0]}")
+    return self_contrast
+
+
+def pair_softplus(q: Tensor, k: Optional[Tensor], q_label: Tensor, k_label: Optional[Tensor],
+                  q_group: Optional[Tensor] = None, k_group: Optional[Tensor] = None, *,
+                  lse: Tensor, tau: float = 0.1, exclude_self: bool = False,
+                  ignore_index: int = -1) -> Tuple[Tensor, Tensor]:
+    """NT-Xent's positive-pair sum, fused: ``total_i = sum_{j in P(i)} softplus(lse_i - s_ij)``.
+
+    Rows, columns, positives and their arguments are those of :func:`pair_stats` (``P(i)``: the
+    counted columns with row i's label). ``lse`` is the negatives' log-sum-exp of each row,
+    ``pair_stats(..., denominator="negatives")``'s first output, so that
+    ``softplus(lse_i - s_ij) = -log(e^{s_ij} / (e^{s_ij} + sum_{k in N(i)} e^{s_ik}))``.
+
+    Args:
+        q, k, q_label, k_label, q_group, k_group, tau, exclude_self, ignore_index: as
+            :func:`pair_stats`.
+        lse: Tensor[N], float32 (float64 for float64 inputs); -inf (no negative) makes the
+            row's sums 0.
+
+    Returns:
+        ``total`` Tensor[N], differentiable in ``q``, ``k`` and ``lse``
+        (``d total_i / d lse_i = weight_i``); ``weight`` Tensor[N], the sum over positives of
+        ``sigmoid(lse_i - s_ij)``, not differentiable. float32 (float64 for float64 inputs).
+
+    Only tiles that can hold a positive pair are computed; memory O((N + M) D) plus fixed
+    tiles. The CPU kernel is deterministic for a given number of threads.
+    """
+    self_contrast = _check_pair_sets(q, k, q_label, k_label, q_group, k_group, tau, exclude_self)
+    stat = _stat_dtype(q.dtype)
+    if not isinstance(lse, Tensor) or lse.shape != (q.shape[0],) or lse.dtype != stat or \
+            lse.device != q.device:
+        got = (f"{lse.dtype} {tuple(lse.shape)} on {lse.device}" if isinstance(lse, Tensor)
+               else type(lse).__name__)
+        raise ValueError(f"lse must be a {stat} Tensor[{q.shape[0]}] on {q.device}, got {got}")
+    as_long = lambda t: None if t is None else t.long()  # noqa: E731
+    return torch.ops.fastiml.pair_softplus(
+        q, None if self_contrast else k, q_label.long(),
+        None if self_contrast else k_label.long(), as_long(q_group),
+        None if self_contrast else as_long(k_group), lse, float(tau), bool(exclude_self),
+        int(ignore_index))
+
+
+@torch.library.register_fake("fastiml::pair_softplus")
+def _pair_softplus_fake(q, k, q_label, k_label, q_group, k_group, lse, tau, exclude_self,
+                        ignore_index):
+    n, dtype = q.shape[0], _stat_dtype(q.dtype)
+    return q.new_empty(n, dtype=dtype), q.new_empty(n, dtype=dtype)
+
+
+@torch.library.register_fake("fastiml::pair_softplus_backward")
+def _pair_softplus_backward_fake(grad_total, q, k, q_label, k_label, q_group, k_group, lse, tau,
+                                 exclude_self, ignore_index, q_needs_grad, k_needs_grad):
+    grad_q = torch.empty_like(q) if q_needs_grad else q.new_empty(0)
+    grad_k = torch.empty_like(k) if (k is not None and k_needs_grad) else q.new_empty(0)
+    return grad_q, grad_k
+
+
+def _pair_softplus_setup_context(ctx, inputs, output):
+    q, k, q_label, k_label, q_group, k_group, lse, tau, exclude_self, ignore_index = inputs
+    _, weight = output
+    ctx.mark_non_differentiable(weight)
+    ctx.save_for_backward(q, k, q_label, k_label, q_group, k_group, lse, weight)
+    ctx.args = (tau, exclude_self, ignore_index)
+
+
+def _pair_softplus_backward(ctx, grad_total, _grad_weight):
+    q, k, q_label, k_label, q_group, k_group, lse, weight = ctx.saved_tensors
+    q_needs, k_needs = ctx.needs_input_grad[0], ctx.needs_input_grad[1] and k is not None
+    grad_q = grad_k = grad_lse = None
+    if grad_total is None:
+        grad_total = torch.zeros_like(lse)
+    if q_needs or k_needs:
+        grad_q, grad_k = torch.ops.fastiml.pair_softplus_backward(
+            grad_total, q, k, q_label, k_label, q_group, k_group, lse, *ctx.args, q_needs,
+            k_needs)
+    if ctx.needs_input_grad[6]:
+        grad_lse = grad_total * weight
+    return (grad_q if q_needs else None, grad_k if k_needs else None, None, None, None, None,
+            grad_lse, None, None, None)
+
+
+torch.library.register_autograd("fastiml::pair_softplus", _pair_softplus_backward,
+                                setup_context=_pair_softplus_setup_context)

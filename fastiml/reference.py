@@ -177,3 +177,50 @@ def mpc_loss(feats_a, feats_b, mask: Tensor, tau: float = 0.1, max_pixels: Optio
     terms = {name: torch.stack(v) for name, v in per_image.items()}
     total = torch.stack(list(terms.values())).sum(0).mean()
     return total, {name: t.mean() for name, t in terms.items()}
+
+
+def pair_softplus(q: Tensor, k: Optional[Tensor], q_label: Tensor, k_label: Optional[Tensor],
+                  q_group: Optional[Tensor] = None, k_group: Optional[Tensor] = None, *,
+                  lse: Tensor, tau: float = 0.1, exclude_self: bool = False,
+                  ignore_index: int = -1) -> Tuple[Tensor, Tensor]:
+    """Reference of :func:`fastiml.ops.pair_softplus` through the materialised matrix:
+    ``(sum_{j positive} softplus(lse_i - s_ij), sum_{j positive} sigmoid(lse_i - s_ij))``."""
+    if k is None:
+        k, k_label, k_group = q, q_label, q_group
+    s = q @ k.t() / tau
+    _, positive = pair_masks(q_label, k_label, q_group, k_group, exclude_self, ignore_index)
+    active = torch.isfinite(lse)
+    # Rows without a negative get a finite stand-in so that no NaN reaches the gradient.
+    x = torch.where(active, lse, torch.zeros_like(lse))[:, None] - s
+    take = positive & active[:, None]
+    # logaddexp(x, 0), not F.softplus: the latter returns x itself above x = 20.
+    total = torch.where(take, torch.logaddexp(x, torch.zeros_like(x)), torch.zeros_like(x)).sum(1)
+    weight = torch.where(take, torch.sigmoid(x), torch.zeros_like(x)).sum(1)
+    return total, weight.detach()
+
+
+def ntxent_loss(embeddings: Tensor, labels: Tensor, ref_emb: Optional[Tensor] = None,
+                ref_labels: Optional[Tensor] = None, temperature: float = 0.07) -> Tensor:
+    """NT-Xent as pytorch-metric-learning defines it (cosine similarity, mean reducer), from
+    the materialised matrices: one term ``-log(e^{s_ij} / (e^{s_ij} + sum_{k in N(i)}
+    e^{s_ik}))`` per positive pair (i, j), averaged over positive pairs; 0 (connected) when
+    there is no positive pair or no negative pair."""
+    q = torch.nn.functional.normalize(embeddings, dim=1)
+    self_contrast = ref_emb is None
+    k = q if self_contrast else torch.nn.functional.normalize(ref_emb, dim=1)
+    k_labels = labels if self_contrast else ref_labels
+    s = q @ k.t() / temperature
+    same = labels[:, None] == k_labels[None, :]
+    not_self = ~torch.eye(len(q), len(k), dtype=torch.bool, device=q.device)
+    positive = same & not_self if self_contrast else same
+    negative = ~same
+    if not positive.any() or not negative.any():
+        return (embeddings * 0).sum() + (0 if self_contrast else (ref_emb * 0).sum())
+    # A row without a negative has no term but its positives' 0: a finite stand-in keeps its
+    # logsumexp's gradient free of NaN.
+    has_negative = negative.any(1, keepdim=True)
+    s_neg = torch.where(negative, s, torch.full_like(s, float("-inf")))
+    neg_lse = torch.logsumexp(torch.where(has_negative, s_neg, torch.zeros_like(s)), 1)
+    terms = torch.where(has_negative, torch.logaddexp(s, neg_lse[:, None]) - s,
+                        torch.zeros_like(s))
+    return terms[positive].sum() / positive.sum()

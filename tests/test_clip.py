@@ -1,0 +1,241 @@
+"""ClipLoss and InfoNCELoss on pair_stats (DESIGN 9), against open_clip's ClipLoss and an
+independent dense float64 formula written here; values and gradients, including the gradient of
+the learned ``logit_scale``; and two gloo ranks against open_clip's ``local_loss +
+gather_with_grad`` run in the same processes.
+"""
+import importlib
+import importlib.util
+import os
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn.functional as F
+
+from conftest import assert_close_half_rule, assert_close_scaled, generator
+from fastiml.losses import ClipLoss, InfoNCELoss
+
+REL = 1e-5
+
+
+def open_clip_loss_module():
+    """open_clip's ``loss`` module, or a skip. Its package ``__init__`` imports the models
+    (torchvision, timm, ...); ``loss.py`` itself needs torch only, so it is loaded by path
+    when the package cannot be imported whole."""
+    spec = importlib.util.find_spec("open_clip")
+    if spec is None:
+        pytest.skip("open_clip_torch is not installed (a test extra)")
+    try:
+        return importlib.import_module("open_clip.loss")
+    except ImportError:
+        path = os.path.join(os.path.dirname(spec.origin), "loss.py")
+        loss_spec = importlib.util.spec_from_file_location("open_clip_loss", path)
+        module = importlib.util.module_from_spec(loss_spec)
+        loss_spec.loader.exec_module(module)
+        return module
+
+
+@pytest.fixture(scope="module")
+def open_clip_loss():
+    return open_clip_loss_module()
+
+
+def dense_info_nce(query, key, scale):
+    """Per-row InfoNCE from the materialised float64 logits: logsumexp - diagonal."""
+    logits = scale * query.double() @ key.double().t()
+    return torch.logsumexp(logits, dim=1) - logits.diagonal()
+
+
+def dense_clip(image, text, scale):
+    return (dense_info_nce(image, text, scale).mean() + dense_info_nce(text, image, scale).mean()) / 2
+
+
+def features(b, d, dtype, g, normalize=True):
+    x = torch.randn(b, d, generator=g, dtype=torch.float64)
+    return (F.normalize(x, dim=1) if normalize else x).to(dtype)
+
+
+def loss_and_grads(fn, *inputs):
+    leaves = [x.detach().clone().requires_grad_(True) for x in inputs]
+    loss = fn(*leaves)
+    return loss.detach(), torch.autograd.grad(loss, leaves)
+
+
+# --------------------------------------------------------------------------------- ClipLoss
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("b,d,scale", [(1, 4, 14.3), (7, 5, 1.0), (33, 16, 100.0),
+                                       (300, 24, 30.0)])
+def test_clip_matches_open_clip(b, d, scale, dtype, open_clip_loss):
+    """Value and gradients wrt both features and logit_scale, against open_clip's own loss
+    (300 rows: more than one column tile of the CPU kernel)."""
+    g = generator(30)
+    image, text = features(b, d, dtype, g), features(b, d, dtype, g)
+    logit_scale = torch.tensor(scale, dtype=dtype)
+    ours = loss_and_grads(ClipLoss(), image, text, logit_scale)
+    theirs = loss_and_grads(open_clip_loss.ClipLoss(), image, text, logit_scale)
+    assert ours[0].dtype == dtype and ours[0].dim() == 0
+    assert_close_scaled(ours[0], theirs[0], REL, "loss")
+    for name, got, want in zip(("image", "text", "logit_scale"), ours[1], theirs[1]):
+        assert_close_scaled(got, want, REL, f"grad {name}")
+
+
+@pytest.mark.parametrize("normalize", [True, False])
+def test_clip_matches_dense_float64(normalize):
+    """An independent formula, float64 to 1e-10: unnormalised features too (pair_stats'
+    online-max path, large |s|)."""
+    g = generator(31)
+    image, text = features(20, 9, torch.float64, g, normalize), features(20, 9, torch.float64, g,
+                                                                         normalize)
+    logit_scale = torch.tensor(25.0, dtype=torch.float64)
+    ours = loss_and_grads(ClipLoss(), image, text, logit_scale)
+    exact = loss_and_grads(dense_clip, image, text, logit_scale)
+    assert_close_scaled(ours[0], exact[0], 1e-10, "loss")
+    for got, want in zip(ours[1], exact[1]):
+        assert_close_scaled(got, want, 1e-10, "grad")
+
+
+def test_clip_output_dict_logit_bias_and_float_scale(open_clip_loss):
+    g = generator(32)
+    image, text = features(10, 6, torch.float64, g), features(10, 6, torch.float64, g)
+    bias = torch.tensor(-3.0, dtype=torch.float64, requires_grad=True)
+    out = ClipLoss()(image, text, torch.tensor(10.0, dtype=torch.float64), logit_bias=bias,
+                     output_dict=True)
+    want = open_clip_loss.ClipLoss()(image, text, 10.0, logit_bias=bias.detach(),
+                                     output_dict=True)
+    assert list(out) == ["contrastive_loss"]
+    assert_close_scaled(out["contrastive_loss"], want["contrastive_loss"], 1e-10)
+    (grad_bias,) = torch.autograd.grad(out["contrastive_loss"], bias)
+    assert grad_bias.item() == 0.0  # a shift of every logit changes no softmax
+    assert_close_scaled(ClipLoss()(image, text, 10.0), want["contrastive_loss"], 1e-10)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_clip_half_features(dtype):
+    """Half features, float32 scale (autocast's usual mix): float32 loss, half gradients,
+    error within the half-precision rule against the float64 value of the same inputs."""
+    g = generator(33)
+    image, text = features(64, 32, dtype, g), features(64, 32, dtype, g)
+    scale = torch.tensor(20.0)
+    loss, (gi, gt) = loss_and_grads(lambda i, t: ClipLoss()(i, t, scale), image, text)
+    assert loss.dtype == torch.float32 and gi.dtype == dtype and gt.dtype == dtype
+    exact = dense_clip(image, text, scale.double())
+    ref_half = ((torch.logsumexp(scale.to(dtype) * image @ text.t(), 1)
+                 - (scale.to(dtype) * image @ text.t()).diagonal()).mean()
+                + (torch.logsumexp(scale.to(dtype) * text @ image.t(), 1)
+                   - (scale.to(dtype) * text @ image.t()).diagonal()).mean()) / 2
+    assert_close_half_rule(loss, exact, ref_half, dtype, "loss")
+
+
+def test_clip_bad_arguments():
+    with pytest.raises(ValueError, match="use_horovod"):
+        ClipLoss(use_horovod=True)
+    with pytest.raises(ValueError, match="local_loss=True and gather_with_grad=True"):
+        ClipLoss(world_size=2, rank=0)
+    with pytest.raises(ValueError, match="same shape"):
+        ClipLoss()(torch.randn(4, 3), torch.randn(5, 3), torch.tensor(1.0))
+    with pytest.raises(ValueError, match="rank=1, world_size=2"):
+        ClipLoss(local_loss=True, gather_with_grad=True, rank=1, world_size=2)(
+            torch.randn(4, 3), torch.randn(4, 3), 1.0)
+
+
+# ----------------------------------------------------------------------------- InfoNCELoss
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_info_nce_matches_dense(reduction):
+    g = generator(34)
+    query, key = features(17, 8, torch.float64, g), features(17, 8, torch.float64, g)
+    weights = torch.randn(17, generator=g, dtype=torch.float64)  # grad_output != 1 for "none"
+    reduce = {"mean": torch.mean, "sum": torch.sum, "none": lambda t: (t * weights).sum()}[
+        reduction]
+    ours = loss_and_grads(lambda q, k: reduce(InfoNCELoss(0.07, reduction)(q, k)), query, key)
+    exact = loss_and_grads(lambda q, k: reduce(dense_info_nce(q, k, 1 / 0.07)), query, key)
+    assert_close_scaled(ours[0], exact[0], 1e-10, "loss")
+    for got, want in zip(ours[1], exact[1]):
+        assert_close_scaled(got, want, 1e-10, "grad")
+
+
+def test_info_nce_learned_temperature_gets_its_gradient():
+    g = generator(35)
+    query, key = features(12, 5, torch.float64, g), features(12, 5, torch.float64, g)
+    temperature = torch.tensor(0.2, dtype=torch.float64)
+    ours = loss_and_grads(lambda t: InfoNCELoss(t)(query, key), temperature)
+    exact = loss_and_grads(lambda t: dense_info_nce(query, key, 1 / t).mean(), temperature)
+    assert_close_scaled(ours[1][0], exact[1][0], 1e-10, "grad temperature")
+
+
+def test_info_nce_bad_arguments():
+    with pytest.raises(ValueError, match="temperature"):
+        InfoNCELoss(0.0)
+    with pytest.raises(ValueError, match="reduction"):
+        InfoNCELoss(reduction="avg")
+    with pytest.raises(ValueError, match="query and key"):
+        InfoNCELoss()(torch.randn(4, 3), torch.randn(4, 2))
+
+
+# ------------------------------------------------------------------------ two gloo ranks
+
+WORLD = 2
+B, D = 5, 6
+
+
+def ddp_batch():
+    g = generator(36)
+    return (features(WORLD * B, D, torch.float64, g), features(WORLD * B, D, torch.float64, g),
+            torch.tensor(12.5, dtype=torch.float64))
+
+
+def ddp_worker(rank, init_file, out_dir):
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
+                            world_size=WORLD)
+    try:
+        image, text, scale = ddp_batch()
+        local = slice(rank * B, (rank + 1) * B)
+        theirs_module = open_clip_loss_module()
+        kwargs = dict(local_loss=True, gather_with_grad=True, rank=rank, world_size=WORLD)
+        results = {
+            "ours": loss_and_grads(ClipLoss(**kwargs), image[local], text[local], scale),
+            "open_clip": loss_and_grads(theirs_module.ClipLoss(**kwargs), image[local],
+                                        text[local], scale),
+            "info_nce": loss_and_grads(lambda q, k: InfoNCELoss(0.1)(q, k), image[local],
+                                       text[local]),
+        }
+        torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def ddp_results(tmp_path_factory, open_clip_loss):
+    out = tmp_path_factory.mktemp("clip_ddp")
+    mp.spawn(ddp_worker, args=(str(out / "init"), str(out)), nprocs=WORLD, join=True)
+    return [torch.load(out / f"rank{r}.pt") for r in range(WORLD)]
+
+
+def test_two_ranks_match_open_clip_local_loss_gather_with_grad(ddp_results):
+    for rank, result in enumerate(ddp_results):
+        (loss, grads), (want_loss, want_grads) = result["ours"], result["open_clip"]
+        assert_close_scaled(loss, want_loss, 1e-10, f"rank {rank} loss")
+        for name, got, want in zip(("image", "text", "scale"), grads, want_grads):
+            assert_close_scaled(got, want, 1e-10, f"rank {rank} grad {name}")
+
+
+def test_two_ranks_equal_one_process(ddp_results):
+    """Local rows against all columns: the ranks' mean loss is the single-process loss, and
+    the sum over ranks of each rank's gradient (what DDP's all-reduce adds up, before its
+    division by the world size) is the single-process gradient of that rank's slice."""
+    image, text, scale = ddp_batch()
+    for name, fn, inputs in (("ours", ClipLoss(), (image, text, scale)),
+                             ("info_nce", InfoNCELoss(0.1), (image, text))):
+        loss, grads = loss_and_grads(fn, *inputs)
+        mean = sum(r[name][0] for r in ddp_results) / WORLD
+        assert_close_scaled(mean, loss, 1e-10, f"{name} loss")
+        for rank, result in enumerate(ddp_results):
+            local = slice(rank * B, (rank + 1) * B)
+            for i in (0, 1):  # features: each rank holds only its slice's gradient
+                assert_close_scaled(result[name][1][i] / WORLD, grads[i][local], 1e-10,
+                                    f"{name} rank {rank} grad {i}")
+        if name == "ours":  # the shared scale: the ranks' gradients average to the global one
+            mean_scale_grad = sum(r[name][1][2] for r in ddp_results) / WORLD
+            assert_close_scaled(mean_scale_grad, grads[2], 1e-10, "grad logit_scale")
