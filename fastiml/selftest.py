@@ -6,6 +6,7 @@ exists, so this is where they first meet one. For each available device ("cpu", 
 
 * ``pair_stats`` forward and backward in five modes: general (q vs k), self (k = None with
   exclude_self), groups, negatives-only denominator, ignored labels;
+* ``pair_softplus`` (NT-Xent's positive-pair sum) forward and backward in four of those modes;
 * ``contour_mine`` and ``contour_band`` (on masks of several dtypes: their outputs are exact);
 * ``pivot_consistency`` forward and backward;
 
@@ -294,6 +295,58 @@ def pair_stats_case(device: str, dtype: torch.dtype, mode: str,
         if got[i].dtype != want:
             checks.items.append(dict(name=name, error=math.inf, tolerance=0.0, ok=False,
                                      problem=f"{got[i].dtype}, expected {want}"))
+    return checks.row(op, device, _dtype_name(dtype), x["shape"], time.perf_counter() - start)
+
+
+SOFTPLUS_MODES = ("general", "self", "groups", "ignore")
+
+
+def _softplus_run(fn, x, lse, device, dtype):
+    """fn (ops.pair_softplus or reference.pair_softplus) on `device` in `dtype`, given the
+    negatives' log-sum-exp; returns (total, grad_q, grad_k, grad_lse)."""
+    dev = x["to_dev"]
+    q = dev(x["q"]).to(dtype).requires_grad_()
+    k = None if x["k"] is None else dev(x["k"]).to(dtype).requires_grad_()
+    stat = torch.float64 if dtype == torch.float64 else torch.float32
+    lse = dev(lse).to(stat).requires_grad_()
+    kw = dict(tau=TAU, exclude_self=x["kwargs"]["exclude_self"])
+    total, _ = fn(q, k, dev(x["q_label"]), dev(x["k_label"]), dev(x["q_group"]),
+                  dev(x["k_group"]), lse=lse, **kw)
+    loss = (total * dev(x["w_lse"]).to(total.dtype)).sum()
+    inputs = [t for t in (q, k, lse) if t is not None]
+    grads = torch.autograd.grad(loss, inputs, allow_unused=True)
+    grad_k = grads[1] if k is not None else None
+    return total, grads[0], grad_k, grads[-1]
+
+
+def pair_softplus_case(device: str, dtype: torch.dtype, mode: str) -> Dict:
+    """One row: ops.pair_softplus (NT-Xent's positive-pair sum) in `mode` against the reference,
+    with the negatives' log-sum-exp of the float64 reference as its input."""
+    from fastiml import reference
+    op = f"pair_softplus/{mode}"
+    x = _pair_inputs(mode, dtype, device)
+    reason = _unavailable("pair_softplus", device, ["pair_softplus_backward"])
+    if reason:
+        return _skip(op, device, _dtype_name(dtype), x["shape"], reason)
+    start = time.perf_counter()
+    try:
+        q64 = x["q"].double()
+        k64 = None if x["k"] is None else x["k"].double()
+        lse = reference.pair_stats(q64, k64, x["q_label"], x["k_label"], x["q_group"],
+                                   x["k_group"], tau=TAU, exclude_self=x["kwargs"]["exclude_self"],
+                                   denominator="negatives")[0]
+        got = _softplus_run(_api("pair_softplus"), x, lse, device, dtype)
+        if device == "cuda":
+            torch.cuda.synchronize()
+        exact = _softplus_run(reference.pair_softplus, dict(x, to_dev=lambda t: t), lse, "cpu",
+                              torch.float64)
+        low = _softplus_run(reference.pair_softplus, x, lse, device, dtype)
+    except Exception as e:  # noqa: BLE001 - a crash is a failed check, reported as such
+        return _error_row(op, device, _dtype_name(dtype), x["shape"], e)
+    checks = _Checks()
+    for i, name in enumerate(("total", "grad_q", "grad_k", "grad_lse")):
+        if exact[i] is not None:
+            checks.close(name, got[i], exact[i], low[i], dtype)
     return checks.row(op, device, _dtype_name(dtype), x["shape"], time.perf_counter() - start)
 
 
@@ -695,6 +748,8 @@ def run(devices: Optional[Sequence[str]] = None, verbose: bool = True, full: boo
         for dtype in DTYPES:
             for mode in PAIR_MODES:
                 rows.append(pair_stats_case(device, dtype, mode))
+            for mode in SOFTPLUS_MODES:
+                rows.append(pair_softplus_case(device, dtype, mode))
         for dtype in MASK_DTYPES:
             rows.append(contour_mine_case(device, dtype))
             rows.append(contour_band_case(device, dtype))

@@ -12,11 +12,6 @@ from fastiml import ops, reference
 TAU = 0.2
 
 
-def skip_without_cuda_kernel(device):
-    if device == "cuda":
-        pytest.skip("pair_softplus has no CUDA kernel yet")
-
-
 def problem(n, m, d, classes, *, self_mode=False, groups=False, ignore=False, dtype=torch.float64,
             scale=1.0, seed=0, device="cpu"):
     g = generator(seed)
@@ -72,7 +67,6 @@ CASES = {  # n, m, d, classes, options
 
 @pytest.mark.parametrize("name", sorted(CASES))
 def test_matches_reference(name, device):
-    skip_without_cuda_kernel(device)
     n, m, d, classes, options = CASES[name]
     p = problem(n, m, d, classes, device=device, **options)
     lse = negatives_lse(p)
@@ -104,7 +98,6 @@ def test_by_hand():
 
 @pytest.mark.parametrize("case", ["no_positives", "no_negatives", "all_ignored", "ties"])
 def test_adversarial(case, device):
-    skip_without_cuda_kernel(device)
     g = generator(2)
     q = F.normalize(torch.randn(20, 4, generator=g, dtype=torch.float64), dim=1)
     labels = torch.randint(0, 3, (20,), generator=g)
@@ -146,7 +139,6 @@ def test_empty_rows():
 def test_low_precision(name, dtype, device):
     """float32 statistics, gradients in the input dtype; errors against float64 from the same
     input values within twice those of the reference run in that dtype (lse: float32 both)."""
-    skip_without_cuda_kernel(device)
     n, m, d, classes, options = CASES[name]
     p = problem(n, m, d, classes, dtype=dtype, device=device, **options)
     lse = negatives_lse(p)

@@ -24,7 +24,8 @@ def test_selftest_cpu_passes(capsys):
     rows = selftest.run(devices=["cpu"], verbose=True)
     _assert_all_pass(rows)
     ops_seen = {r["op"].split("/")[0] for r in rows}
-    assert ops_seen == {"pair_stats", "contour_mine", "contour_band", "pivot_consistency"}
+    assert ops_seen == {"pair_stats", "pair_softplus", "contour_mine", "contour_band",
+                        "pivot_consistency"}
     assert {r["op"] for r in rows if r["op"].startswith("pair_stats/")} == {
         f"pair_stats/{m}" for m in selftest.PAIR_MODES}
     assert {r["dtype"] for r in rows if r["op"] == "pivot_consistency"} == {

@@ -22,58 +22,10 @@ namespace {
 
 using pair_stats::Codes;
 using pair_stats::CodeTensors;
-using pair_stats::GroupRange;
 using pair_stats::PairMask;
 using pair_stats::pair_mask;
-using pair_stats::tile_group_ranges;
 
 constexpr int64_t kTile = 256;
-
-int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
-
-// Rows [start, start + len) of x in the accumulation dtype (a view when x already is).
-at::Tensor tile_rows(const at::Tensor& x, int64_t start, int64_t len, at::ScalarType acc) {
-  at::Tensor t = x.narrow(0, start, len);
-  return t.scalar_type() == acc ? t : t.to(acc);
-}
-
-struct Problem {
-  at::Tensor q, k;  // k is q for self-contrast
-  bool self;
-  int64_t n, m, d;
-  double tau;
-  bool exclude_self;
-  at::ScalarType acc;
-};
-
-Problem make_problem(const at::Tensor& q, const std::optional<at::Tensor>& k, double tau,
-                     bool exclude_self) {
-  // Detached: the tile products are internal, and worker threads do not inherit guards.
-  Problem p;
-  p.q = q.detach();
-  p.self = !k.has_value();
-  p.k = p.self ? p.q : k->detach();
-  p.n = q.size(0);
-  p.m = p.k.size(0);
-  p.d = q.size(1);
-  p.tau = tau;
-  p.exclude_self = exclude_self;
-  p.acc = at::toOpMathType(q.scalar_type());
-  return p;
-}
-
-// Tiles that may hold a positive pair: groups and labels both intersect.
-struct TileFilter {
-  std::vector<GroupRange> row_groups, col_groups, row_labels, col_labels;
-  TileFilter(const Problem& p, const Codes& c)
-      : row_groups(tile_group_ranges(c.row_group, p.n, kTile)),
-        col_groups(tile_group_ranges(c.col_group, p.m, kTile)),
-        row_labels(tile_group_ranges(c.row_label, p.n, kTile)),
-        col_labels(tile_group_ranges(c.col_label, p.m, kTile)) {}
-  bool may_have_positive(int64_t r, int64_t c) const {
-    return row_groups[r].meets(col_groups[c]) && row_labels[r].meets(col_labels[c]);
-  }
-};
 
 // Calls fn(ii, jj, x = L_i - s_ij) for every positive pair of an active row in the tile whose
 // raw products (before 1/tau) are s.
@@ -104,7 +56,7 @@ std::tuple<at::Tensor, at::Tensor> forward_impl(const Problem& p, const Codes& c
   acc_t* total_p = total.data_ptr<acc_t>();
   acc_t* weight_p = weight.data_ptr<acc_t>();
   const acc_t inv_tau = acc_t(1.0 / p.tau);
-  const TileFilter filter(p, codes);
+  const TileFilter filter(p, codes, kTile);
   const int64_t row_tiles = ceil_div(p.n, kTile), col_tiles = ceil_div(p.m, kTile);
   at::parallel_for(0, row_tiles, 1, [&](int64_t begin, int64_t end) {
     at::Tensor buffer = at::empty({kTile * kTile}, options);
@@ -139,7 +91,7 @@ at::Tensor backward_pass(const Problem& p, const Codes& codes, const acc_t* lse,
   const int64_t own_tiles = ceil_div(own_len, kTile), other_tiles = ceil_div(other_len, kTile);
   at::Tensor grad = at::zeros({own_len, p.d}, options);
   const acc_t inv_tau = acc_t(1.0 / p.tau);
-  const TileFilter filter(p, codes);
+  const TileFilter filter(p, codes, kTile);
   at::parallel_for(0, own_tiles, 1, [&](int64_t begin, int64_t end) {
     at::Tensor buffer = at::empty({kTile * kTile}, options);
     std::vector<acc_t> g(kTile * kTile);

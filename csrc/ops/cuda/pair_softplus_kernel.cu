@@ -1,0 +1,235 @@
+// pair_softplus on the GPU (DESIGN 9, NT-Xent's positive-pair sum): the CPU kernel's algorithm
+// with the tile products on cuBLAS (at::mm_out into one reused tile buffer) and the per-tile
+// epilogues as CUDA kernels. The same tile filter as the CPU's skips tiles that cannot hold a
+// positive pair (a SimCLR batch computes about one column tile per row tile).
+//
+// Host synchronisation: make_codes compacts labels with at::_unique2 (one sync), and the tile
+// filter reads the codes on the host (one copy of n + m int32 codes); nothing else syncs.
+// Deterministic: tiles run in a fixed order on one stream, each row's sum over a tile is a
+// fixed-order block reduction, and the gradients come from GEMMs without atomics.
+// Memory: O((N + M)·D) plus one kTile x kTile float tile, never N x M.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/library.h>
+
+#include <algorithm>
+
+#include "ops/pair_softplus.h"
+#include "ops/pair_softplus_host.h"
+
+namespace fastiml {
+namespace pair_softplus {
+namespace {
+
+using pair_stats::Codes;
+using pair_stats::CodeTensors;
+using pair_stats::PairMask;
+using pair_stats::pair_mask;
+
+constexpr int64_t kTile = 1024;  // 4 MB float32 tile: large enough for cuBLAS to run near peak
+constexpr int kThreads = 256;    // epilogue block size (a power of two for the reduction)
+
+// The positive pair (i, j) of an active row: L_i - s_ij, or nothing.
+template <typename acc_t>
+__device__ __forceinline__ bool positive_x(const Codes& codes, int64_t i, int64_t j, acc_t lse_i,
+                                           acc_t s_raw, acc_t inv_tau, bool exclude_self,
+                                           acc_t& x) {
+  const int32_t gi = codes.row_group[i];
+  if (!row_active(gi, lse_i)) return false;
+  const PairMask pm = pair_mask(codes.row_label[i], gi, codes.col_label[j], codes.col_group[j],
+                                exclude_self && i == j, false);
+  x = lse_i - s_raw * inv_tau;
+  return pm.pos != 0;
+}
+
+// One block per row of the tile: adds the row's softplus and sigmoid sums over the tile's
+// columns to total[i] and weight[i] (only this block writes row i during this launch).
+template <typename acc_t>
+__global__ void forward_epilogue(const acc_t* __restrict__ s, int64_t r0, int64_t c0, int64_t bc,
+                                 Codes codes, const acc_t* __restrict__ lse, acc_t inv_tau,
+                                 bool exclude_self, acc_t* __restrict__ total,
+                                 acc_t* __restrict__ weight) {
+  const int64_t ii = blockIdx.x, i = r0 + ii;
+  const acc_t lse_i = lse[i];
+  acc_t sp = 0, sg = 0;
+  for (int64_t jj = threadIdx.x; jj < bc; jj += blockDim.x) {
+    acc_t x;
+    if (positive_x(codes, i, c0 + jj, lse_i, s[ii * bc + jj], inv_tau, exclude_self, x)) {
+      const auto t = softplus_sigmoid(x);
+      sp += t.softplus;
+      sg += t.sigmoid;
+    }
+  }
+  __shared__ acc_t sh_sp[kThreads], sh_sg[kThreads];
+  sh_sp[threadIdx.x] = sp;
+  sh_sg[threadIdx.x] = sg;
+  __syncthreads();
+  for (int w = kThreads / 2; w > 0; w >>= 1) {  // fixed order: deterministic
+    if (threadIdx.x < w) {
+      sh_sp[threadIdx.x] += sh_sp[threadIdx.x + w];
+      sh_sg[threadIdx.x] += sh_sg[threadIdx.x + w];
+    }
+    __syncthreads();
+  }
+  if (threadIdx.x == 0) {
+    total[i] += sh_sp[0];
+    weight[i] += sh_sg[0];
+  }
+}
+
+// In place: the tile's raw products s become G_ij = -g_i sigmoid(L_i - s_ij) on positive pairs,
+// 0 elsewhere.
+template <typename acc_t>
+__global__ void backward_epilogue(acc_t* __restrict__ s, int64_t r0, int64_t br, int64_t c0,
+                                  int64_t bc, Codes codes, const acc_t* __restrict__ lse,
+                                  const acc_t* __restrict__ grad_total, acc_t inv_tau,
+                                  bool exclude_self) {
+  const int64_t idx = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (idx >= br * bc) return;
+  const int64_t i = r0 + idx / bc, j = c0 + idx % bc;
+  acc_t x, g = 0;
+  if (positive_x(codes, i, j, lse[i], s[idx], inv_tau, exclude_self, x))
+    g = -grad_total[i] * softplus_sigmoid(x).sigmoid;
+  s[idx] = g;
+}
+
+CodeTensors codes_on_host(const CodeTensors& c) {
+  return {c.row_label.cpu(), c.row_group.cpu(), c.col_label.cpu(), c.col_group.cpu()};
+}
+
+template <typename acc_t>
+std::tuple<at::Tensor, at::Tensor> forward_impl(const Problem& p, const CodeTensors& codes,
+                                                const at::Tensor& lse_in) {
+  const auto options = p.q.options().dtype(p.acc);
+  at::Tensor total = at::zeros({p.n}, options), weight = at::zeros({p.n}, options);
+  if (p.n == 0 || p.m == 0) return {total, weight};
+  const at::Tensor lse = lse_in.contiguous();
+  const CodeTensors host = codes_on_host(codes);
+  const TileFilter filter(p, host.view(), kTile);
+  const acc_t inv_tau = acc_t(1.0 / p.tau);
+  const auto stream = at::cuda::getCurrentCUDAStream();
+  at::Tensor buffer = at::empty({std::min(kTile, p.n) * std::min(kTile, p.m)}, options);
+  for (int64_t r = 0; r < ceil_div(p.n, kTile); ++r) {
+    const int64_t r0 = r * kTile, br = std::min(kTile, p.n - r0);
+    at::Tensor qr;  // converted on first use: most tiles of a SimCLR batch are skipped
+    for (int64_t c = 0; c < ceil_div(p.m, kTile); ++c) {
+      if (!filter.may_have_positive(r, c)) continue;
+      const int64_t c0 = c * kTile, bc = std::min(kTile, p.m - c0);
+      if (!qr.defined()) qr = tile_rows(p.q, r0, br, p.acc);
+      at::Tensor S = buffer.narrow(0, 0, br * bc).view({br, bc});
+      at::mm_out(S, qr, tile_rows(p.k, c0, bc, p.acc).t());
+      forward_epilogue<acc_t><<<br, kThreads, 0, stream>>>(
+          S.data_ptr<acc_t>(), r0, c0, bc, codes.view(), lse.data_ptr<acc_t>(), inv_tau,
+          p.exclude_self, total.data_ptr<acc_t>(), weight.data_ptr<acc_t>());
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    }
+  }
+  return {total, weight};
+}
+
+// dq (for_k false) or dk (for_k true), before the self-contrast sum: grad = G K / tau or
+// G^T Q / tau, one tile product after another.
+template <typename acc_t>
+at::Tensor backward_pass(const Problem& p, const CodeTensors& codes, const TileFilter& filter,
+                         const at::Tensor& lse, const at::Tensor& grad_total, bool for_k) {
+  const auto options = p.q.options().dtype(p.acc);
+  const int64_t own_len = for_k ? p.m : p.n, other_len = for_k ? p.n : p.m;
+  at::Tensor grad = at::zeros({own_len, p.d}, options);
+  if (p.n == 0 || p.m == 0) return grad;
+  const acc_t inv_tau = acc_t(1.0 / p.tau);
+  const auto stream = at::cuda::getCurrentCUDAStream();
+  at::Tensor buffer = at::empty({std::min(kTile, p.n) * std::min(kTile, p.m)}, options);
+  for (int64_t t = 0; t < ceil_div(own_len, kTile); ++t) {
+    const int64_t o0 = t * kTile, bo = std::min(kTile, own_len - o0);
+    at::Tensor own = grad.narrow(0, o0, bo);
+    for (int64_t u = 0; u < ceil_div(other_len, kTile); ++u) {
+      if (!filter.may_have_positive(for_k ? u : t, for_k ? t : u)) continue;
+      const int64_t x0 = u * kTile, bx = std::min(kTile, other_len - x0);
+      const int64_t r0 = for_k ? x0 : o0, br = for_k ? bx : bo;
+      const int64_t c0 = for_k ? o0 : x0, bc = for_k ? bo : bx;
+      at::Tensor qr = tile_rows(p.q, r0, br, p.acc), kc = tile_rows(p.k, c0, bc, p.acc);
+      at::Tensor S = buffer.narrow(0, 0, br * bc).view({br, bc});
+      at::mm_out(S, qr, kc.t());
+      const int64_t blocks = ceil_div(br * bc, kThreads);
+      backward_epilogue<acc_t><<<blocks, kThreads, 0, stream>>>(
+          S.data_ptr<acc_t>(), r0, br, c0, bc, codes.view(), lse.data_ptr<acc_t>(),
+          grad_total.data_ptr<acc_t>(), inv_tau, p.exclude_self);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      if (for_k)
+        own.addmm_(S.t(), qr);
+      else
+        own.addmm_(S, kc);
+    }
+  }
+  return grad.mul_(inv_tau);
+}
+
+std::tuple<at::Tensor, at::Tensor> pair_softplus_cuda(
+    const at::Tensor& q, const std::optional<at::Tensor>& k, const at::Tensor& q_label,
+    const std::optional<at::Tensor>& k_label, const std::optional<at::Tensor>& q_group,
+    const std::optional<at::Tensor>& k_group, const at::Tensor& lse, double tau,
+    bool exclude_self, int64_t ignore_index) {
+  pair_stats::check_pair_stats_inputs(q, k, q_label, k_label, q_group, k_group, tau,
+                                      exclude_self);
+  check_row_statistic(lse, "lse", q, "pair_softplus");
+  const c10::cuda::CUDAGuard guard(q.device());
+  const Problem p = make_problem(q, k, tau, exclude_self);
+  const CodeTensors codes = pair_stats::make_codes(q_label, k_label, q_group, k_group,
+                                                   ignore_index);
+  std::tuple<at::Tensor, at::Tensor> out;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(),
+                                  "pair_softplus_cuda", [&] {
+                                    using acc_t = at::opmath_type<scalar_t>;
+                                    out = forward_impl<acc_t>(p, codes, lse);
+                                  });
+  return out;
+}
+
+std::tuple<at::Tensor, at::Tensor> pair_softplus_backward_cuda(
+    const at::Tensor& grad_total, const at::Tensor& q, const std::optional<at::Tensor>& k,
+    const at::Tensor& q_label, const std::optional<at::Tensor>& k_label,
+    const std::optional<at::Tensor>& q_group, const std::optional<at::Tensor>& k_group,
+    const at::Tensor& lse, double tau, bool exclude_self, int64_t ignore_index,
+    bool q_needs_grad, bool k_needs_grad) {
+  pair_stats::check_pair_stats_inputs(q, k, q_label, k_label, q_group, k_group, tau,
+                                      exclude_self);
+  check_row_statistic(lse, "lse", q, "pair_softplus_backward");
+  check_row_statistic(grad_total, "grad_total", q, "pair_softplus_backward");
+  const c10::cuda::CUDAGuard guard(q.device());
+  const Problem p = make_problem(q, k, tau, exclude_self);
+  const CodeTensors codes = pair_stats::make_codes(q_label, k_label, q_group, k_group,
+                                                   ignore_index);
+  const CodeTensors host = codes_on_host(codes);
+  const TileFilter filter(p, host.view(), kTile);
+  const at::Tensor l = lse.contiguous(), g = grad_total.contiguous();
+  at::Tensor grad_q, grad_k;
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kHalf, at::kBFloat16, q.scalar_type(), "pair_softplus_backward_cuda", [&] {
+        using acc_t = at::opmath_type<scalar_t>;
+        if (p.self) {  // one set: q's gradient is dq + dk
+          if (q_needs_grad)
+            grad_q = backward_pass<acc_t>(p, codes, filter, l, g, false)
+                         .add_(backward_pass<acc_t>(p, codes, filter, l, g, true));
+        } else {
+          if (q_needs_grad) grad_q = backward_pass<acc_t>(p, codes, filter, l, g, false);
+          if (k_needs_grad) grad_k = backward_pass<acc_t>(p, codes, filter, l, g, true);
+        }
+      });
+  // Gradients in the input dtype; unrequested ones as empty tensors (the schema returns Tensors).
+  grad_q = grad_q.defined() ? grad_q.to(q.scalar_type()) : at::empty({0}, q.options());
+  grad_k = grad_k.defined() ? grad_k.to(q.scalar_type()) : at::empty({0}, q.options());
+  return {grad_q, grad_k};
+}
+
+}  // namespace
+}  // namespace pair_softplus
+}  // namespace fastiml
+
+TORCH_LIBRARY_IMPL(fastiml, CUDA, m) {
+  m.impl("pair_softplus", &fastiml::pair_softplus::pair_softplus_cuda);
+  m.impl("pair_softplus_backward", &fastiml::pair_softplus::pair_softplus_backward_cuda);
+}
