@@ -74,6 +74,43 @@ def _check_index_vector(name: str, t, length: int, device: torch.device) -> None
 # pair_stats
 # ---------------------------------------------------------------------------------------------
 
+def _check_pair_sets(q, k, q_label, k_label, q_group, k_group, tau, exclude_self,
+                     ignore_index) -> bool:
+    """The row / column set arguments of pair_stats and pair_softplus; returns whether this is
+    self-contrast (k is None, or q itself with q's labels and groups)."""
+    _check_features("q", q)
+    self_contrast = k is None or (k is q and k_label is q_label and k_group is q_group)
+    if k is None and (k_label is not None or k_group is not None):
+        raise ValueError("k_label and k_group must be None when k is None (self-contrast)")
+    n = q.shape[0]
+    _check_index_vector("q_label", q_label, n, q.device)
+    if not self_contrast:
+        _check_features("k", k, "M")
+        if k.shape[1] != q.shape[1]:
+            raise ValueError(f"k must have D={q.shape[1]} columns like q, got {tuple(k.shape)}")
+        if k.dtype != q.dtype:
+            raise TypeError(f"k must have q's dtype {q.dtype}, got {k.dtype}")
+        if k.device != q.device:
+            raise ValueError(f"k must be on q's device {q.device}, got {k.device}")
+        if k_label is None:
+            raise ValueError("k_label is required when k is given")
+        _check_index_vector("k_label", k_label, k.shape[0], q.device)
+    if (q_group is None) != (k_group is None) and not (self_contrast and k_group is None):
+        raise ValueError("q_group and k_group must both be given or both be None")
+    if q_group is not None:
+        _check_index_vector("q_group", q_group, n, q.device)
+        if not self_contrast:
+            _check_index_vector("k_group", k_group, k.shape[0], q.device)
+    if not _is_real(tau) or not (math.isfinite(tau) and tau > 0):
+        raise ValueError(f"tau must be a finite real number > 0 (not a bool), got {tau!r}")
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, numbers.Integral):
+        raise TypeError(f"ignore_index must be an int, got {ignore_index!r}")
+    if exclude_self and not self_contrast and k.shape[0] != n:
+        raise ValueError(f"exclude_self needs q and k to be the same set (N == M), got "
+                         f"N={n}, M={k.shape[0]}")
+    return self_contrast
+
+
 def pair_stats(q: Tensor, k: Optional[Tensor], q_label: Tensor, k_label: Optional[Tensor],
                q_group: Optional[Tensor] = None, k_group: Optional[Tensor] = None, *,
                tau: float = 0.1, exclude_self: bool = False, denominator: str = "all",
@@ -109,38 +146,10 @@ def pair_stats(q: Tensor, k: Optional[Tensor], q_label: Tensor, k_label: Optiona
     Memory is O((N + M) D) plus fixed-size tiles. The CPU kernel is deterministic for a given
     number of threads.
     """
-    _check_features("q", q)
-    self_contrast = k is None or (k is q and k_label is q_label and k_group is q_group)
-    if k is None and (k_label is not None or k_group is not None):
-        raise ValueError("k_label and k_group must be None when k is None (self-contrast)")
-    n = q.shape[0]
-    _check_index_vector("q_label", q_label, n, q.device)
-    if not self_contrast:
-        _check_features("k", k, "M")
-        if k.shape[1] != q.shape[1]:
-            raise ValueError(f"k must have D={q.shape[1]} columns like q, got {tuple(k.shape)}")
-        if k.dtype != q.dtype:
-            raise TypeError(f"k must have q's dtype {q.dtype}, got {k.dtype}")
-        if k.device != q.device:
-            raise ValueError(f"k must be on q's device {q.device}, got {k.device}")
-        if k_label is None:
-            raise ValueError("k_label is required when k is given")
-        _check_index_vector("k_label", k_label, k.shape[0], q.device)
-    if (q_group is None) != (k_group is None) and not (self_contrast and k_group is None):
-        raise ValueError("q_group and k_group must both be given or both be None")
-    if q_group is not None:
-        _check_index_vector("q_group", q_group, n, q.device)
-        if not self_contrast:
-            _check_index_vector("k_group", k_group, k.shape[0], q.device)
-    if not _is_real(tau) or not (math.isfinite(tau) and tau > 0):
-        raise ValueError(f"tau must be a finite real number > 0 (not a bool), got {tau!r}")
-    if isinstance(ignore_index, bool) or not isinstance(ignore_index, numbers.Integral):
-        raise TypeError(f"ignore_index must be an int, got {ignore_index!r}")
+    self_contrast = _check_pair_sets(q, k, q_label, k_label, q_group, k_group, tau,
+                                     exclude_self, ignore_index)
     if denominator not in ("all", "negatives"):
         raise ValueError(f"denominator must be 'all' or 'negatives', got {denominator!r}")
-    if exclude_self and not self_contrast and k.shape[0] != n:
-        raise ValueError(f"exclude_self needs q and k to be the same set (N == M), got "
-                         f"N={n}, M={k.shape[0]}")
     as_long = lambda t: None if t is None else t.long()  # noqa: E731
     return torch.ops.fastiml.pair_stats(
         q, None if self_contrast else k, q_label.long(),
@@ -365,36 +374,6 @@ torch.library.register_autograd("fastiml::pivot_consistency", _pivot_backward,
 # pair_softplus (NT-Xent's positive pairs, DESIGN 9)
 # ---------------------------------------------------------------------------------------------
 
-def _check_pair_sets(q, k, q_label, k_label, q_group, k_group, tau, exclude_self) -> bool:
-    """pair_stats' row/column set checks; returns whether this is self-contrast."""
-    _check_features("q", q)
-    self_contrast = k is None or (k is q and k_label is q_label and k_group is q_group)
-    if k is None and (k_label is not None or k_group is not None):
-        raise ValueError("k_label and k_group must be None when k is None (self-contrast)")
-    n = q.shape[0]
-    _check_index_vector("q_label", q_label, n, q.device)
-    if not self_contrast:
-        _check_features("k", k, "M")
-        if k.shape[1] != q.shape[1] or k.dtype != q.dtype or k.device != q.device:
-            raise ValueError(f"k must be [M, {q.shape[1]}] with q's dtype {q.dtype} and device "
-                             f"{q.device}, got {tuple(k.shape)}, {k.dtype} on {k.device}")
-        if k_label is None:
-            raise ValueError("k_label is required when k is given")
-        _check_index_vector("k_label", k_label, k.shape[0], q.device)
-    if (q_group is None) != (k_group is None) and not (self_contrast and k_group is None):
-        raise ValueError("q_group and k_group must both be given or both be None")
-    if q_group is not None:
-        _check_index_vector("q_group", q_group, n, q.device)
-        if not self_contrast:
-            _check_index_vector("k_group", k_group, k.shape[0], q.device)
-    if not isinstance(tau, (int, float)) or not tau > 0:
-        raise ValueError(f"tau must be a number > 0, got {tau!r}")
-    if exclude_self and not self_contrast and k.shape[0] != n:
-        raise ValueError(f"exclude_self needs q and k to be the same set (N == M), got "
-                         f"N={n}, M={k.shape[0]}")
-    return self_contrast
-
-
 def pair_softplus(q: Tensor, k: Optional[Tensor], q_label: Tensor, k_label: Optional[Tensor],
                   q_group: Optional[Tensor] = None, k_group: Optional[Tensor] = None, *,
                   lse: Tensor, tau: float = 0.1, exclude_self: bool = False,
@@ -420,7 +399,8 @@ def pair_softplus(q: Tensor, k: Optional[Tensor], q_label: Tensor, k_label: Opti
     Only tiles that can hold a positive pair are computed; memory O((N + M) D) plus fixed
     tiles. The CPU kernel is deterministic for a given number of threads.
     """
-    self_contrast = _check_pair_sets(q, k, q_label, k_label, q_group, k_group, tau, exclude_self)
+    self_contrast = _check_pair_sets(q, k, q_label, k_label, q_group, k_group, tau, exclude_self,
+                                     ignore_index)
     stat = _stat_dtype(q.dtype)
     if not isinstance(lse, Tensor) or lse.shape != (q.shape[0],) or lse.dtype != stat or \
             lse.device != q.device:

@@ -238,8 +238,9 @@ def test_torch_compile_fullgraph():
     (dict(lse=torch.zeros(6, dtype=torch.float64)), "lse must be a torch.float32"),
     (dict(lse=None), "lse must be"),
     (dict(tau=0.0), "tau"),
+    (dict(ignore_index=True), "ignore_index must be an int"),
     (dict(q_label=torch.zeros(5, dtype=torch.long)), "q_label"),
-    (dict(k=torch.randn(4, 3)), "k must be"),
+    (dict(k=torch.randn(4, 3)), "k must have D=4 columns"),
 ])
 def test_bad_inputs(change, match):
     args = dict(q=torch.randn(6, 4), k=torch.randn(4, 4), q_label=torch.zeros(6, dtype=torch.long),
