@@ -171,6 +171,12 @@ def main(argv=None) -> int:
         elif benchmark == "pivot":
             _bars(plt, entries, stamp, path, "pivot_consistency (fwd + bwd)",
                   lambda e: e["params"]["dtype"], ("fused", "reference"))
+        elif benchmark == "ntxent":
+            _bars(plt, entries, stamp, path, "NT-Xent (fwd + bwd)",
+                  lambda e: f"N={e['params']['N']} {e['params']['labels']}", ("fastiml", "pml"))
+        elif benchmark == "clip":
+            _bars(plt, entries, stamp, path, "CLIP loss (fwd + bwd)",
+                  lambda e: f"B={e['params']['B']}", ("fastiml", "open_clip"))
         else:
             continue
         written.append(str(path))

@@ -7,9 +7,11 @@ import json
 import pytest
 import torch
 
-from benchmarks import bench_contour, bench_pair_stats, bench_pivot, harness, plot
+from benchmarks import (bench_clip, bench_contour, bench_ntxent, bench_pair_stats, bench_pivot,
+                        harness, plot)
 
 HAS_PML = importlib.util.find_spec("pytorch_metric_learning") is not None
+HAS_OPEN_CLIP = importlib.util.find_spec("open_clip") is not None
 
 
 @pytest.fixture(autouse=True)
@@ -186,3 +188,81 @@ def test_synth_case(provider):
                                 "threads": 1})
     _check_case(out)
     assert out["imgs_per_s"] == pytest.approx(2 / out["time_s"])
+
+
+@pytest.mark.parametrize("classes", [None, 4])
+def test_ntxent_cases(classes):
+    """fastiml and pml compute the same NT-Xent loss on the same SimCLR / class batches."""
+    case = {"n": 64, "d": 16, "classes": classes, "repeat": 1, "threads": 1}
+    ours = bench_ntxent.run_case({**case, "provider": "fastiml"})
+    _check_case(ours)
+    assert ours["loss"] > 0
+    if HAS_PML:
+        theirs = bench_ntxent.run_case({**case, "provider": "pml"})
+        _check_case(theirs)
+        assert ours["loss"] == pytest.approx(theirs["loss"], rel=1e-4)
+
+
+def test_ntxent_labels_and_memory_guard(tmp_path):
+    assert bench_ntxent.make_labels(6, None).tolist() == [0, 1, 2, 0, 1, 2]
+    assert bench_ntxent.pair_counts(bench_ntxent.make_labels(6, None)) == (6.0, 24.0)
+    assert bench_ntxent.pair_counts(bench_ntxent.make_labels(8, 2)) == (24.0, 32.0)
+    with pytest.raises(ValueError, match="even N"):
+        bench_ntxent.make_labels(5, None)
+    # pml's [positive pairs x negative pairs] matrix at N = 4096, 64 classes: terabytes.
+    argv = ["--sizes", "4096", "--providers", "pml", "--in-process", "--no-csv",
+            "--json", str(tmp_path / "r.json")]
+    assert bench_ntxent.main(argv) == 0
+    (result,) = json.loads((tmp_path / "r.json").read_text())["results"]
+    assert result["params"]["labels"] == "64 classes"
+    assert result["status"].startswith("skipped (") and result["status"].endswith(")")
+
+
+def test_ntxent_main_in_process(tmp_path):
+    csv_path, json_path = tmp_path / "r.csv", tmp_path / "r.json"
+    argv = ["--sizes", "64", "--class-sizes", "--repeat", "1", "--threads", "1",
+            "--in-process", "--csv", str(csv_path), "--json", str(json_path)]
+    assert bench_ntxent.main(argv) == 0
+    payload = json.loads(json_path.read_text())
+    ours = [r for r in payload["results"] if r["provider"] == "fastiml"][0]
+    assert ours["status"] == "ok" and ours["params"]["labels"] == "simclr"
+    if HAS_PML:
+        # (no memory ratio: fastiml's peak above inputs can be 0 MB at this size)
+        for key in ("speedup_vs_pml", "loss_rel_diff_vs_pml"):
+            assert key in ours["metrics"], key
+        assert ours["metrics"]["loss_rel_diff_vs_pml"] < 1e-4
+    assert "| N | labels | fastiml s | pml s |" in payload["table_markdown"]
+    with open(csv_path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert rows and {r["benchmark"] for r in rows} == {"ntxent"}
+
+
+@pytest.mark.skipif(not HAS_OPEN_CLIP, reason="open_clip_torch not installed")
+def test_clip_cases():
+    """fastiml and open_clip compute the same CLIP loss on the same features."""
+    case = {"b": 64, "d": 32, "repeat": 1, "threads": 1}
+    ours = bench_clip.run_case({**case, "provider": "fastiml"})
+    theirs = bench_clip.run_case({**case, "provider": "open_clip"})
+    _check_case(ours)
+    _check_case(theirs)
+    assert ours["loss"] > 0 and ours["loss"] == pytest.approx(theirs["loss"], rel=1e-4)
+
+
+def test_clip_main_in_process(tmp_path):
+    json_path = tmp_path / "r.json"
+    argv = ["--sizes", "64", "--repeat", "1", "--threads", "1", "--in-process", "--no-csv",
+            "--json", str(json_path)]
+    if not HAS_OPEN_CLIP:
+        argv += ["--providers", "fastiml"]
+    assert bench_clip.main(argv) == 0
+    payload = json.loads(json_path.read_text())
+    ours = [r for r in payload["results"] if r["provider"] == "fastiml"][0]
+    assert ours["status"] == "ok"
+    if HAS_OPEN_CLIP:
+        assert "speedup_vs_open_clip" in ours["metrics"]
+        assert ours["metrics"]["loss_rel_diff_vs_open_clip"] < 1e-4
+    assert "| B | fastiml s | open_clip s |" in payload["table_markdown"]
+    # B = 65536 at 8 GB: fastiml's O(B D) fits, open_clip's B x B logits (~100 GB) do not.
+    assert harness.memory_guard(bench_clip.estimate_bytes("fastiml", 65536), 8) is None
+    assert harness.memory_guard(bench_clip.estimate_bytes("open_clip", 65536), 8).startswith(
+        "skipped (needs ~")

@@ -3,7 +3,6 @@ independent dense float64 formula written here; values and gradients, including 
 the learned ``logit_scale``; and two gloo ranks against open_clip's ``local_loss +
 gather_with_grad`` run in the same processes.
 """
-import importlib
 import importlib.util
 import os
 
@@ -20,20 +19,12 @@ REL = 1e-5
 
 
 def open_clip_loss_module():
-    """open_clip's ``loss`` module, or a skip. Its package ``__init__`` imports the models
-    (torchvision, timm, ...); ``loss.py`` itself needs torch only, so it is loaded by path
-    when the package cannot be imported whole."""
-    spec = importlib.util.find_spec("open_clip")
-    if spec is None:
+    """open_clip's ``loss`` module (loaded by path if the package cannot be imported whole:
+    benchmarks.bench_clip.open_clip_loss_module), or a skip."""
+    if importlib.util.find_spec("open_clip") is None:
         pytest.skip("open_clip_torch is not installed (a test extra)")
-    try:
-        return importlib.import_module("open_clip.loss")
-    except ImportError:
-        path = os.path.join(os.path.dirname(spec.origin), "loss.py")
-        loss_spec = importlib.util.spec_from_file_location("open_clip_loss", path)
-        module = importlib.util.module_from_spec(loss_spec)
-        loss_spec.loader.exec_module(module)
-        return module
+    from benchmarks.bench_clip import open_clip_loss_module as load
+    return load()
 
 
 @pytest.fixture(scope="module")

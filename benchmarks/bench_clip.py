@@ -1,0 +1,193 @@
+"""CLIP loss forward + backward: fastiml's fused ``ClipLoss`` against open_clip's ``ClipLoss``.
+
+Setting: B image and B text features, D = 512, L2-normalised (as open_clip's models return
+them), a learnable ``log_scale`` initialised to log(1 / 0.07) and passed as
+``log_scale.exp()`` (open_clip's convention), then ``backward()`` to the features and the scale.
+Providers, each in its own subprocess:
+
+* ``fastiml``    ``fastiml.losses.ClipLoss`` (``pair_stats`` tiles): O(B D) memory.
+* ``open_clip``  open_clip's ``ClipLoss`` (two B x B logit matrices, cross-entropy, autograd);
+                 skipped if open_clip_torch is not installed, and by the memory guard (with its
+                 estimate) where the B x B matrices do not fit in ``--max-gb``.
+
+Both compute the same loss: the relative difference is reported (``loss rel. diff``).
+
+    python -m benchmarks.bench_clip [--sizes 4096 16384] [--repeat 3] [--json out.json]
+        [--max-gb 8]
+"""
+import importlib
+import importlib.util
+import math
+import os
+import sys
+from typing import List, Optional
+
+import torch
+import torch.nn.functional as F
+
+from benchmarks import harness as H
+
+BENCHMARK = "clip"
+MODULE = "benchmarks.bench_clip"
+PROVIDERS = ("fastiml", "open_clip")
+DEFAULT_SIZES = (4096, 16384)
+D, INIT_TEMPERATURE = 512, 0.07
+
+# open_clip's peak bytes per element of one B x B matrix (both directions' logits, their
+# log-softmax and autograd's gradients): ~16 measured by hand at B = 16384 (4.3 GB), rounded
+# up. Memory guard only.
+_OPEN_CLIP_BYTES_PER_LOGIT = 24.0
+
+
+def open_clip_available() -> bool:
+    return importlib.util.find_spec("open_clip") is not None
+
+
+def open_clip_loss_module():
+    """open_clip's ``loss`` module. Its package ``__init__`` imports the models (torchvision,
+    timm, ...); ``loss.py`` itself needs torch only, so it is loaded by path when the package
+    cannot be imported whole. Raises ImportError when open_clip_torch is not installed."""
+    spec = importlib.util.find_spec("open_clip")
+    if spec is None:
+        raise ImportError("open_clip_torch is not installed")
+    try:
+        return importlib.import_module("open_clip.loss")
+    except ImportError:
+        path = os.path.join(os.path.dirname(spec.origin), "loss.py")
+        loss_spec = importlib.util.spec_from_file_location("open_clip_loss", path)
+        module = importlib.util.module_from_spec(loss_spec)
+        loss_spec.loader.exec_module(module)
+        return module
+
+
+def estimate_bytes(provider: str, b: int, d: int = D) -> float:
+    """Rough peak memory of one provider (inputs included)."""
+    inputs = 4.0 * b * d * 4
+    if provider == "fastiml":
+        return inputs + 4.0 * b * d * 4 + 64e6
+    return inputs + _OPEN_CLIP_BYTES_PER_LOGIT * float(b) * float(b)
+
+
+def loss_module_of(provider: str):
+    if provider == "fastiml":
+        from fastiml.losses import ClipLoss
+        return ClipLoss()
+    if provider == "open_clip":
+        return open_clip_loss_module().ClipLoss()
+    raise ValueError(f"unknown provider {provider!r}; expected one of {PROVIDERS}")
+
+
+def make_inputs(b: int, d: int, device, seed: int = 0):
+    """Normalised image and text features [b, d] and the log-scale, leaves requiring grad."""
+    g = torch.Generator().manual_seed(seed)
+    image = F.normalize(torch.randn(b, d, generator=g), dim=1).to(device).requires_grad_()
+    text = F.normalize(torch.randn(b, d, generator=g), dim=1).to(device).requires_grad_()
+    log_scale = torch.tensor(math.log(1 / INIT_TEMPERATURE), device=device).requires_grad_()
+    return image, text, log_scale
+
+
+def run_case(case: dict) -> dict:
+    """One provider, forward + backward, at one batch size: time, peak memory above the inputs
+    and the loss value."""
+    device = H.resolve_device(case.get("device", "cpu"))
+    threads = H.set_threads(case.get("threads"))
+    b, d = int(case["b"]), int(case.get("d", D))
+    loss_fn = loss_module_of(case["provider"])
+    image, text, log_scale = make_inputs(b, d, device)
+    last = {}
+
+    def step():
+        image.grad = text.grad = log_scale.grad = None
+        loss = loss_fn(image, text, log_scale.exp())
+        loss.backward()
+        last["loss"] = loss.detach()
+
+    meter = H.MemoryMeter(device)
+    meter.start()
+    timing = H.time_fn(step, repeat=int(case.get("repeat", 3)), device=device,
+                       slow_s=float(case.get("slow_s", 5.0)))
+    return {**timing, **meter.stop(), "loss": float(last["loss"]), "threads": threads}
+
+
+# -------------------------------------------------------------------------------- the run
+
+def run(args) -> List[H.Result]:
+    providers = [p for p in PROVIDERS if p in args.providers]
+    results: List[H.Result] = []
+    for b, provider in ((b, p) for b in sorted(set(args.sizes)) for p in providers):
+        params = {"B": b, "D": D, "dtype": "float32", "device": args.device,
+                  "threads": args.threads or os.cpu_count()}
+        status = None
+        if provider == "open_clip" and not open_clip_available():
+            status = "skipped (open_clip_torch not installed)"
+        if status is None:
+            status = H.memory_guard(estimate_bytes(provider, b), args.max_gb)
+        if status is not None:
+            H.progress(f"[clip] B={b} {provider}: {status}")
+            results.append(H.Result(BENCHMARK, provider, params, status))
+            continue
+        case = {"provider": provider, "b": b, "d": D, "device": args.device,
+                "threads": args.threads, "repeat": args.repeat}
+        H.progress(f"[clip] B={b} {provider} ...")
+        out = H.run_case_anywhere(MODULE, run_case, case, args.in_process, args.timeout)
+        r = H.result_from_child(BENCHMARK, provider, params, out, keep=("loss",))
+        H.progress(f"[clip] B={b} {provider}: {H.fmt_seconds(r)} s, {H.fmt_mb(r)} MB above inputs")
+        results.append(r)
+    _derive(results)
+    return results
+
+
+def _find(results, provider, b) -> Optional[H.Result]:
+    for r in results:
+        if r.provider == provider and r.params["B"] == b:
+            return r
+    return None
+
+
+def _derive(results: List[H.Result]) -> None:
+    """Speed-up, memory ratio and loss check of fastiml against open_clip, per batch size."""
+    for ours in [r for r in results if r.provider == "fastiml" and r.ok]:
+        base = _find(results, "open_clip", ours.params["B"])
+        s = H.ratio(base, ours)
+        if s is not None:
+            ours.metrics["speedup_vs_open_clip"] = s
+        m = H.ratio(base, ours, "peak_above_inputs_mb")
+        if m is not None:
+            ours.metrics["memory_ratio_vs_open_clip"] = m
+        if base is not None and base.ok:
+            ref = ours.metrics["loss"]
+            ours.metrics["loss_rel_diff_vs_open_clip"] = abs(base.metrics["loss"] - ref) / max(
+                abs(ref), 1e-12)
+
+
+def table(results: List[H.Result]) -> str:
+    headers = ["B", "fastiml s", "open_clip s", "speed-up vs open_clip",
+               "peak MB above inputs: fastiml", "open_clip", "memory ratio (open_clip / fastiml)",
+               "loss rel. diff"]
+    rows = []
+    for b in sorted({r.params["B"] for r in results}):
+        ours, base = _find(results, "fastiml", b), _find(results, "open_clip", b)
+        diff = ours.get("loss_rel_diff_vs_open_clip") if ours is not None else None
+        rows.append([b, H.fmt_seconds(ours), H.fmt_seconds(base),
+                     H.fmt_ratio(H.ratio(base, ours)), H.fmt_mb(ours), H.fmt_mb(base),
+                     H.fmt_ratio(H.ratio(base, ours, "peak_above_inputs_mb")),
+                     "—" if diff is None else f"{diff:.1e}"])
+    return H.markdown_table(headers, rows)
+
+
+def parser():
+    p = H.base_parser(__doc__, repeat=3)
+    p.set_defaults(max_gb=8.0)
+    p.add_argument("--sizes", type=int, nargs="+", default=list(DEFAULT_SIZES),
+                   help="batch sizes B (default 4096 16384; 65536 runs fastiml only at 8 GB)")
+    p.add_argument("--providers", nargs="+", default=list(PROVIDERS), choices=PROVIDERS)
+    return p
+
+
+def main(argv=None) -> int:
+    return H.main(parser(), argv, benchmark=BENCHMARK, run_case=run_case, run=run,
+                  table=lambda results, args: table(results))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
