@@ -147,17 +147,7 @@ def _find(results, provider, b) -> Optional[H.Result]:
 def _derive(results: List[H.Result]) -> None:
     """Speed-up, memory ratio and loss check of fastiml against open_clip, per batch size."""
     for ours in [r for r in results if r.provider == "fastiml" and r.ok]:
-        base = _find(results, "open_clip", ours.params["B"])
-        s = H.ratio(base, ours)
-        if s is not None:
-            ours.metrics["speedup_vs_open_clip"] = s
-        m = H.ratio(base, ours, "peak_above_inputs_mb")
-        if m is not None:
-            ours.metrics["memory_ratio_vs_open_clip"] = m
-        if base is not None and base.ok:
-            ref = ours.metrics["loss"]
-            ours.metrics["loss_rel_diff_vs_open_clip"] = abs(base.metrics["loss"] - ref) / max(
-                abs(ref), 1e-12)
+        H.add_baseline_ratios(ours, _find(results, "open_clip", ours.params["B"]), "open_clip")
 
 
 def table(results: List[H.Result]) -> str:

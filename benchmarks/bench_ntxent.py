@@ -152,16 +152,7 @@ def _derive(results: List[H.Result]) -> None:
     """Speed-up, memory ratio and loss check of fastiml against pml, per case."""
     for ours in [r for r in results if r.provider == "fastiml" and r.ok]:
         base = _find(results, "pml", ours.params["N"], ours.params["labels"])
-        s = H.ratio(base, ours)
-        if s is not None:
-            ours.metrics["speedup_vs_pml"] = s
-        m = H.ratio(base, ours, "peak_above_inputs_mb")
-        if m is not None:
-            ours.metrics["memory_ratio_vs_pml"] = m
-        if base is not None and base.ok:
-            ref = ours.metrics["loss"]
-            ours.metrics["loss_rel_diff_vs_pml"] = abs(base.metrics["loss"] - ref) / max(
-                abs(ref), 1e-12)
+        H.add_baseline_ratios(ours, base, "pml")
 
 
 def table(results: List[H.Result]) -> str:

@@ -438,6 +438,22 @@ def ratio(num: Optional[Result], den: Optional[Result], metric: str = "time_s"
     return a / b
 
 
+def add_baseline_ratios(ours: "Result", base: Optional["Result"], name: str) -> None:
+    """Stores in ours.metrics its speed-up, peak-memory ratio and relative loss difference
+    against `base`, a baseline of the same run (metrics named ``*_vs_<name>``); nothing for a
+    ratio whose inputs are missing."""
+    s = ratio(base, ours)
+    if s is not None:
+        ours.metrics[f"speedup_vs_{name}"] = s
+    m = ratio(base, ours, "peak_above_inputs_mb")
+    if m is not None:
+        ours.metrics[f"memory_ratio_vs_{name}"] = m
+    if base is not None and base.ok and "loss" in base.metrics and "loss" in ours.metrics:
+        ref = ours.metrics["loss"]
+        ours.metrics[f"loss_rel_diff_vs_{name}"] = abs(base.metrics["loss"] - ref) / max(
+            abs(ref), 1e-12)
+
+
 # ---------------------------------------------------------------------------- command lines
 
 def base_parser(doc: str, repeat: int = 3) -> argparse.ArgumentParser:
@@ -508,3 +524,4 @@ def finish(args, info: RunInfo, benchmark: str, results: List[Result], table: st
 def progress(msg: str) -> None:
     """A progress line on stderr (the table goes to stdout)."""
     print(msg, file=sys.stderr, flush=True)
+
