@@ -438,7 +438,7 @@ def ratio(num: Optional[Result], den: Optional[Result], metric: str = "time_s"
     return a / b
 
 
-def add_baseline_ratios(ours: "Result", base: Optional["Result"], name: str) -> None:
+def add_baseline_ratios(ours: Result, base: Optional[Result], name: str) -> None:
     """Stores in ours.metrics its speed-up, peak-memory ratio and relative loss difference
     against `base`, a baseline of the same run (metrics named ``*_vs_<name>``); nothing for a
     ratio whose inputs are missing."""
