@@ -126,7 +126,8 @@ def pair_stats(q: Tensor, k: Optional[Tensor], q_label: Tensor, k_label: Optiona
         k: Tensor[M, D] columns, same dtype and device; ``None`` (or ``q`` itself, with
             ``k_label is q_label`` and ``k_group is q_group``) means self-contrast, which
             returns one gradient; on the CPU it uses the symmetry of the problem (about half
-            the work), on CUDA not yet (the general dq and dk passes with k = q).
+            the work); on CUDA it runs the general dq and dk passes with k = q (deterministic
+            cross-block sums of the mirrored tiles need partial buffers; see the README).
         q_label, k_label: integer Tensor[N], Tensor[M] (any values; ``ignore_index`` marks
             entries that take no part).
         q_group, k_group: optional integer Tensor[N], Tensor[M]; rows only meet columns of the

@@ -49,7 +49,9 @@
 // which their shared memory also allows (2 x 44.5 KiB, 4 x 27.5 KiB < 164 KiB on sm_80). Not done yet (known next steps): cp.async
 // double buffering (each D chunk is loaded, synchronised and multiplied in turn), exp2 with a
 // pre-scaled log2(e), a column split in the backward (only the forward splits today), and the
-// symmetric (upper-triangular) schedule in self mode, which the CPU kernel uses.
+// symmetric (upper-triangular) schedule in self mode, which the CPU kernel uses: a tile's mirrored
+// (column) sums belong to rows another block owns, and adding them deterministically takes
+// fixed-order partial buffers, the same machinery as that backward column split.
 #pragma once
 
 #include <cuda_bf16.h>
