@@ -128,9 +128,11 @@ def assert_close_half_rule(actual: torch.Tensor, exact: torch.Tensor, reference_
 
 
 def assert_close_scaled(actual: torch.Tensor, expected: torch.Tensor, rtol: float,
-                        name: str = "") -> None:
+                        name: str = "", atol_floor: float = 0.0) -> None:
     """``assert_close`` with ``atol = rtol * max|expected|`` (so that tiny entries of a large
-    result are judged against the result's scale), NaN-free, -inf entries matched exactly."""
+    result are judged against the result's scale), NaN-free, -inf entries matched exactly.
+    ``atol_floor``: the rounding error of the inputs the result is computed from, for results
+    that cancel to (near) zero."""
     assert actual.shape == expected.shape, (f"{name}: shape {tuple(actual.shape)} vs "
                                             f"{tuple(expected.shape)}")
     a, e = actual.detach(), expected.detach().to(actual.device)
@@ -139,5 +141,6 @@ def assert_close_scaled(actual: torch.Tensor, expected: torch.Tensor, rtol: floa
         finite = torch.isfinite(e)
         a, e = a[finite].double(), e[finite].double()
     scale = e.abs().max().item() if e.numel() else 0.0
-    torch.testing.assert_close(a, e.to(a.dtype), rtol=rtol, atol=rtol * max(scale, 1e-3),
+    torch.testing.assert_close(a, e.to(a.dtype), rtol=rtol,
+                               atol=max(rtol * max(scale, 1e-3), atol_floor),
                                msg=lambda m: f"{name}: {m}")

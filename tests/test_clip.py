@@ -72,9 +72,7 @@ def test_clip_matches_open_clip(b, d, scale, dtype, open_clip_loss):
     rounding = 4 * torch.finfo(dtype).eps * scale
     for name, got, want in zip(("loss", "grad image", "grad text", "grad logit_scale"),
                                (ours[0], *ours[1]), (theirs[0], *theirs[1])):
-        torch.testing.assert_close(got, want, rtol=REL,
-                                   atol=max(REL * want.abs().max().item(), rounding),
-                                   msg=lambda m: f"{name}: {m}")
+        assert_close_scaled(got, want, REL, name, atol_floor=rounding)
 
 
 @pytest.mark.parametrize("normalize", [True, False])
