@@ -361,6 +361,32 @@ def test_fixed_shift_threshold_with_far_negatives(side):
     assert_matches(actual, expected, 1e-5, side)
 
 
+@pytest.mark.parametrize("grad_scale", [1.0, 1e7])
+def test_self_backward_shared_exponential_and_its_fallback(grad_scale):
+    """Self mode at the edge of the fixed-shift range, each row's denominator all antipodal
+    (s = -1/tau, lse ~ -bound): the CPU backward's shared exponential puts dL/dlse_i *
+    exp(shift - lse_i) ~ |w| e^74 ~ |w| 1.7e32 in float32. With upstream gradients ~1 that
+    fits; x1e7 it would overflow (float32 ends at 3.4e38), so the kernel must fall back to two
+    exponentials per pair. Both are held to twice the float32 reference's error."""
+    g = generator(5)
+    n = 300
+    u = F.normalize(torch.randn(1, 16, generator=g), dim=1)
+    side = torch.where(torch.arange(n) % 2 == 0, 1.0, -1.0)[:, None]
+    q = F.normalize(side * u + 1e-3 * torch.randn(n, 16, generator=g), dim=1)
+    tau = 2 * 1.01 ** 2 / FIXED_SHIFT_SPAN * 1.001
+    assert uses_fixed_shift(q, None, tau)
+    lab = (side[:, 0] > 0).long()  # negatives_only: the denominator is the other side
+    p = Problem(q, None, lab, None,
+                kwargs={"tau": tau, "exclude_self": True, "denominator": "negatives"})
+    w = tuple(t * grad_scale for t in weights(n, torch.float64))
+    actual = evaluate(ops.pair_stats, p, w=w)
+    exact = evaluate(reference.pair_stats, p.to(dtype=torch.float64), w=w)
+    same_dtype = evaluate(reference.pair_stats, p, w=w)
+    assert torch.isfinite(actual[3][0]).all()
+    assert_close_half_rule(actual[3][0], exact[3][0], same_dtype[3][0], torch.float32,
+                           f"grad q, upstream x{grad_scale:g}")
+
+
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("self_mode", [False, True])
 def test_large_similarities_stay_finite(self_mode, dtype):

@@ -10,6 +10,9 @@
 //    that partial sums of one row from several chunks simply add up.
 // Tiles whose rows and columns share no group are skipped (groups sorted by image make
 // within-image contrast over a batch cost one image's work per image, not the batch's).
+// The tiles carry only the log-sum-exp: pos_mean and pos_count come from per-class sums of k
+// (positive_stats), and the self backward shares one exponential between a pair's two
+// gradient terms (set_shared_exp_factors).
 // Results are deterministic for a given number of threads.
 #include <ATen/ATen.h>
 #include <ATen/OpMathType.h>
@@ -17,6 +20,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cmath>
 #include <vector>
 
 #include "ops/pair_stats_host.h"
@@ -50,18 +54,17 @@ std::pair<int64_t, int64_t> chunk_range(int64_t count, int64_t chunks, int64_t c
   return {count * chunk / chunks, count * (chunk + 1) / chunks};
 }
 
-// Per-row running sums of one chunk of work.
+// Per-row running log-sum-exp of one chunk of work.
 template <typename acc_t>
 struct RowSums {
-  std::vector<acc_t> max, sum, pos_sum;
-  std::vector<int32_t> pos_count;
-  explicit RowSums(int64_t n, acc_t initial_max)
-      : max(n, initial_max), sum(n, 0), pos_sum(n, 0), pos_count(n, 0) {}
+  std::vector<acc_t> max, sum;
+  explicit RowSums(int64_t n, acc_t initial_max) : max(n, initial_max), sum(n, 0) {}
 };
 
-// Forward epilogue of one tile: scales s by 1/tau and adds each row's terms to `rows`; with
-// `mirror`, also adds each column's terms (the transposed tile) to `cols` at the column indices.
-// `fixed` selects a constant shift over the running max (required with mirror).
+// Forward epilogue of one tile: scales s by 1/tau and adds each row's denominator terms to
+// `rows`; with `mirror`, also each column's (the transposed tile) to `cols` at the column
+// indices. `fixed` selects a constant shift over the running max (required with mirror). The
+// positives' statistics do not come from the tiles (positive_stats).
 template <typename acc_t, bool mirror, bool fixed>
 void forward_tile(acc_t* s, int64_t r0, int64_t br, int64_t c0, int64_t bc, const Codes& codes,
                   acc_t inv_tau, acc_t shift, bool exclude_self, bool negatives_only,
@@ -69,8 +72,6 @@ void forward_tile(acc_t* s, int64_t r0, int64_t br, int64_t c0, int64_t bc, cons
   const int32_t* klab = codes.col_label + c0;
   const int32_t* kgrp = codes.col_group + c0;
   acc_t* col_sum = cols.sum.data() + c0;
-  acc_t* col_pos_sum = cols.pos_sum.data() + c0;
-  int32_t* col_pos_count = cols.pos_count.data() + c0;
   for (int64_t ii = 0; ii < br; ++ii) {
     const int64_t i = r0 + ii;
     const int32_t li = codes.row_label[i], gi = codes.row_group[i];
@@ -91,32 +92,20 @@ void forward_tile(acc_t* s, int64_t r0, int64_t br, int64_t c0, int64_t bc, cons
     }
     // Row sums in kLanes independent lanes: a vectorisable reduction without reassociating
     // float additions (the order is fixed, so results stay deterministic).
-    acc_t sum[kLanes] = {}, pos_sum[kLanes] = {};
-    int32_t pos_count[kLanes] = {};
+    acc_t sum[kLanes] = {};
     const auto column = [&](int64_t jj, int64_t lane) {
       const PairMask pm = pair_mask(li, gi, klab[jj], kgrp[jj], jj == self_j, negatives_only);
       const acc_t v = srow[jj] * inv_tau;
       const acc_t e_all = exp_acc(pm.den ? v - m : acc_t(-87));  // selected, then computed
       const acc_t e = pm.den ? e_all : acc_t(0);
-      const acc_t p = pm.pos ? v : acc_t(0);
       sum[lane] += e;
-      pos_sum[lane] += p;
-      pos_count[lane] += pm.pos;
-      if (mirror) {
-        col_sum[jj] += e;
-        col_pos_sum[jj] += p;
-        col_pos_count[jj] += pm.pos;
-      }
+      if (mirror) col_sum[jj] += e;
     };
     const int64_t whole = bc - bc % kLanes;
     for (int64_t j0 = 0; j0 < whole; j0 += kLanes)
       for (int64_t lane = 0; lane < kLanes; ++lane) column(j0 + lane, lane);
     for (int64_t jj = whole; jj < bc; ++jj) column(jj, jj - whole);
-    for (int64_t lane = 0; lane < kLanes; ++lane) {
-      rows.sum[i] += sum[lane];
-      rows.pos_sum[i] += pos_sum[lane];
-      rows.pos_count[i] += pos_count[lane];
-    }
+    for (int64_t lane = 0; lane < kLanes; ++lane) rows.sum[i] += sum[lane];
   }
 }
 
@@ -125,20 +114,46 @@ void forward_tile(acc_t* s, int64_t r0, int64_t br, int64_t c0, int64_t bc, cons
 template <typename acc_t>
 struct RowGrads {
   std::vector<acc_t> a, b, lse;
+  // a_i exp(shift - lse_i), when the self backward shares one exponential per pair (empty
+  // otherwise): see set_shared_exp_factors.
+  std::vector<acc_t> a_shifted;
   RowGrad<acc_t> operator[](int64_t i) const { return {a[i], b[i], lse[i]}; }
 };
 
-// Backward epilogue: overwrites the raw products s with G (general) or with G + G^T (self).
-template <typename acc_t, bool symmetric>
+// The self backward's G + G^T needs a_i exp(s_ij - lse_i) + a_j exp(s_ij - lse_j). With the
+// forward's fixed shift that is (f_i + f_j) exp(s_ij - shift), f_i = a_i exp(shift - lse_i):
+// one exponential per pair instead of two. f_i reaches |a_i| e^(2 bound) (up to e^80), so this
+// returns false -- the two-exponential epilogue runs -- when some f_i is not well inside the
+// float range (|dL/dlse_i| in the thousands).
+template <typename acc_t>
+bool set_shared_exp_factors(RowGrads<acc_t>& grads, double shift) {
+  std::vector<acc_t> f(grads.a.size());
+  for (size_t i = 0; i < f.size(); ++i) {
+    const double v = double(grads.a[i]) * std::exp(shift - double(grads.lse[i]));
+    if (!(std::abs(v) <= 1e36)) return false;
+    f[i] = acc_t(v);
+  }
+  grads.a_shifted = std::move(f);
+  return true;
+}
+
+// What a backward epilogue writes over the raw products s: G (rows), G + G^T with two
+// exponentials per pair (mirrored), or G + G^T with one (mirrored_shared_exp; needs
+// RowGrads::a_shifted and the shift it was made with).
+enum class GradTile { rows, mirrored, mirrored_shared_exp };
+
+template <typename acc_t, GradTile kind>
 void gradient_tile(acc_t* s, int64_t r0, int64_t br, int64_t c0, int64_t bc, const Codes& codes,
-                   acc_t inv_tau, bool exclude_self, bool negatives_only,
+                   acc_t inv_tau, acc_t shift, bool exclude_self, bool negatives_only,
                    const RowGrads<acc_t>& grads) {
   const int32_t* __restrict klab = codes.col_label + c0;
   const int32_t* __restrict kgrp = codes.col_group + c0;
-  // self: the columns are rows too
+  // mirrored: the columns are rows too
   const acc_t* __restrict col_a = grads.a.data() + c0;
   const acc_t* __restrict col_b = grads.b.data() + c0;
   const acc_t* __restrict col_lse = grads.lse.data() + c0;
+  const acc_t* __restrict col_f =
+      kind == GradTile::mirrored_shared_exp ? grads.a_shifted.data() + c0 : nullptr;
   for (int64_t ii = 0; ii < br; ++ii) {
     const int64_t i = r0 + ii;
     acc_t* __restrict srow = s + ii * bc;
@@ -149,12 +164,23 @@ void gradient_tile(acc_t* s, int64_t r0, int64_t br, int64_t c0, int64_t bc, con
     }
     const RowGrad<acc_t> ri = grads[i];
     const int64_t self_j = exclude_self ? i - c0 : -1;
-    for (int64_t jj = 0; jj < bc; ++jj) {
-      const PairMask pm = pair_mask(li, gi, klab[jj], kgrp[jj], jj == self_j, negatives_only);
-      const acc_t v = srow[jj] * inv_tau;
-      acc_t g = pair_grad(v, ri, pm);
-      if (symmetric) g += pair_grad(v, RowGrad<acc_t>{col_a[jj], col_b[jj], col_lse[jj]}, pm);
-      srow[jj] = g;
+    if constexpr (kind == GradTile::mirrored_shared_exp) {
+      const acc_t fi = grads.a_shifted[i];
+      for (int64_t jj = 0; jj < bc; ++jj) {
+        const PairMask pm = pair_mask(li, gi, klab[jj], kgrp[jj], jj == self_j, negatives_only);
+        const acc_t e = exp_acc(pm.den ? srow[jj] * inv_tau - shift : acc_t(-87));
+        srow[jj] = (pm.den ? (fi + col_f[jj]) * e : acc_t(0)) +
+                   (pm.pos ? ri.b + col_b[jj] : acc_t(0));
+      }
+    } else {
+      for (int64_t jj = 0; jj < bc; ++jj) {
+        const PairMask pm = pair_mask(li, gi, klab[jj], kgrp[jj], jj == self_j, negatives_only);
+        const acc_t v = srow[jj] * inv_tau;
+        acc_t g = pair_grad(v, ri, pm);
+        if (kind == GradTile::mirrored)
+          g += pair_grad(v, RowGrad<acc_t>{col_a[jj], col_b[jj], col_lse[jj]}, pm);
+        srow[jj] = g;
+      }
     }
   }
 }
@@ -179,6 +205,66 @@ double similarity_bound(const Problem& p) {
 // last bits, which |s| / tau magnifies).
 bool uses_symmetric_schedule(const Problem& p, double bound) {
   return p.self && 2.0 * bound <= kMaxFixedShiftSpan;
+}
+
+// pos_mean and pos_count without the tiles: row i's positives are the counted columns of its
+// own class (same label, same group; itself left out with exclude_self), so
+// sum_{j positive} s_ij = q_i . (sum of that class's k_j) -- O((N + M) D) work instead of an
+// N x M pass (the tile epilogues then only carry the denominator). Class sums in float64.
+template <typename acc_t>
+void positive_stats(const Problem& p, const Codes& codes, at::Tensor& pos_mean,
+                    at::Tensor& pos_count) {
+  // A class is one (group, label) pair of codes, as the int64 key group * labels + label
+  // (codes are compact: 0 .. count - 1, labels numbered over rows and columns together).
+  int64_t labels = 0;
+  for (int64_t i = 0; i < p.n; ++i) labels = std::max<int64_t>(labels, codes.row_label[i] + 1);
+  for (int64_t j = 0; j < p.m; ++j) labels = std::max<int64_t>(labels, codes.col_label[j] + 1);
+  const auto key = [labels](int32_t label, int32_t group) {
+    return group < 0 ? int64_t(-1) : int64_t(group) * labels + label;
+  };
+  std::vector<int64_t> keys;  // the columns' classes, sorted: a class id is a position here
+  for (int64_t j = 0; j < p.m; ++j)
+    if (codes.col_group[j] >= 0) keys.push_back(key(codes.col_label[j], codes.col_group[j]));
+  std::sort(keys.begin(), keys.end());
+  keys.erase(std::unique(keys.begin(), keys.end()), keys.end());
+  const auto class_of = [&](int32_t label, int32_t group) -> int64_t {
+    const int64_t k = key(label, group);
+    const auto it = std::lower_bound(keys.begin(), keys.end(), k);
+    return (k >= 0 && it != keys.end() && *it == k) ? it - keys.begin() : -1;
+  };
+
+  const int64_t d = p.d;
+  const at::Tensor q = p.q.contiguous(), k = p.k.contiguous();
+  std::vector<double> class_sum(keys.size() * d, 0.0);
+  std::vector<int64_t> class_count(keys.size(), 0), col_class(p.m);
+  acc_t* mean_p = pos_mean.data_ptr<acc_t>();
+  int64_t* count_p = pos_count.data_ptr<int64_t>();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "positive_stats",
+                                  [&] {
+    const scalar_t* qp = q.data_ptr<scalar_t>();
+    const scalar_t* kp = k.data_ptr<scalar_t>();
+    for (int64_t j = 0; j < p.m; ++j) {  // serial: a fixed order of additions
+      const int64_t c = col_class[j] = class_of(codes.col_label[j], codes.col_group[j]);
+      if (c < 0) continue;
+      ++class_count[c];
+      for (int64_t t = 0; t < d; ++t) class_sum[c * d + t] += double(kp[j * d + t]);
+    }
+    at::parallel_for(0, p.n, 1024, [&](int64_t begin, int64_t end) {
+      for (int64_t i = begin; i < end; ++i) {
+        const int64_t c = class_of(codes.row_label[i], codes.row_group[i]);
+        // exclude_self (then N == M): column i leaves row i's class when it is in it
+        const bool drop_self = c >= 0 && p.exclude_self && col_class[i] == c;
+        const int64_t count = c < 0 ? 0 : class_count[c] - drop_self;
+        double dot = 0;
+        for (int64_t t = 0; count > 0 && t < d; ++t) {
+          const double own = drop_self ? double(kp[i * d + t]) : 0.0;
+          dot += double(qp[i * d + t]) * (class_sum[c * d + t] - own);
+        }
+        count_p[i] = count;
+        mean_p[i] = count > 0 ? acc_t(dot / p.tau / double(count)) : acc_t(0);
+      }
+    });
+  });
 }
 
 template <typename acc_t>
@@ -243,22 +329,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_impl(const Problem& p, co
   });
 
   acc_t* lse_p = lse.data_ptr<acc_t>();
-  acc_t* mean_p = pos_mean.data_ptr<acc_t>();
-  int64_t* count_p = pos_count.data_ptr<int64_t>();
   at::parallel_for(0, p.n, 4096, [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
-      acc_t m = neg_inf<acc_t>(), l = 0, ps = 0;
-      int64_t pc = 0;
-      for (const auto& a : sums) {
-        lse_merge(m, l, a.max[i], a.sum[i]);
-        ps += a.pos_sum[i];
-        pc += a.pos_count[i];
-      }
+      acc_t m = neg_inf<acc_t>(), l = 0;
+      for (const auto& a : sums) lse_merge(m, l, a.max[i], a.sum[i]);
       lse_p[i] = lse_finish(m, l);
-      mean_p[i] = pc > 0 ? ps / acc_t(pc) : acc_t(0);
-      count_p[i] = pc;
     }
   });
+  positive_stats<acc_t>(p, codes, pos_mean, pos_count);
   return {lse, pos_mean, pos_count};
 }
 
@@ -284,8 +362,8 @@ RowGrads<acc_t> row_grads_of(const at::Tensor& grad_lse, const at::Tensor& grad_
 // Self mode: grad = (G + G^T) X / tau over the upper tiles, each tile adding to both its row
 // tile and (transposed) its column tile, into one accumulator per chunk.
 template <typename acc_t>
-at::Tensor backward_self(const Problem& p, const Codes& codes,
-                         const RowGrads<acc_t>& rg) {
+at::Tensor backward_self(const Problem& p, const Codes& codes, RowGrads<acc_t>& rg,
+                         double bound) {
   const auto options = p.q.options().dtype(p.acc);
   // The forward's symmetric schedule: the same tile products (see uses_symmetric_schedule).
   const auto ranges = tile_group_ranges(codes.row_group, p.n, kTile);
@@ -296,6 +374,8 @@ at::Tensor backward_self(const Problem& p, const Codes& codes,
       1, std::min({int64_t(at::get_num_threads()), items, kAccumulatorBudgetBytes / bytes}));
   std::vector<at::Tensor> grads(chunks);
   const acc_t inv_tau = acc_t(1.0 / p.tau);
+  const acc_t shift = acc_t(bound);  // the forward's (forward_impl)
+  const bool shared_exp = set_shared_exp_factors(rg, double(shift));
   at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
     at::Tensor buffer = at::empty({kTile * kTile}, options);
     for (int64_t chunk = begin; chunk < end; ++chunk) {
@@ -308,8 +388,14 @@ at::Tensor backward_self(const Problem& p, const Codes& codes,
         at::Tensor xr = tile_rows(p.q, r0, br, p.acc), xc = tile_rows(p.q, c0, bc, p.acc);
         at::Tensor H = scratch_matrix(buffer, br, bc);
         at::mm_out(H, xr, xc.t());
-        gradient_tile<acc_t, true>(H.data_ptr<acc_t>(), r0, br, c0, bc, codes, inv_tau,
-                                   p.exclude_self, p.negatives_only, rg);
+        if (shared_exp)
+          gradient_tile<acc_t, GradTile::mirrored_shared_exp>(
+              H.data_ptr<acc_t>(), r0, br, c0, bc, codes, inv_tau, shift, p.exclude_self,
+              p.negatives_only, rg);
+        else
+          gradient_tile<acc_t, GradTile::mirrored>(H.data_ptr<acc_t>(), r0, br, c0, bc, codes,
+                                                   inv_tau, shift, p.exclude_self,
+                                                   p.negatives_only, rg);
         grad.narrow(0, r0, br).addmm_(H, xc);
         if (c != r) grad.narrow(0, c0, bc).addmm_(H.t(), xr);
       }
@@ -349,8 +435,9 @@ at::Tensor backward_general(const Problem& p, const Codes& codes,
         at::Tensor qr = tile_rows(p.q, r0, br, p.acc), kc = tile_rows(p.k, c0, bc, p.acc);
         at::Tensor G = scratch_matrix(buffer, br, bc);
         at::mm_out(G, qr, kc.t());
-        gradient_tile<acc_t, false>(G.data_ptr<acc_t>(), r0, br, c0, bc, codes, inv_tau,
-                                    p.exclude_self, p.negatives_only, rg);
+        gradient_tile<acc_t, GradTile::rows>(G.data_ptr<acc_t>(), r0, br, c0, bc, codes,
+                                             inv_tau, acc_t(0), p.exclude_self,
+                                             p.negatives_only, rg);
         if (for_k)
           own.addmm_(G.t(), qr);
         else
@@ -394,8 +481,9 @@ bool backward_general_one_pass(const Problem& p, const Codes& codes,
           at::Tensor kc = tile_rows(p.k, c0, bc, p.acc);
           at::Tensor G = scratch_matrix(buffer, br, bc);
           at::mm_out(G, qr, kc.t());
-          gradient_tile<acc_t, false>(G.data_ptr<acc_t>(), r0, br, c0, bc, codes, inv_tau,
-                                      p.exclude_self, p.negatives_only, rg);
+          gradient_tile<acc_t, GradTile::rows>(G.data_ptr<acc_t>(), r0, br, c0, bc, codes,
+                                               inv_tau, acc_t(0), p.exclude_self,
+                                               p.negatives_only, rg);
           dq.narrow(0, r0, br).addmm_(G, kc);
           acc.narrow(0, c0, bc).addmm_(G.t(), qr);
         }
@@ -458,9 +546,10 @@ std::tuple<at::Tensor, at::Tensor> pair_stats_backward_cpu(
   AT_DISPATCH_FLOATING_TYPES_AND2(
       at::kHalf, at::kBFloat16, q.scalar_type(), "pair_stats_backward_cpu", [&] {
         using acc_t = at::opmath_type<scalar_t>;
-        const auto rg = row_grads_of<acc_t>(grad_lse, grad_pos_mean, lse, pos_count);
-        if (p.self && uses_symmetric_schedule(p, similarity_bound(p))) {
-          if (q_needs_grad) grad_q = backward_self<acc_t>(p, codes.view(), rg);
+        auto rg = row_grads_of<acc_t>(grad_lse, grad_pos_mean, lse, pos_count);
+        const double bound = p.self ? similarity_bound(p) : 0.0;
+        if (p.self && uses_symmetric_schedule(p, bound)) {
+          if (q_needs_grad) grad_q = backward_self<acc_t>(p, codes.view(), rg, bound);
         } else if (p.self) {  // general schedule, as the forward ran: q's grad is dq + dk
           if (q_needs_grad)
             grad_q = backward_general<acc_t>(p, codes.view(), rg, false)
