@@ -243,12 +243,19 @@ void positive_stats(const Problem& p, const Codes& codes, at::Tensor& pos_mean,
                                   [&] {
     const scalar_t* qp = q.data_ptr<scalar_t>();
     const scalar_t* kp = k.data_ptr<scalar_t>();
-    for (int64_t j = 0; j < p.m; ++j) {  // serial: a fixed order of additions
+    for (int64_t j = 0; j < p.m; ++j) {
       const int64_t c = col_class[j] = class_of(codes.col_label[j], codes.col_group[j]);
-      if (c < 0) continue;
-      ++class_count[c];
-      for (int64_t t = 0; t < d; ++t) class_sum[c * d + t] += double(kp[j * d + t]);
+      if (c >= 0) ++class_count[c];
     }
+    // Threads split the feature columns, so each sum still adds its terms in column order
+    // (the same result at any thread count).
+    at::parallel_for(0, d, 8, [&](int64_t t0, int64_t t1) {
+      for (int64_t j = 0; j < p.m; ++j) {
+        const int64_t c = col_class[j];
+        if (c < 0) continue;
+        for (int64_t t = t0; t < t1; ++t) class_sum[c * d + t] += double(kp[j * d + t]);
+      }
+    });
     at::parallel_for(0, p.n, 1024, [&](int64_t begin, int64_t end) {
       for (int64_t i = begin; i < end; ++i) {
         const int64_t c = class_of(codes.row_label[i], codes.row_group[i]);
