@@ -10,9 +10,10 @@
 //    that partial sums of one row from several chunks simply add up.
 // Tiles whose rows and columns share no group are skipped (groups sorted by image make
 // within-image contrast over a batch cost one image's work per image, not the batch's).
-// The tiles carry only the log-sum-exp: pos_mean and pos_count come from per-class sums of k
-// (positive_stats), and the self backward shares one exponential between a pair's two
-// gradient terms (set_shared_exp_factors).
+// The tiles carry only the log-sum-exp: pos_mean, pos_count and their gradient come from
+// per-class sums (positive_stats, add_positive_gradients); the self backward shares one
+// exponential between a pair's two gradient terms (set_shared_exp_factors); and tiles whose
+// rows and columns are all in one group skip reading the codes (in_one_group).
 // Results are deterministic for a given number of threads.
 #include <ATen/ATen.h>
 #include <ATen/OpMathType.h>
@@ -54,6 +55,28 @@ std::pair<int64_t, int64_t> chunk_range(int64_t count, int64_t chunks, int64_t c
   return {count * chunk / chunks, count * (chunk + 1) / chunks};
 }
 
+// Whether every row and column of the tile is in one group (none ignored). With the "all"
+// denominator such a tile's pairs are all in the denominator but i == j (exclude_self): the
+// epilogues then skip the codes (in_denominator<true>), which MPC's image groups and plain
+// self-contrast make the common case.
+bool in_one_group(const Codes& codes, int64_t r0, int64_t br, int64_t c0, int64_t bc) {
+  const int32_t g = codes.row_group[r0];
+  if (g < 0) return false;
+  for (int64_t i = r0; i < r0 + br; ++i)
+    if (codes.row_group[i] != g) return false;
+  for (int64_t j = c0; j < c0 + bc; ++j)
+    if (codes.col_group[j] != g) return false;
+  return true;
+}
+
+// pair_mask(...).den; with one_group (in_one_group and not negatives_only), from the index alone.
+template <bool one_group>
+inline int32_t in_denominator(int32_t row_label, int32_t row_group, int32_t col_label,
+                              int32_t col_group, bool same_index, bool negatives_only) {
+  if constexpr (one_group) return int32_t(!same_index);
+  return pair_mask(row_label, row_group, col_label, col_group, same_index, negatives_only).den;
+}
+
 // Per-row running log-sum-exp of one chunk of work.
 template <typename acc_t>
 struct RowSums {
@@ -65,10 +88,10 @@ struct RowSums {
 // `rows`; with `mirror`, also each column's (the transposed tile) to `cols` at the column
 // indices. `fixed` selects a constant shift over the running max (required with mirror). The
 // positives' statistics do not come from the tiles (positive_stats).
-template <typename acc_t, bool mirror, bool fixed>
-void forward_tile(acc_t* s, int64_t r0, int64_t br, int64_t c0, int64_t bc, const Codes& codes,
-                  acc_t inv_tau, acc_t shift, bool exclude_self, bool negatives_only,
-                  RowSums<acc_t>& rows, RowSums<acc_t>& cols) {
+template <typename acc_t, bool mirror, bool fixed, bool one_group>
+void forward_tile_loop(acc_t* s, int64_t r0, int64_t br, int64_t c0, int64_t bc,
+                       const Codes& codes, acc_t inv_tau, acc_t shift, bool exclude_self,
+                       bool negatives_only, RowSums<acc_t>& rows, RowSums<acc_t>& cols) {
   const int32_t* klab = codes.col_label + c0;
   const int32_t* kgrp = codes.col_group + c0;
   acc_t* col_sum = cols.sum.data() + c0;
@@ -82,9 +105,10 @@ void forward_tile(acc_t* s, int64_t r0, int64_t br, int64_t c0, int64_t bc, cons
     if (!fixed) {
       acc_t tile_max = neg_inf<acc_t>();
       for (int64_t jj = 0; jj < bc; ++jj) {
-        const PairMask pm = pair_mask(li, gi, klab[jj], kgrp[jj], jj == self_j, negatives_only);
+        const int32_t den =
+            in_denominator<one_group>(li, gi, klab[jj], kgrp[jj], jj == self_j, negatives_only);
         const acc_t v = srow[jj] * inv_tau;
-        tile_max = (pm.den && v > tile_max) ? v : tile_max;
+        tile_max = (den && v > tile_max) ? v : tile_max;
       }
       lse_raise_max(rows.max[i], rows.sum[i], tile_max);
       m = rows.max[i];
@@ -94,10 +118,11 @@ void forward_tile(acc_t* s, int64_t r0, int64_t br, int64_t c0, int64_t bc, cons
     // float additions (the order is fixed, so results stay deterministic).
     acc_t sum[kLanes] = {};
     const auto column = [&](int64_t jj, int64_t lane) {
-      const PairMask pm = pair_mask(li, gi, klab[jj], kgrp[jj], jj == self_j, negatives_only);
+      const int32_t den =
+          in_denominator<one_group>(li, gi, klab[jj], kgrp[jj], jj == self_j, negatives_only);
       const acc_t v = srow[jj] * inv_tau;
-      const acc_t e_all = exp_acc(pm.den ? v - m : acc_t(-87));  // selected, then computed
-      const acc_t e = pm.den ? e_all : acc_t(0);
+      const acc_t e_all = exp_acc(den ? v - m : acc_t(-87));  // selected, then computed
+      const acc_t e = den ? e_all : acc_t(0);
       sum[lane] += e;
       if (mirror) col_sum[jj] += e;
     };
@@ -109,6 +134,18 @@ void forward_tile(acc_t* s, int64_t r0, int64_t br, int64_t c0, int64_t bc, cons
   }
 }
 
+template <typename acc_t, bool mirror, bool fixed>
+void forward_tile(acc_t* s, int64_t r0, int64_t br, int64_t c0, int64_t bc, const Codes& codes,
+                  acc_t inv_tau, acc_t shift, bool exclude_self, bool negatives_only,
+                  RowSums<acc_t>& rows, RowSums<acc_t>& cols) {
+  if (!negatives_only && in_one_group(codes, r0, br, c0, bc))
+    forward_tile_loop<acc_t, mirror, fixed, true>(s, r0, br, c0, bc, codes, inv_tau, shift,
+                                                  exclude_self, negatives_only, rows, cols);
+  else
+    forward_tile_loop<acc_t, mirror, fixed, false>(s, r0, br, c0, bc, codes, inv_tau, shift,
+                                                   exclude_self, negatives_only, rows, cols);
+}
+
 // The per-row factors of the backward (RowGrad) as separate arrays: the epilogue reads the
 // columns' factors with plain vector loads.
 template <typename acc_t>
@@ -117,7 +154,6 @@ struct RowGrads {
   // a_i exp(shift - lse_i), when the self backward shares one exponential per pair (empty
   // otherwise): see set_shared_exp_factors.
   std::vector<acc_t> a_shifted;
-  RowGrad<acc_t> operator[](int64_t i) const { return {a[i], b[i], lse[i]}; }
 };
 
 // The self backward's G + G^T needs a_i exp(s_ij - lse_i) + a_j exp(s_ij - lse_j). With the
@@ -137,20 +173,21 @@ bool set_shared_exp_factors(RowGrads<acc_t>& grads, double shift) {
   return true;
 }
 
-// What a backward epilogue writes over the raw products s: G (rows), G + G^T with two
-// exponentials per pair (mirrored), or G + G^T with one (mirrored_shared_exp; needs
-// RowGrads::a_shifted and the shift it was made with).
+// What a backward epilogue writes over the raw products s: the denominator part of G
+// (a_i e^(s_ij - lse_i) on denominator pairs; the positives' b_i terms are added from class
+// sums, add_positive_gradients) -- for the rows (rows), plus its transpose with two exponentials
+// per pair (mirrored) or one (mirrored_shared_exp; needs RowGrads::a_shifted and the shift it
+// was made with).
 enum class GradTile { rows, mirrored, mirrored_shared_exp };
 
-template <typename acc_t, GradTile kind>
-void gradient_tile(acc_t* s, int64_t r0, int64_t br, int64_t c0, int64_t bc, const Codes& codes,
-                   acc_t inv_tau, acc_t shift, bool exclude_self, bool negatives_only,
-                   const RowGrads<acc_t>& grads) {
+template <typename acc_t, GradTile kind, bool one_group>
+void gradient_tile_loop(acc_t* s, int64_t r0, int64_t br, int64_t c0, int64_t bc,
+                        const Codes& codes, acc_t inv_tau, acc_t shift, bool exclude_self,
+                        bool negatives_only, const RowGrads<acc_t>& grads) {
   const int32_t* __restrict klab = codes.col_label + c0;
   const int32_t* __restrict kgrp = codes.col_group + c0;
   // mirrored: the columns are rows too
   const acc_t* __restrict col_a = grads.a.data() + c0;
-  const acc_t* __restrict col_b = grads.b.data() + c0;
   const acc_t* __restrict col_lse = grads.lse.data() + c0;
   const acc_t* __restrict col_f =
       kind == GradTile::mirrored_shared_exp ? grads.a_shifted.data() + c0 : nullptr;
@@ -162,27 +199,37 @@ void gradient_tile(acc_t* s, int64_t r0, int64_t br, int64_t c0, int64_t bc, con
       std::fill(srow, srow + bc, acc_t(0));
       continue;
     }
-    const RowGrad<acc_t> ri = grads[i];
+    const acc_t ai = grads.a[i], lse_i = grads.lse[i];
+    const acc_t fi = kind == GradTile::mirrored_shared_exp ? grads.a_shifted[i] : acc_t(0);
     const int64_t self_j = exclude_self ? i - c0 : -1;
-    if constexpr (kind == GradTile::mirrored_shared_exp) {
-      const acc_t fi = grads.a_shifted[i];
-      for (int64_t jj = 0; jj < bc; ++jj) {
-        const PairMask pm = pair_mask(li, gi, klab[jj], kgrp[jj], jj == self_j, negatives_only);
-        const acc_t e = exp_acc(pm.den ? srow[jj] * inv_tau - shift : acc_t(-87));
-        srow[jj] = (pm.den ? (fi + col_f[jj]) * e : acc_t(0)) +
-                   (pm.pos ? ri.b + col_b[jj] : acc_t(0));
-      }
-    } else {
-      for (int64_t jj = 0; jj < bc; ++jj) {
-        const PairMask pm = pair_mask(li, gi, klab[jj], kgrp[jj], jj == self_j, negatives_only);
-        const acc_t v = srow[jj] * inv_tau;
-        acc_t g = pair_grad(v, ri, pm);
+    for (int64_t jj = 0; jj < bc; ++jj) {
+      const int32_t den =
+          in_denominator<one_group>(li, gi, klab[jj], kgrp[jj], jj == self_j, negatives_only);
+      const acc_t v = srow[jj] * inv_tau;
+      // exponent arguments selected before the call: a non-denominator entry may exceed lse
+      acc_t g;
+      if constexpr (kind == GradTile::mirrored_shared_exp) {
+        g = (fi + col_f[jj]) * exp_acc(den ? v - shift : acc_t(-87));
+      } else {
+        g = ai * exp_acc(den ? v - lse_i : acc_t(-87));
         if (kind == GradTile::mirrored)
-          g += pair_grad(v, RowGrad<acc_t>{col_a[jj], col_b[jj], col_lse[jj]}, pm);
-        srow[jj] = g;
+          g += col_a[jj] * exp_acc(den ? v - col_lse[jj] : acc_t(-87));
       }
+      srow[jj] = den ? g : acc_t(0);
     }
   }
+}
+
+template <typename acc_t, GradTile kind>
+void gradient_tile(acc_t* s, int64_t r0, int64_t br, int64_t c0, int64_t bc, const Codes& codes,
+                   acc_t inv_tau, acc_t shift, bool exclude_self, bool negatives_only,
+                   const RowGrads<acc_t>& grads) {
+  if (!negatives_only && in_one_group(codes, r0, br, c0, bc))
+    gradient_tile_loop<acc_t, kind, true>(s, r0, br, c0, bc, codes, inv_tau, shift,
+                                          exclude_self, negatives_only, grads);
+  else
+    gradient_tile_loop<acc_t, kind, false>(s, r0, br, c0, bc, codes, inv_tau, shift,
+                                           exclude_self, negatives_only, grads);
 }
 
 struct Problem {
@@ -207,13 +254,18 @@ bool uses_symmetric_schedule(const Problem& p, double bound) {
   return p.self && 2.0 * bound <= kMaxFixedShiftSpan;
 }
 
-// pos_mean and pos_count without the tiles: row i's positives are the counted columns of its
-// own class (same label, same group; itself left out with exclude_self), so
-// sum_{j positive} s_ij = q_i . (sum of that class's k_j) -- O((N + M) D) work instead of an
-// N x M pass (the tile epilogues then only carry the denominator). Class sums in float64.
-template <typename acc_t>
-void positive_stats(const Problem& p, const Codes& codes, at::Tensor& pos_mean,
-                    at::Tensor& pos_count) {
+// Positives by class. Row i's positives are the counted columns of its own class (same label,
+// same group; column i left out with exclude_self), so every sum over positives is a per-class
+// sum: sum_{j positive} s_ij = q_i . (sum of the class's k_j) / tau. The positives' statistics
+// and their gradient cost O((N + M) D) this way, and the tile epilogues carry only the
+// denominator.
+struct Classes {
+  std::vector<int64_t> row, col;  // class id of each row / column, -1: none (ignored, or a row
+                                  // whose class has no column)
+  std::vector<int64_t> count;     // columns per class
+};
+
+Classes make_classes(const Problem& p, const Codes& codes) {
   // A class is one (group, label) pair of codes, as the int64 key group * labels + label
   // (codes are compact: 0 .. count - 1, labels numbered over rows and columns together).
   int64_t labels = 0;
@@ -232,45 +284,115 @@ void positive_stats(const Problem& p, const Codes& codes, at::Tensor& pos_mean,
     const auto it = std::lower_bound(keys.begin(), keys.end(), k);
     return (k >= 0 && it != keys.end() && *it == k) ? it - keys.begin() : -1;
   };
+  Classes c{std::vector<int64_t>(p.n), std::vector<int64_t>(p.m),
+            std::vector<int64_t>(keys.size(), 0)};
+  for (int64_t i = 0; i < p.n; ++i) c.row[i] = class_of(codes.row_label[i], codes.row_group[i]);
+  for (int64_t j = 0; j < p.m; ++j) {
+    c.col[j] = class_of(codes.col_label[j], codes.col_group[j]);
+    if (c.col[j] >= 0) ++c.count[c.col[j]];
+  }
+  return c;
+}
 
+// sums[class][t] += weight(i) * x[i][t] over the entries i with a class, in float64. Threads
+// split the feature columns, so each sum adds its terms in entry order (the same result at any
+// thread count).
+template <typename scalar_t, typename Weight>
+std::vector<double> class_sums(const scalar_t* x, const std::vector<int64_t>& entry_class,
+                               int64_t classes, int64_t d, Weight weight) {
+  std::vector<double> sums(classes * d, 0.0);
+  at::parallel_for(0, d, 8, [&](int64_t t0, int64_t t1) {
+    for (size_t i = 0; i < entry_class.size(); ++i) {
+      const int64_t c = entry_class[i];
+      if (c < 0) continue;
+      const double w = weight(i);
+      for (int64_t t = t0; t < t1; ++t) sums[c * d + t] += w * double(x[i * d + t]);
+    }
+  });
+  return sums;
+}
+
+// With exclude_self, row i's class loses column i when column i is in it (N == M then).
+bool drops_self(const Problem& p, const Classes& cls, int64_t i) {
+  return p.exclude_self && cls.row[i] >= 0 && cls.col[i] == cls.row[i];
+}
+
+template <typename acc_t>
+void positive_stats(const Problem& p, const Classes& cls, at::Tensor& pos_mean,
+                    at::Tensor& pos_count) {
   const int64_t d = p.d;
   const at::Tensor q = p.q.contiguous(), k = p.k.contiguous();
-  std::vector<double> class_sum(keys.size() * d, 0.0);
-  std::vector<int64_t> class_count(keys.size(), 0), col_class(p.m);
   acc_t* mean_p = pos_mean.data_ptr<acc_t>();
   int64_t* count_p = pos_count.data_ptr<int64_t>();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "positive_stats",
                                   [&] {
     const scalar_t* qp = q.data_ptr<scalar_t>();
     const scalar_t* kp = k.data_ptr<scalar_t>();
-    for (int64_t j = 0; j < p.m; ++j) {
-      const int64_t c = col_class[j] = class_of(codes.col_label[j], codes.col_group[j]);
-      if (c >= 0) ++class_count[c];
-    }
-    // Threads split the feature columns, so each sum still adds its terms in column order
-    // (the same result at any thread count).
-    at::parallel_for(0, d, 8, [&](int64_t t0, int64_t t1) {
-      for (int64_t j = 0; j < p.m; ++j) {
-        const int64_t c = col_class[j];
-        if (c < 0) continue;
-        for (int64_t t = t0; t < t1; ++t) class_sum[c * d + t] += double(kp[j * d + t]);
-      }
-    });
+    const auto k_sum = class_sums(kp, cls.col, cls.count.size(), d, [](size_t) { return 1.0; });
     at::parallel_for(0, p.n, 1024, [&](int64_t begin, int64_t end) {
       for (int64_t i = begin; i < end; ++i) {
-        const int64_t c = class_of(codes.row_label[i], codes.row_group[i]);
-        // exclude_self (then N == M): column i leaves row i's class when it is in it
-        const bool drop_self = c >= 0 && p.exclude_self && col_class[i] == c;
-        const int64_t count = c < 0 ? 0 : class_count[c] - drop_self;
+        const int64_t c = cls.row[i];
+        const bool own = drops_self(p, cls, i);
+        const int64_t count = c < 0 ? 0 : cls.count[c] - own;
         double dot = 0;
         for (int64_t t = 0; count > 0 && t < d; ++t) {
-          const double own = drop_self ? double(kp[i * d + t]) : 0.0;
-          dot += double(qp[i * d + t]) * (class_sum[c * d + t] - own);
+          const double k_t = k_sum[c * d + t] - (own ? double(kp[i * d + t]) : 0.0);
+          dot += double(qp[i * d + t]) * k_t;
         }
         count_p[i] = count;
         mean_p[i] = count > 0 ? acc_t(dot / p.tau / double(count)) : acc_t(0);
       }
     });
+  });
+}
+
+// The positives' part of the gradients, G_ij += b_i for j positive (b_i = dL/dpos_mean_i /
+// pos_count_i), from class sums: dq_i += b_i (sum of i's class's k_j, less k_i if own) / tau;
+// dk_j += (sum of b_i q_i over the rows of j's class, less b_j q_j if own) / tau. grad_q and
+// grad_k (float accumulators, either may be undefined) may be one tensor: self mode adds both.
+template <typename acc_t>
+void add_positive_gradients(const Problem& p, const Classes& cls, const std::vector<acc_t>& b,
+                            at::Tensor grad_q, at::Tensor grad_k) {
+  const int64_t d = p.d;
+  const int64_t classes = static_cast<int64_t>(cls.count.size());
+  const at::Tensor q = p.q.contiguous(), k = p.k.contiguous();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(),
+                                  "add_positive_gradients", [&] {
+    const scalar_t* qp = q.data_ptr<scalar_t>();
+    const scalar_t* kp = k.data_ptr<scalar_t>();
+    if (grad_q.defined()) {
+      const auto k_sum = class_sums(kp, cls.col, classes, d, [](size_t) { return 1.0; });
+      acc_t* g = grad_q.data_ptr<acc_t>();
+      at::parallel_for(0, p.n, 1024, [&](int64_t begin, int64_t end) {
+        for (int64_t i = begin; i < end; ++i) {
+          const int64_t c = cls.row[i];
+          if (c < 0 || b[i] == acc_t(0)) continue;
+          const bool own = drops_self(p, cls, i);
+          for (int64_t t = 0; t < d; ++t) {
+            const double k_t = k_sum[c * d + t] - (own ? double(kp[i * d + t]) : 0.0);
+            g[i * d + t] += acc_t(double(b[i]) * k_t / p.tau);
+          }
+        }
+      });
+    }
+    if (grad_k.defined()) {
+      const auto bq_sum =
+          class_sums(qp, cls.row, classes, d, [&](size_t i) { return double(b[i]); });
+      acc_t* g = grad_k.data_ptr<acc_t>();
+      at::parallel_for(0, p.m, 1024, [&](int64_t begin, int64_t end) {
+        for (int64_t j = begin; j < end; ++j) {
+          const int64_t c = cls.col[j];
+          if (c < 0) continue;
+          // own: row j (exclude_self, N == M) is a row of j's class
+          const bool own = p.exclude_self && cls.row[j] == c;
+          for (int64_t t = 0; t < d; ++t) {
+            const double own_t = own ? double(b[j]) * double(qp[j * d + t]) : 0.0;
+            const double bq_t = bq_sum[c * d + t] - own_t;
+            g[j * d + t] += acc_t(bq_t / p.tau);
+          }
+        }
+      });
+    }
   });
 }
 
@@ -343,7 +465,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_impl(const Problem& p, co
       lse_p[i] = lse_finish(m, l);
     }
   });
-  positive_stats<acc_t>(p, codes, pos_mean, pos_count);
+  positive_stats<acc_t>(p, make_classes(p, codes), pos_mean, pos_count);
   return {lse, pos_mean, pos_count};
 }
 
@@ -411,7 +533,7 @@ at::Tensor backward_self(const Problem& p, const Codes& codes, RowGrads<acc_t>& 
   });
   at::Tensor total = grads[0];
   for (int64_t c = 1; c < chunks; ++c) total.add_(grads[c]);
-  return total.mul_(inv_tau).to(p.q.scalar_type());
+  return total.mul_(inv_tau);
 }
 
 // General mode: dq from a pass over row tiles, dk from a pass over column tiles; each pass
@@ -452,7 +574,7 @@ at::Tensor backward_general(const Problem& p, const Codes& codes,
       }
     }
   });
-  return grad.mul_(inv_tau).to(for_k ? p.k.scalar_type() : p.q.scalar_type());
+  return grad.mul_(inv_tau);
 }
 
 // General mode with both gradients: one pass over row tiles, each tile's G feeding dq (rows
@@ -499,8 +621,8 @@ bool backward_general_one_pass(const Problem& p, const Codes& codes,
     }
   });
   for (int64_t c = 1; c < chunks; ++c) dk[0].add_(dk[c]);
-  grad_q = dq.mul_(inv_tau).to(p.q.scalar_type());
-  grad_k = dk[0].mul_(inv_tau).to(p.k.scalar_type());
+  grad_q = dq.mul_(inv_tau);
+  grad_k = dk[0].mul_(inv_tau);
   return true;
 }
 
@@ -566,7 +688,13 @@ std::tuple<at::Tensor, at::Tensor> pair_stats_backward_cpu(
           if (q_needs_grad) grad_q = backward_general<acc_t>(p, codes.view(), rg, false);
           if (k_needs_grad) grad_k = backward_general<acc_t>(p, codes.view(), rg, true);
         }
+        // The tiles' G leaves out the positives' b_i terms: they come from class sums here.
+        if (std::any_of(rg.b.begin(), rg.b.end(), [](acc_t v) { return v != acc_t(0); }))
+          add_positive_gradients<acc_t>(p, make_classes(p, codes.view()), rg.b, grad_q,
+                                        p.self ? grad_q : grad_k);
       });
+  if (grad_q.defined()) grad_q = grad_q.to(q.scalar_type());
+  if (grad_k.defined()) grad_k = grad_k.to(q.scalar_type());
   // Unrequested gradients come back as empty tensors (the schema returns Tensors).
   if (!grad_q.defined()) grad_q = at::empty({0}, q.options());
   if (!grad_k.defined()) grad_k = at::empty({0}, q.options());
