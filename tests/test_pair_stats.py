@@ -135,6 +135,9 @@ def _scenario(name, g):
         qg = big[torch.randint(0, 2, (33,), generator=g)]
         kg = big[torch.randint(0, 2, (29,), generator=g)]
         return _general(33, 29, 4, _big_labels(33, g), _big_labels(29, g), qg, kg)
+    if name == "tiles_one_group":  # image-major groups: whole tiles in one group, none ignored
+        return _general(600, 530, 17, labels(600, 4, g), labels(530, 4, g),
+                        torch.arange(600) // 300, torch.arange(530) // 265)
     if name == "square_exclude_self":  # general mode (k a different tensor) with exclude_self
         return _general(31, 31, 9, labels(31, 3, g), labels(31, 3, g), exclude_self=True)
     if name == "self":
@@ -163,6 +166,8 @@ def _scenario(name, g):
         qg = torch.randint(0, 4, (300,), generator=g)
         qg[280] = 8
         return _self(300, 12, labels(300, 3, g, 0.1), qg)
+    if name == "self_tiles_one_group":  # tiles 0 and 2 in one group each, tile 1 straddles two
+        return _self(600, 20, labels(600, 4, g), torch.arange(600) // 300)
     if name == "self_big_label_values":
         return _self(31, 4, _big_labels(31, g), torch.tensor([2 ** 50, -5])[
             torch.randint(0, 2, (31,), generator=g)])
@@ -171,9 +176,10 @@ def _scenario(name, g):
 
 GENERAL = ["n_ne_m", "tiles", "n1", "m1", "one_label", "rows_without_positive",
            "every_row_ignored", "some_columns_ignored", "groups", "groups_tiles",
-           "custom_ignore_index", "big_label_values", "square_exclude_self"]
+           "custom_ignore_index", "big_label_values", "square_exclude_self", "tiles_one_group"]
 SELF = ["self", "self_tiles", "self_n1", "self_n2", "self_one_label", "self_singleton_label",
-        "self_every_row_ignored", "self_groups", "self_groups_tiles", "self_big_label_values"]
+        "self_every_row_ignored", "self_groups", "self_groups_tiles", "self_big_label_values",
+        "self_tiles_one_group"]
 SCALES = {"unit": 0.1, "x10": 0.1}  # scale -> tau
 
 
