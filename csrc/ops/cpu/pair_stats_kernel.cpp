@@ -13,7 +13,7 @@
 // The tiles carry only the log-sum-exp: pos_mean, pos_count and their gradient come from
 // per-class sums (positive_stats, add_positive_gradients); the self backward shares one
 // exponential between a pair's two gradient terms (set_shared_exp_factors); and tiles whose
-// rows and columns are all in one group skip reading the codes (in_one_group).
+// rows and columns are all in one group skip reading the codes (denominator_is_all_but_self).
 // Results are deterministic for a given number of threads.
 #include <ATen/ATen.h>
 #include <ATen/OpMathType.h>
@@ -55,11 +55,13 @@ std::pair<int64_t, int64_t> chunk_range(int64_t count, int64_t chunks, int64_t c
   return {count * chunk / chunks, count * (chunk + 1) / chunks};
 }
 
-// Whether every row and column of the tile is in one group (none ignored). With the "all"
-// denominator such a tile's pairs are all in the denominator but i == j (exclude_self): the
-// epilogues then skip the codes (in_denominator<true>), which MPC's image groups and plain
-// self-contrast make the common case.
-bool in_one_group(const Codes& codes, int64_t r0, int64_t br, int64_t c0, int64_t bc) {
+// Whether every pair of the tile is in the denominator but i == j (exclude_self): the "all"
+// denominator, and every row and column in one group (none ignored). The epilogues then skip
+// the codes (in_denominator<true>); MPC's image groups and plain self-contrast make this the
+// common tile.
+bool denominator_is_all_but_self(const Codes& codes, int64_t r0, int64_t br, int64_t c0,
+                                 int64_t bc, bool negatives_only) {
+  if (negatives_only) return false;
   const int32_t g = codes.row_group[r0];
   if (g < 0) return false;
   for (int64_t i = r0; i < r0 + br; ++i)
@@ -69,7 +71,7 @@ bool in_one_group(const Codes& codes, int64_t r0, int64_t br, int64_t c0, int64_
   return true;
 }
 
-// pair_mask(...).den; with one_group (in_one_group and not negatives_only), from the index alone.
+// pair_mask(...).den; with one_group (denominator_is_all_but_self), from the index alone.
 template <bool one_group>
 inline int32_t in_denominator(int32_t row_label, int32_t row_group, int32_t col_label,
                               int32_t col_group, bool same_index, bool negatives_only) {
@@ -138,7 +140,7 @@ template <typename acc_t, bool mirror, bool fixed>
 void forward_tile(acc_t* s, int64_t r0, int64_t br, int64_t c0, int64_t bc, const Codes& codes,
                   acc_t inv_tau, acc_t shift, bool exclude_self, bool negatives_only,
                   RowSums<acc_t>& rows, RowSums<acc_t>& cols) {
-  if (!negatives_only && in_one_group(codes, r0, br, c0, bc))
+  if (denominator_is_all_but_self(codes, r0, br, c0, bc, negatives_only))
     forward_tile_loop<acc_t, mirror, fixed, true>(s, r0, br, c0, bc, codes, inv_tau, shift,
                                                   exclude_self, negatives_only, rows, cols);
   else
@@ -160,7 +162,8 @@ struct RowGrads {
 // forward's fixed shift that is (f_i + f_j) exp(s_ij - shift), f_i = a_i exp(shift - lse_i):
 // one exponential per pair instead of two. f_i reaches |a_i| e^(2 bound) (up to e^80), so this
 // returns false -- the two-exponential epilogue runs -- when some f_i is not well inside the
-// float range (|dL/dlse_i| in the thousands).
+// float range (beyond 1e36: |dL/dlse_i| from ~20 when lse_i sits at -bound, a few thousand in
+// practice).
 template <typename acc_t>
 bool set_shared_exp_factors(RowGrads<acc_t>& grads, double shift) {
   std::vector<acc_t> f(grads.a.size());
@@ -224,7 +227,7 @@ template <typename acc_t, GradTile kind>
 void gradient_tile(acc_t* s, int64_t r0, int64_t br, int64_t c0, int64_t bc, const Codes& codes,
                    acc_t inv_tau, acc_t shift, bool exclude_self, bool negatives_only,
                    const RowGrads<acc_t>& grads) {
-  if (!negatives_only && in_one_group(codes, r0, br, c0, bc))
+  if (denominator_is_all_but_self(codes, r0, br, c0, bc, negatives_only))
     gradient_tile_loop<acc_t, kind, true>(s, r0, br, c0, bc, codes, inv_tau, shift,
                                           exclude_self, negatives_only, grads);
   else
