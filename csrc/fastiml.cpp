@@ -4,7 +4,7 @@
 #include <torch/library.h>
 
 // Bumped whenever a schema changes: fastiml/ops.py refuses a compiled module of another version.
-#define FASTIML_ABI_VERSION 3
+#define FASTIML_ABI_VERSION 4
 
 TORCH_LIBRARY(fastiml, m) {
   // DESIGN 2.1. k, k_label and k_group are None for self-contrast (k is q): the kernels then
@@ -22,6 +22,10 @@ TORCH_LIBRARY(fastiml, m) {
   // tile; splits = (len(begin) - 1) / own tiles).
   m.def("pair_stats_tile_schedule(Tensor own_group, Tensor other_group, int tile, "
         "bool upper_only, int min_items) -> (Tensor begin, Tensor others, Tensor owner)");
+  // The range exponents of the CUDA dk pass's 16-bit G tiles (TileRangeScale in
+  // ops/pair_stats.h), for tests: one per row tile, from each tile's largest |G| entry (an
+  // int64 CPU tensor; both backends register it).
+  m.def("pair_stats_range_exponents(Tensor tile_max, float x_max, int rows) -> Tensor");
   // DESIGN 2.2.
   m.def("contour_mine(Tensor mask, int patch, float lo, float hi, Tensor? valid) "
         "-> (Tensor frac, Tensor klass)");

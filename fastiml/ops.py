@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-_ABI_VERSION = 3  # must match FASTIML_ABI_VERSION in csrc/fastiml.cpp
+_ABI_VERSION = 4  # must match FASTIML_ABI_VERSION in csrc/fastiml.cpp
 _OPS = ("pair_stats", "pair_stats_backward", "contour_mine", "contour_band",
         "pivot_consistency", "pivot_consistency_backward",
         "pair_softplus", "pair_softplus_backward")

@@ -86,5 +86,45 @@ FASTIML_HD T pair_grad(T s, const RowGrad<T>& row, PairMask mask) {
   return (mask.den ? row.a * e : T(0)) + (mask.pos ? row.b : T(0));
 }
 
+// Range scales of the 16-bit G tiles on tensor cores (CUDA): G is multiplied by a power of two
+// 2^e before its rounding to float16 / bfloat16, and the product's float32 accumulator is
+// multiplied by 2^-e after (exact: powers of two).
+//
+// gradient_exponent(bound): e with bound * 2^e < 2^15, bound >= every |G_ij| it covers, so the
+// largest entry keeps float16's 11 bits and cannot overflow (65504 < 2^16); 0 when the bound is
+// 0 or not finite (nothing needs, or can get, scaling); at most 126 (2^e stays a normal float).
+constexpr int kMaxGradientExponent = 126;
+FASTIML_HD int gradient_exponent(float bound) {
+  if (!(bound > 0.0f) || !(bound <= 3.402823466e38f)) return 0;
+  int e;
+  frexpf(bound, &e);  // bound = f 2^e, f in [0.5, 1)
+  return 15 - e < kMaxGradientExponent ? 15 - e : kMaxGradientExponent;
+}
+
+// The dk pass sums G^T Q over row tiles in one float32 accumulator, so one exponent covers it
+// at a time: each row tile takes its own (the gradient_exponent of its rows' largest |G|), and
+// the accumulator is multiplied by 2^(e_new - e_old) before the tile is added (FlashAttention's
+// rescale; exact). Capped so that the sums already accumulated stay below 2^kMaxSumExponent in
+// scaled units: a tile of small gradients after large ones would otherwise raise the scale by
+// up to 2^126 and push them past float32's range. `bound` bounds the true (unscaled) sums: a
+// tile of `rows` rows adds at most rows * tile_max * x_max per element (x_max = max |Q_ij|).
+constexpr int kMaxSumExponent = 120;
+struct TileRangeScale {
+  int exponent = 0;    // the accumulator holds the true sums times 2^exponent
+  float bound = 0.0f;  // bound of the true sums so far
+
+  // The exponent for the next row tile, whose |G| entries are at most tile_max. A tile with
+  // nothing to scale (all zero, or not finite) keeps the current exponent.
+  FASTIML_HD int next(float tile_max, float x_max, int rows) {
+    if (!(tile_max > 0.0f) || !(tile_max <= 3.402823466e38f)) return exponent;
+    bound += static_cast<float>(rows) * tile_max * x_max;
+    int bound_exp = 128;  // an infinite (or NaN) bound: as if 2^128
+    if (bound <= 3.402823466e38f) frexpf(bound, &bound_exp);  // bound < 2^bound_exp (0: 0)
+    const int want = gradient_exponent(tile_max), cap = kMaxSumExponent - bound_exp;
+    exponent = want < cap ? want : cap;
+    return exponent;
+  }
+};
+
 }  // namespace pair_stats
 }  // namespace fastiml

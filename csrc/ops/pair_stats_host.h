@@ -212,6 +212,23 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor> tile_schedule_op(
   return {as_tensor(s.begin), as_tensor(s.others), as_tensor(s.owner)};
 }
 
+// The op pair_stats_range_exponents (both backends register it; for tests): the exponents
+// TileRangeScale gives a sequence of row tiles whose largest |G| entries are tile_max, as an
+// int64 CPU tensor (the rule runs on the host, as tile_schedule_op does).
+inline at::Tensor range_exponents_op(const at::Tensor& tile_max, double x_max, int64_t rows) {
+  TORCH_CHECK(tile_max.dim() == 1 && tile_max.scalar_type() == at::kFloat,
+              "pair_stats_range_exponents: tile_max must be a 1-D float32 tensor, got ",
+              tile_max.scalar_type(), " of shape ", tile_max.sizes());
+  TORCH_CHECK(rows > 0, "pair_stats_range_exponents: rows must be > 0, got ", rows);
+  const at::Tensor in = tile_max.cpu().contiguous();
+  at::Tensor out = at::empty({in.numel()}, at::kLong);
+  TileRangeScale scale;
+  for (int64_t t = 0; t < in.numel(); ++t)
+    out.data_ptr<int64_t>()[t] = scale.next(in.const_data_ptr<float>()[t],
+                                            static_cast<float>(x_max), static_cast<int>(rows));
+  return out;
+}
+
 // max_i |x_i| (plus 1% for the rounding of half-precision norms); 0 for no rows.
 inline double max_row_norm(const at::Tensor& x) {
   if (x.size(0) == 0) return 0.0;

@@ -713,4 +713,5 @@ TORCH_LIBRARY_IMPL(fastiml, CPU, m) {
   m.impl("pair_stats", &fastiml::pair_stats::pair_stats_cpu);
   m.impl("pair_stats_backward", &fastiml::pair_stats::pair_stats_backward_cpu);
   m.impl("pair_stats_tile_schedule", &fastiml::pair_stats::tile_schedule_op);
+  m.impl("pair_stats_range_exponents", &fastiml::pair_stats::range_exponents_op);
 }

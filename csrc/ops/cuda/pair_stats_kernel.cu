@@ -6,8 +6,9 @@
 // Statistics are float32 (float64 for float64 inputs), gradients in the input dtype.
 //
 // Work: the tile schedule of ops/pair_stats_host.h (the CPU kernel walks the same one): tile
-// pairs that share no group are skipped, and the forward splits the column range when there
-// are fewer than two row tiles per SM.
+// pairs that share no group are skipped, and every pass splits the other tiles' range when it
+// has fewer than two blocks per SM (the forward's partial log-sum-exps and the backward's
+// partial gradient tiles are summed in split order by small merge kernels: deterministic).
 //
 // Self mode (k is None) runs the general algorithm with k = q and returns dq + dk as the single
 // gradient: the dq pass writes its result in the accumulation dtype, the dk pass adds it before
@@ -201,7 +202,7 @@ void launch_forward(const Problem& p, const CodeTensors& codes, at::Tensor& lse,
 // The saved statistics and incoming gradients, contiguous in the accumulation dtype.
 struct Stats {
   at::Tensor grad_lse, grad_pos_mean, lse, pos_count;
-  at::Tensor grad_max;  // tensor cores only: max_i |a_i| + |b_i| (0-dim float32)
+  at::Tensor q_max;  // tensor cores only: max_ij |q_ij| (0-dim float32), for the dk pass's scale
 };
 
 // One backward pass. kForK = false: dq (blocks own rows); true: dk (blocks own columns).
@@ -210,9 +211,22 @@ void launch_backward(const Problem& p, const CodeTensors& codes, const Stats& st
                      const at::Tensor* add_in, at::Tensor* out_acc, at::Tensor* out) {
   using C = gpu::Config<scalar_t, kWmma>;
   using acc_t = typename C::acc_t;
-  // Blocks own row tiles (dq) or column tiles (dk) and walk the other tiles that share a group.
-  const DeviceSchedule schedule = kForK ? device_schedule(codes.col_group, codes.row_group, 1)
-                                        : device_schedule(codes.row_group, codes.col_group, 1);
+  // Blocks own row tiles (dq) or column tiles (dk) and walk the other tiles that share a group;
+  // grid.y covers D in kDV columns, so the schedule needs that many times fewer items.
+  const int64_t own = kForK ? p.m : p.n;
+  const int64_t column_blocks = ceil_div(p.d, C::kDV);
+  TORCH_CHECK(column_blocks <= 65535, "pair_stats_backward: D = ", p.d, " is too large for the "
+              "CUDA kernel (at most ", 65535 * C::kDV, ")");
+  const int64_t min_items = ceil_div(min_items_for_device(), column_blocks);
+  const DeviceSchedule schedule =
+      kForK ? device_schedule(codes.col_group, codes.row_group, min_items)
+            : device_schedule(codes.row_group, codes.col_group, min_items);
+  TORCH_CHECK(schedule.items <= std::numeric_limits<int32_t>::max(),
+              "pair_stats_backward: too many tiles");
+  // Split items write partial gradient tiles, summed in split order after the kernel. At most
+  // (min_items + own tiles) x 64 x d floats: ~17 MB at d = 128 on a 132-SM device.
+  at::Tensor part;
+  if (schedule.splits > 1) part = at::empty({schedule.splits, own, p.d}, st.lse.options());
   gpu::BackwardParams<scalar_t, acc_t> params;
   fill_common(params, p, codes.view());
   params.schedule = schedule.view();
@@ -220,18 +234,26 @@ void launch_backward(const Problem& p, const CodeTensors& codes, const Stats& st
   params.grad_pos_mean = st.grad_pos_mean.const_data_ptr<acc_t>();
   params.lse = st.lse.const_data_ptr<acc_t>();
   params.pos_count = st.pos_count.const_data_ptr<int64_t>();
-  params.grad_max = kWmma ? st.grad_max.const_data_ptr<float>() : nullptr;
+  params.q_max = kWmma ? st.q_max.const_data_ptr<float>() : nullptr;
+  params.part = part.defined() ? part.data_ptr<acc_t>() : nullptr;
   params.add_in = add_in ? add_in->const_data_ptr<acc_t>() : nullptr;
   params.out_acc = out_acc ? out_acc->data_ptr<acc_t>() : nullptr;
   params.out = out ? out->data_ptr<scalar_t>() : nullptr;
-  const int64_t own = kForK ? p.m : p.n;
-  const int64_t column_blocks = ceil_div(p.d, C::kDV);
-  TORCH_CHECK(column_blocks <= 65535, "pair_stats_backward: D = ", p.d, " is too large for the "
-              "CUDA kernel (at most ", 65535 * C::kDV, ")");
-  TORCH_CHECK(schedule.items == ceil_div(own, gpu::kBM), "pair_stats_backward: unsplit schedule");
+  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   const dim3 grid(static_cast<unsigned>(schedule.items), static_cast<unsigned>(column_blocks));
   gpu::pair_stats_backward_kernel<scalar_t, kWmma, kForK>
-      <<<grid, gpu::kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(params);
+      <<<grid, gpu::kThreads, 0, stream>>>(params);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  if (!part.defined()) return;
+  gpu::BackwardMergeParams<scalar_t, acc_t> merge{part.const_data_ptr<acc_t>(),
+                                                  own * p.d,
+                                                  schedule.splits,
+                                                  params.add_in,
+                                                  params.out_acc,
+                                                  params.out};
+  const unsigned merge_blocks =
+      static_cast<unsigned>(std::min<int64_t>(ceil_div(own * p.d, 256), int64_t(1) << 16));
+  gpu::pair_stats_backward_merge_kernel<scalar_t, acc_t><<<merge_blocks, 256, 0, stream>>>(merge);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
@@ -316,14 +338,9 @@ std::tuple<at::Tensor, at::Tensor> pair_stats_backward_cuda(
   st.lse = contiguous_if_needed(lse.to(acc));
   st.pos_count = contiguous_if_needed(pos_count);
   if (use_tensor_cores(q.scalar_type())) {
-    // The bound of |G| that sets the range scale of the 16-bit G tiles (as row_grad computes a
-    // and b); a device scalar, read by the kernels: no host sync.
-    const at::Tensor a = at::where(st.lse > -std::numeric_limits<double>::infinity(),
-                                   st.grad_lse, at::zeros_like(st.grad_lse));
-    const at::Tensor b = at::where(st.pos_count > 0,
-                                   st.grad_pos_mean / st.pos_count.clamp_min(1).to(acc),
-                                   at::zeros_like(st.grad_pos_mean));
-    st.grad_max = (a.abs() + b.abs()).amax().to(at::kFloat);
+    // Bounds the dk pass's sums of 16-bit G tiles (TileRangeScale); a device scalar, read by
+    // the kernel: no host sync.
+    st.q_max = p.q.abs().amax().to(at::kFloat);
   }
 
   dispatch(q.scalar_type(), [&]<typename scalar_t, bool kWmma>() {
@@ -356,4 +373,5 @@ TORCH_LIBRARY_IMPL(fastiml, CUDA, m) {
   m.impl("pair_stats", &fastiml::pair_stats::pair_stats_cuda);
   m.impl("pair_stats_backward", &fastiml::pair_stats::pair_stats_backward_cuda);
   m.impl("pair_stats_tile_schedule", &fastiml::pair_stats::tile_schedule_op);
+  m.impl("pair_stats_range_exponents", &fastiml::pair_stats::range_exponents_op);
 }

@@ -5,8 +5,10 @@
 // A thread block of 128 threads (4 warps) owns a tile of kBM = 64 rows and walks column tiles of
 // kBN = 64 (the backward's second pass swaps the roles): those its work item lists in the tile
 // schedule of ops/pair_stats_host.h -- only tiles that share a group with its rows, and, when
-// there are fewer than ~2 row tiles per SM, one of `splits` runs of them (the forward writes a
-// partial log-sum-exp state per split, merged in split order by pair_stats_merge_kernel). For each tile it forms the
+// a pass would have fewer than ~2 blocks per SM, one of `splits` runs of them (the forward
+// writes a partial log-sum-exp state per split, merged in split order by
+// pair_stats_merge_kernel; the backward a partial gradient tile per split, summed in split
+// order by pair_stats_backward_merge_kernel). For each tile it forms the
 // 64 x 64 similarity tile S = Q_tile K_tile^T in shared memory, looping over D in chunks, so any
 // D works (rows and D past the end are zero-padded in shared memory):
 //  * float16 / bfloat16: tensor cores through nvcuda::wmma 16x16x16 with float accumulators; the
@@ -29,9 +31,11 @@
 // D / kDV times the forward's work: D <= 128, the common case, recomputes once). On tensor cores G
 // is rounded to the input dtype (as FlashAttention does with P); it is first scaled by a power of
 // two 2^(15 - e), 2^e > |dL/dlse_i| + |dL/dpos_mean_i| / count_i >= max_j |G_ij| -- per row i in
-// the dq pass (undone per output row), the maximum over all rows in the dk pass (whose sums run
-// over rows) -- so float16 neither overflows nor flushes small probabilities to zero (the scale
-// is undone exactly at the end).
+// the dq pass (undone per output row), per row tile in the dk pass (whose sums run over rows:
+// the float32 accumulator is rescaled by 2^(e_new - e_old) between row tiles, with a cap that
+// keeps the sums so far in float32's range; TileRangeScale in ops/pair_stats.h) -- so float16
+// neither overflows nor flushes a row tile's small probabilities to zero (every scale is a power
+// of two, undone exactly).
 //
 // Shared memory per block (bytes; all under the 48 KiB static limit, so no opt-in is needed):
 //                       S tile   operands (union)  G tile   codes   total
@@ -48,10 +52,11 @@
 // blocks (8 warps) per SM for the tensor-core backward and 4 for the forward on sm_80/sm_90,
 // which their shared memory also allows (2 x 44.5 KiB, 4 x 27.5 KiB < 164 KiB on sm_80). Not done yet (known next steps): cp.async
 // double buffering (each D chunk is loaded, synchronised and multiplied in turn), exp2 with a
-// pre-scaled log2(e), a column split in the backward (only the forward splits today), and the
-// symmetric (upper-triangular) schedule in self mode, which the CPU kernel uses: a tile's mirrored
-// (column) sums belong to rows another block owns, and adding them deterministically takes
-// fixed-order partial buffers, the same machinery as that backward column split.
+// pre-scaled log2(e), and the symmetric (upper-triangular) schedule in self mode, which the CPU
+// kernel uses: a tile's mirrored (column) sums belong to rows another block owns, and adding
+// them deterministically takes a fixed-order partial buffer per contributing block (see the
+// README: the split's partial buffers are bounded by the split count, the symmetric schedule's
+// would grow with N).
 #pragma once
 
 #include <cuda_bf16.h>
@@ -180,15 +185,27 @@ struct MergeParams {
 
 template <typename scalar_t, typename acc_t>
 struct BackwardParams : PairInputs<scalar_t, acc_t> {
-  ScheduleView schedule;       // own tiles (rows for dq, columns for dk); splits == 1
+  ScheduleView schedule;       // own tiles (rows for dq, columns for dk), maybe split
   const acc_t* grad_lse;       // [n]
   const acc_t* grad_pos_mean;  // [n]
   const acc_t* lse;            // [n]
   const int64_t* pos_count;    // [n]
-  const float* grad_max;  // tensor cores: max_i |a_i| + |b_i| (one float on the device)
+  const float* q_max;     // dk on tensor cores: max_ij |q_ij| (one float on the device)
+  // splits > 1: each item writes its partial gradient tile to part[split] ([splits, own, d]),
+  // summed in split order by pair_stats_backward_merge_kernel; else the item writes the result:
+  acc_t* part;
   const acc_t* add_in;    // optional [own, d]: added to the result (self mode's second pass)
   acc_t* out_acc;         // either: the result in the accumulation dtype ...
   scalar_t* out;          // ... or in the input dtype
+};
+
+template <typename scalar_t, typename acc_t>
+struct BackwardMergeParams {
+  const acc_t* part;  // [splits, numel]
+  int64_t numel, splits;
+  const acc_t* add_in;
+  acc_t* out_acc;
+  scalar_t* out;
 };
 
 // --------------------------------------------------------------------------- loads
@@ -431,25 +448,38 @@ __global__ void pair_stats_merge_kernel(MergeParams<acc_t> p) {
 
 // --------------------------------------------------------------------------- backward
 
-// The power of two that brings max |G| just under 2^15 (see the top of the file); 1 when the
-// bound is 0 or not finite (then nothing needs or can get scaling).
-__device__ __forceinline__ float gradient_scale(float mx) {
-  if (!(mx > 0.0f) || isinf(mx)) return 1.0f;
-  int e;
-  frexpf(mx, &e);  // mx = f 2^e, f in [0.5, 1)
-  return ldexpf(1.0f, min(15 - e, 126));
-}
-
-// The range scale of row i's G entries, |G_ij| <= |a_i| + |b_i| (as the host's global bound).
+// The bound of row i's G entries, |G_ij| <= |a_i| + |b_i|, that sets their range scale.
 template <typename acc_t>
-__device__ __forceinline__ float row_gradient_scale(const RowGrad<acc_t>& g) {
-  return gradient_scale(static_cast<float>(fabs(g.a) + fabs(g.b)));
+__device__ __forceinline__ float row_gradient_bound(const RowGrad<acc_t>& g) {
+  return static_cast<float>(fabs(g.a) + fabs(g.b));
 }
 
-// Output element (row, col) of the gradient: v = acc * mul (+ add_in), in the requested dtype.
+// The largest of one value per thread, in every thread of the block. `slots`: kWarps floats of
+// shared memory; the caller synchronises between this call's writes and read_block_max.
+__device__ __forceinline__ void write_warp_max(float* slots, float v) {
+#pragma unroll
+  for (int offset = 16; offset > 0; offset >>= 1)
+    v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, offset));
+  if ((threadIdx.x & 31) == 0) slots[threadIdx.x / 32] = v;
+}
+__device__ __forceinline__ float read_block_max(const float* slots) {
+  float v = slots[0];
+#pragma unroll
+  for (int w = 1; w < kWarps; ++w) v = fmaxf(v, slots[w]);
+  return v;
+}
+
+// Output element `index` (= row * d + col) of the gradient, v = the item's sum, unscaled: into
+// the item's partial buffer when the schedule splits, else the result (+ add_in) in the
+// requested dtype.
 template <typename scalar_t, typename acc_t>
 __device__ __forceinline__ void write_gradient(const BackwardParams<scalar_t, acc_t>& p,
-                                               int64_t index, acc_t v) {
+                                               int64_t split, int64_t own_len, int64_t index,
+                                               acc_t v) {
+  if (p.part != nullptr) {
+    p.part[split * own_len * p.d + index] = v;
+    return;
+  }
   if (p.add_in != nullptr) v += p.add_in[index];
   if (p.out_acc != nullptr)
     p.out_acc[index] = v;
@@ -457,8 +487,23 @@ __device__ __forceinline__ void write_gradient(const BackwardParams<scalar_t, ac
     p.out[index] = static_cast<scalar_t>(v);
 }
 
+// The gradient from the split items' partial buffers, summed in split order (deterministic).
+template <typename scalar_t, typename acc_t>
+__global__ void pair_stats_backward_merge_kernel(BackwardMergeParams<scalar_t, acc_t> p) {
+  for (int64_t e = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; e < p.numel;
+       e += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    acc_t v = p.part[e];
+    for (int64_t s = 1; s < p.splits; ++s) v += p.part[s * p.numel + e];
+    if (p.add_in != nullptr) v += p.add_in[e];
+    if (p.out_acc != nullptr)
+      p.out_acc[e] = v;
+    else
+      p.out[e] = static_cast<scalar_t>(v);
+  }
+}
+
 // kForK = false: blocks own row tiles, grad = G K / tau (dq). kForK = true: blocks own column
-// tiles, grad = G^T Q / tau (dk). grid = (own tiles, ceil(d / kDV)).
+// tiles, grad = G^T Q / tau (dk). grid = (work items: own tiles x splits, ceil(d / kDV)).
 template <typename scalar_t, bool kWmma, bool kForK>
 __global__ void __launch_bounds__(kThreads) pair_stats_backward_kernel(
     BackwardParams<scalar_t, typename Config<scalar_t, kWmma>::acc_t> p) {
@@ -471,16 +516,21 @@ __global__ void __launch_bounds__(kThreads) pair_stats_backward_kernel(
   scalar_t* G = reinterpret_cast<scalar_t*>(smem + C::kSBytes + C::kUBytes);  // tensor cores
   int32_t* cl = reinterpret_cast<int32_t*>(smem + C::kSBytes + C::kUBytes + C::kGBytes);
   int32_t* cg = cl + kBN;
+  __shared__ float warp_bounds[kWarps];  // dk on tensor cores: the row tile's largest |G| bound
 
   const int tid = threadIdx.x, r = tid >> 1, part = tid & 1;
-  const int64_t own0 = static_cast<int64_t>(blockIdx.x) * kBM;
+  const int64_t item = blockIdx.x, split = item % p.schedule.splits;
+  const int64_t own0 = (item / p.schedule.splits) * kBM;
   const int64_t d0 = static_cast<int64_t>(blockIdx.y) * C::kDV;
   const int64_t own_len = kForK ? p.m : p.n, other_len = kForK ? p.n : p.m;
   const scalar_t* X = kForK ? p.q : p.k;  // the matrix G (or G^T) multiplies
   // Range scale of the 16-bit G tiles: dq (blocks own rows) scales each row by its own bound
   // |a_i| + |b_i| -- exact to undo per output row, and no small row is flushed to zero by a
-  // large one; dk (blocks own columns, summing over rows) uses the one global bound.
-  const acc_t global_scale = kWmma && kForK ? acc_t(gradient_scale(*p.grad_max)) : acc_t(1);
+  // large one; dk (blocks own columns, summing over rows) scales each row tile by its own
+  // bound, rescaling the accumulator between tiles (TileRangeScale in ops/pair_stats.h).
+  constexpr bool kTileScale = kWmma && kForK;
+  [[maybe_unused]] const float q_max = kTileScale ? *p.q_max : 0.0f;
+  TileRangeScale tile_scale;
 
   // Accumulators of the [kBM][kDV] gradient tile.
   [[maybe_unused]] acc_t acc2[8][C::kDV / 16];  // SIMT: rows ty + 8 i, columns tx + 16 j
@@ -513,8 +563,7 @@ __global__ void __launch_bounds__(kThreads) pair_stats_backward_kernel(
       for (int j = 0; j < 4; ++j) wmma::fill_fragment(facc[i][j], 0.0f);
   }
 
-  for (int64_t t = p.schedule.item_begin[blockIdx.x]; t < p.schedule.item_begin[blockIdx.x + 1];
-       ++t) {
+  for (int64_t t = p.schedule.item_begin[item]; t < p.schedule.item_begin[item + 1]; ++t) {
     const int64_t x0 = static_cast<int64_t>(p.schedule.others[t]) * kBN;
     const int64_t r0 = kForK ? x0 : own0, c0 = kForK ? own0 : x0;
     load_column_codes(cl, cg, p.col_label, p.col_group, c0, p.m);
@@ -527,10 +576,29 @@ __global__ void __launch_bounds__(kThreads) pair_stats_backward_kernel(
     const RowGrad<acc_t> rg =
         in_range ? row_grad(p.grad_lse[row], p.lse[row], p.grad_pos_mean[row], p.pos_count[row])
                  : RowGrad<acc_t>{acc_t(0), acc_t(0), acc_t(0)};
-    const acc_t scale = kForK || !kWmma ? global_scale : acc_t(row_gradient_scale(rg));
+    if constexpr (kTileScale) write_warp_max(warp_bounds, row_gradient_bound(rg));
 
     similarity_tile<scalar_t, kWmma>(S, u, p.q, r0, p.n, p.k, c0, p.m, p.d, p.vec);
     __syncthreads();
+    acc_t scale = acc_t(1);  // G's range scale for this thread's row
+    if constexpr (kTileScale) {
+      const int previous = tile_scale.exponent;
+      const int exponent = tile_scale.next(read_block_max(warp_bounds), q_max, kBM);
+      scale = ldexpf(1.0f, exponent);
+      if constexpr (kTensorCores) {
+        if (exponent != previous) {  // block-uniform: the sums so far into the new units
+#pragma unroll
+          for (int i = 0; i < 2; ++i)
+#pragma unroll
+            for (int j = 0; j < 4; ++j)
+#pragma unroll
+              for (int e = 0; e < facc[i][j].num_elements; ++e)
+                facc[i][j].x[e] = ldexpf(facc[i][j].x[e], exponent - previous);
+        }
+      }
+    } else if constexpr (kWmma) {
+      scale = ldexpf(1.0f, gradient_exponent(row_gradient_bound(rg)));
+    }
     // G (times the range scale on tensor cores); masks exclude rows and columns past the ends.
 #pragma unroll 8
     for (int c = 0; c < kColsPerThread; ++c) {
@@ -604,7 +672,9 @@ __global__ void __launch_bounds__(kThreads) pair_stats_backward_kernel(
     __syncthreads();  // S, G, X and the codes are rewritten by the next tile
   }
 
-  const acc_t mul = p.inv_tau / global_scale;  // exact: the scales are powers of two
+  // Undo the range scale (exact: powers of two). dk: the last tile's exponent; dq: per row.
+  acc_t mul = p.inv_tau;
+  if constexpr (kTileScale) mul = ldexpf(p.inv_tau, -tile_scale.exponent);
   if constexpr (kTensorCores) {
     float* stage = reinterpret_cast<float*>(u) + warp * 256;  // u is free after the last sync
     const int lane = tid & 31;
@@ -622,10 +692,10 @@ __global__ void __launch_bounds__(kThreads) pair_stats_backward_kernel(
           // dq: undo the row's own scale (row_grad of the output row, as in the loop above).
           const acc_t row_mul =
               kForK ? mul
-                    : p.inv_tau / acc_t(row_gradient_scale(row_grad(
-                                      p.grad_lse[orow], p.lse[orow], p.grad_pos_mean[orow],
-                                      p.pos_count[orow])));
-          write_gradient(p, orow * p.d + col, stage[e] * row_mul);
+                    : ldexpf(p.inv_tau, -gradient_exponent(row_gradient_bound(row_grad(
+                                            p.grad_lse[orow], p.lse[orow], p.grad_pos_mean[orow],
+                                            p.pos_count[orow]))));
+          write_gradient(p, split, own_len, orow * p.d + col, stage[e] * row_mul);
         }
         __syncwarp();
       }
@@ -639,7 +709,7 @@ __global__ void __launch_bounds__(kThreads) pair_stats_backward_kernel(
 #pragma unroll
       for (int j = 0; j < C::kDV / 16; ++j) {
         const int64_t col = d0 + tx + 16 * j;
-        if (col < p.d) write_gradient(p, orow * p.d + col, acc2[i][j] * mul);
+        if (col < p.d) write_gradient(p, split, own_len, orow * p.d + col, acc2[i][j] * mul);
       }
     }
   }
