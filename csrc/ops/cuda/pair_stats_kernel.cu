@@ -202,7 +202,7 @@ void launch_forward(const Problem& p, const CodeTensors& codes, at::Tensor& lse,
 // The saved statistics and incoming gradients, contiguous in the accumulation dtype.
 struct Stats {
   at::Tensor grad_lse, grad_pos_mean, lse, pos_count;
-  at::Tensor q_max;  // tensor cores only: max_ij |q_ij| (0-dim float32), for the dk pass's scale
+  at::Tensor q_max;  // dk pass on tensor cores only: max_ij |q_ij| (0-dim float32), its scale
 };
 
 // One backward pass. kForK = false: dq (blocks own rows); true: dk (blocks own columns).
@@ -234,7 +234,7 @@ void launch_backward(const Problem& p, const CodeTensors& codes, const Stats& st
   params.grad_pos_mean = st.grad_pos_mean.const_data_ptr<acc_t>();
   params.lse = st.lse.const_data_ptr<acc_t>();
   params.pos_count = st.pos_count.const_data_ptr<int64_t>();
-  params.q_max = kWmma ? st.q_max.const_data_ptr<float>() : nullptr;
+  params.q_max = kWmma && kForK ? st.q_max.const_data_ptr<float>() : nullptr;
   params.part = part.defined() ? part.data_ptr<acc_t>() : nullptr;
   params.add_in = add_in ? add_in->const_data_ptr<acc_t>() : nullptr;
   params.out_acc = out_acc ? out_acc->data_ptr<acc_t>() : nullptr;
@@ -337,10 +337,12 @@ std::tuple<at::Tensor, at::Tensor> pair_stats_backward_cuda(
   st.grad_pos_mean = contiguous_if_needed(grad_pos_mean.to(acc));
   st.lse = contiguous_if_needed(lse.to(acc));
   st.pos_count = contiguous_if_needed(pos_count);
-  if (use_tensor_cores(q.scalar_type())) {
+  if (use_tensor_cores(q.scalar_type()) && (self || want_k)) {
     // Bounds the dk pass's sums of 16-bit G tiles (TileRangeScale); a device scalar, read by
-    // the kernel: no host sync.
-    st.q_max = p.q.abs().amax().to(at::kFloat);
+    // the kernel: no host sync. The infinity norm is one reduction (no |q| temporary) and
+    // exact: the largest |q_ij| is one of q's own values.
+    st.q_max = at::linalg_vector_norm(p.q, std::numeric_limits<double>::infinity())
+                   .to(at::kFloat);
   }
 
   dispatch(q.scalar_type(), [&]<typename scalar_t, bool kWmma>() {
