@@ -86,27 +86,37 @@ struct RowSums {
   explicit RowSums(int64_t n, acc_t initial_max) : max(n, initial_max), sum(n, 0) {}
 };
 
+// Column index of row i inside the tile starting at c0 (bc columns) when exclude_self leaves
+// the pair (i, i) out, else -1. int32, as the tile loops' column index: a 64-bit compare would
+// cost the vectorised loops a lane repacking per vector.
+inline int32_t self_column(bool exclude_self, int64_t i, int64_t c0, int64_t bc) {
+  return (exclude_self && i >= c0 && i < c0 + bc) ? int32_t(i - c0) : -1;
+}
+
 // Forward epilogue of one tile: scales s by 1/tau and adds each row's denominator terms to
 // `rows`; with `mirror`, also each column's (the transposed tile) to `cols` at the column
 // indices. `fixed` selects a constant shift over the running max (required with mirror). The
-// positives' statistics do not come from the tiles (positive_stats).
+// positives' statistics do not come from the tiles (positive_stats). Overwrites s with the
+// terms: each row is one pure map (the exponentials) and then plain sums, loops GCC vectorises
+// without keeping accumulators in memory (2.3x faster than one fused loop).
 template <typename acc_t, bool mirror, bool fixed, bool one_group>
 void forward_tile_loop(acc_t* s, int64_t r0, int64_t br, int64_t c0, int64_t bc,
                        const Codes& codes, acc_t inv_tau, acc_t shift, bool exclude_self,
                        bool negatives_only, RowSums<acc_t>& rows, RowSums<acc_t>& cols) {
-  const int32_t* klab = codes.col_label + c0;
-  const int32_t* kgrp = codes.col_group + c0;
-  acc_t* col_sum = cols.sum.data() + c0;
+  const int32_t* __restrict klab = codes.col_label + c0;
+  const int32_t* __restrict kgrp = codes.col_group + c0;
+  acc_t* __restrict col_sum = cols.sum.data() + c0;
+  const int32_t cols_in_tile = int32_t(bc);  // <= kTile
   for (int64_t ii = 0; ii < br; ++ii) {
     const int64_t i = r0 + ii;
     const int32_t li = codes.row_label[i], gi = codes.row_group[i];
     if (gi < 0) continue;  // ignored row
-    acc_t* srow = s + ii * bc;
-    const int64_t self_j = exclude_self ? i - c0 : -1;  // column index of i in this tile
+    acc_t* __restrict srow = s + ii * bc;
+    const int32_t self_j = self_column(exclude_self, i, c0, bc);
     acc_t m = fixed ? shift : rows.max[i];
     if (!fixed) {
       acc_t tile_max = neg_inf<acc_t>();
-      for (int64_t jj = 0; jj < bc; ++jj) {
+      for (int32_t jj = 0; jj < cols_in_tile; ++jj) {
         const int32_t den =
             in_denominator<one_group>(li, gi, klab[jj], kgrp[jj], jj == self_j, negatives_only);
         const acc_t v = srow[jj] * inv_tau;
@@ -116,23 +126,25 @@ void forward_tile_loop(acc_t* s, int64_t r0, int64_t br, int64_t c0, int64_t bc,
       m = rows.max[i];
       if (m == neg_inf<acc_t>()) m = 0;  // nothing in the denominator yet: any shift works
     }
-    // Row sums in kLanes independent lanes: a vectorisable reduction without reassociating
-    // float additions (the order is fixed, so results stay deterministic).
-    acc_t sum[kLanes] = {};
-    const auto column = [&](int64_t jj, int64_t lane) {
+    // A non-denominator entry may exceed m: exp_acc's clamp keeps its term finite (in float64
+    // it may overflow) and the select drops it either way.
+    for (int32_t jj = 0; jj < cols_in_tile; ++jj) {
       const int32_t den =
           in_denominator<one_group>(li, gi, klab[jj], kgrp[jj], jj == self_j, negatives_only);
-      const acc_t v = srow[jj] * inv_tau;
-      const acc_t e_all = exp_acc(den ? v - m : acc_t(-87));  // selected, then computed
-      const acc_t e = den ? e_all : acc_t(0);
-      sum[lane] += e;
-      if (mirror) col_sum[jj] += e;
-    };
+      const acc_t e = exp_acc(srow[jj] * inv_tau - m);
+      srow[jj] = den ? e : acc_t(0);
+    }
+    // Row sums in kLanes independent lanes: a vectorisable reduction without reassociating
+    // float additions (the order is fixed, so results stay deterministic).
+    // (64-bit indices here: GCC leaves this loop scalar with int32 ones.)
+    acc_t sum[kLanes] = {};
     const int64_t whole = bc - bc % kLanes;
     for (int64_t j0 = 0; j0 < whole; j0 += kLanes)
-      for (int64_t lane = 0; lane < kLanes; ++lane) column(j0 + lane, lane);
-    for (int64_t jj = whole; jj < bc; ++jj) column(jj, jj - whole);
+      for (int64_t lane = 0; lane < kLanes; ++lane) sum[lane] += srow[j0 + lane];
+    for (int64_t jj = whole; jj < bc; ++jj) sum[jj - whole] += srow[jj];
     for (int64_t lane = 0; lane < kLanes; ++lane) rows.sum[i] += sum[lane];
+    if (mirror)
+      for (int64_t jj = 0; jj < bc; ++jj) col_sum[jj] += srow[jj];
   }
 }
 
@@ -204,19 +216,20 @@ void gradient_tile_loop(acc_t* s, int64_t r0, int64_t br, int64_t c0, int64_t bc
     }
     const acc_t ai = grads.a[i], lse_i = grads.lse[i];
     const acc_t fi = kind == GradTile::mirrored_shared_exp ? grads.a_shifted[i] : acc_t(0);
-    const int64_t self_j = exclude_self ? i - c0 : -1;
-    for (int64_t jj = 0; jj < bc; ++jj) {
+    const int32_t self_j = self_column(exclude_self, i, c0, bc);
+    const int32_t cols_in_tile = int32_t(bc);
+    for (int32_t jj = 0; jj < cols_in_tile; ++jj) {
       const int32_t den =
           in_denominator<one_group>(li, gi, klab[jj], kgrp[jj], jj == self_j, negatives_only);
       const acc_t v = srow[jj] * inv_tau;
-      // exponent arguments selected before the call: a non-denominator entry may exceed lse
+      // A non-denominator entry may exceed lse: exp_acc's clamp keeps its term finite (or, in
+      // float64, it may overflow) and the select below drops it either way.
       acc_t g;
       if constexpr (kind == GradTile::mirrored_shared_exp) {
-        g = (fi + col_f[jj]) * exp_acc(den ? v - shift : acc_t(-87));
+        g = (fi + col_f[jj]) * exp_acc(v - shift);
       } else {
-        g = ai * exp_acc(den ? v - lse_i : acc_t(-87));
-        if (kind == GradTile::mirrored)
-          g += col_a[jj] * exp_acc(den ? v - col_lse[jj] : acc_t(-87));
+        g = ai * exp_acc(v - lse_i);
+        if (kind == GradTile::mirrored) g += col_a[jj] * exp_acc(v - col_lse[jj]);
       }
       srow[jj] = den ? g : acc_t(0);
     }
