@@ -117,6 +117,13 @@ inline CodeTensors make_codes(const at::Tensor& q_label, const std::optional<at:
   return c;
 }
 
+// Column index of row i inside the tile starting at c0 (bc columns) when exclude_self leaves
+// the pair (i, i) out, else -1. int32, as the tile loops' column index: a 64-bit compare would
+// cost the CPU's vectorised loops a lane repacking per vector.
+inline int32_t self_column(bool exclude_self, int64_t i, int64_t c0, int64_t bc) {
+  return (exclude_self && i >= c0 && i < c0 + bc) ? int32_t(i - c0) : -1;
+}
+
 // [min, max] of the non-negative group codes of each tile of `tile` entries; an empty range
 // (min > max) for a tile with no counted entry. Tiles whose ranges do not intersect share no
 // pair that counts, so their product can be skipped.

@@ -37,7 +37,7 @@ void for_positive_pairs(const acc_t* s, int64_t r0, int64_t br, int64_t c0, int6
     const int64_t i = r0 + ii;
     const int32_t li = codes.row_label[i], gi = codes.row_group[i];
     if (!row_active(gi, lse[i])) continue;
-    const int64_t self_j = exclude_self ? i - c0 : -1;
+    const int32_t self_j = pair_stats::self_column(exclude_self, i, c0, bc);
     for (int64_t jj = 0; jj < bc; ++jj) {
       const PairMask pm = pair_mask(li, gi, codes.col_label[c0 + jj], codes.col_group[c0 + jj],
                                     jj == self_j, false);

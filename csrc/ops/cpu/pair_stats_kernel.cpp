@@ -86,13 +86,6 @@ struct RowSums {
   explicit RowSums(int64_t n, acc_t initial_max) : max(n, initial_max), sum(n, 0) {}
 };
 
-// Column index of row i inside the tile starting at c0 (bc columns) when exclude_self leaves
-// the pair (i, i) out, else -1. int32, as the tile loops' column index: a 64-bit compare would
-// cost the vectorised loops a lane repacking per vector.
-inline int32_t self_column(bool exclude_self, int64_t i, int64_t c0, int64_t bc) {
-  return (exclude_self && i >= c0 && i < c0 + bc) ? int32_t(i - c0) : -1;
-}
-
 // Forward epilogue of one tile: scales s by 1/tau and adds each row's denominator terms to
 // `rows`; with `mirror`, also each column's (the transposed tile) to `cols` at the column
 // indices. `fixed` selects a constant shift over the running max (required with mirror). The
