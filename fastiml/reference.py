@@ -7,6 +7,7 @@ compute in the dtype they are given; tests pass float64 for ground truth.
 from typing import Optional, Tuple
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 
@@ -93,7 +94,6 @@ def _tampered_weight(mask: Tensor) -> Tensor:
 def contour_mine(mask: Tensor, patch: int, *, lo: float = 0.0, hi: float = 1.0,
                  valid: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
     """Reference of :func:`fastiml.ops.contour_mine`: zero-pad to whole cells, sum-pool."""
-    import torch.nn.functional as F
     if mask.dim() == 4:
         mask = mask[:, 0]
     b, h, w = mask.shape
@@ -117,7 +117,6 @@ def contour_mine(mask: Tensor, patch: int, *, lo: float = 0.0, hi: float = 1.0,
 
 def contour_band(mask: Tensor, radius: int, *, valid: Optional[Tensor] = None) -> Tensor:
     """Reference of :func:`fastiml.ops.contour_band`: max-pool dilations of both classes."""
-    import torch.nn.functional as F
     if mask.dim() == 4:
         mask = mask[:, 0]
     keep = torch.ones_like(mask, dtype=torch.bool) if valid is None else valid.reshape(mask.shape)
@@ -132,7 +131,6 @@ def contour_band(mask: Tensor, radius: int, *, valid: Optional[Tensor] = None) -
 def pivot_consistency(logit_a: Tensor, logit_b: Tensor, klass: Tensor, patch: int, *,
                       weight_contour: float = 1.0, weight_other: float = 0.0) -> Tensor:
     """Reference of :func:`fastiml.ops.pivot_consistency`: KL terms through an upsampled klass."""
-    import torch.nn.functional as F
     h, w = logit_a.shape[-2:]
     up = klass.repeat_interleave(patch, 1).repeat_interleave(patch, 2)[:, :h, :w][:, None]
     scalar = lambda v: torch.tensor(v, dtype=logit_a.dtype, device=logit_a.device)  # noqa: E731
@@ -149,32 +147,80 @@ def pivot_consistency(logit_a: Tensor, logit_b: Tensor, klass: Tensor, patch: in
                        torch.zeros_like(total))
 
 
+#: MPC's five terms as DESIGN 5 describes them: (name, anchor set, contrast set). X_a: the
+#: scale-1 pixels of pass a; Y_a: scales 2-4 of pass a, pooled; X_b: the scale-1 pixels of pass b.
+_MPC_TERMS = (("within", "X_a", "X_a"), ("cross_scale_xy", "X_a", "Y_a"),
+              ("cross_scale_yx", "Y_a", "X_a"), ("cross_modal_ab", "X_a", "X_b"),
+              ("cross_modal_ba", "X_b", "X_a"))
+
+
 def mpc_loss(feats_a, feats_b, mask: Tensor, tau: float = 0.1, max_pixels: Optional[int] = None,
              generator: Optional[torch.Generator] = None):
-    """Reference of :class:`fastiml.losses.MPCLoss`, one image and one term at a time.
+    """Reference of :class:`fastiml.losses.MPCLoss`, written from DESIGN 5 (the MPC public code's
+    formulas), one image and one term at a time, every similarity matrix materialised.
 
-    Builds the same pixel sets (and, with ``max_pixels``, draws the same sample from the same
-    generator), then materialises each image's anchor x anchor and anchor x negative matrices.
+    ``feats_a``, ``feats_b``: 4 maps [B, C, h_s, w_s] each (scale 1 first) of the two passes;
+    ``mask`` [B, H, W] or [B, 1, H, W], > 0.5 = forged. Per image, each pixel is L2-normalised
+    and labelled by the mask nearest-resized to its scale. A term (anchor set A, contrast set C,
+    ``_MPC_TERMS``) takes the authentic pixels of A as anchors; an anchor's positive logit is
+    ``p = mean_{a' in A authentic, a' != a} <a, a'> / tau``, its negatives the forged pixels of C:
+    ``loss_a = -log(e^p / (e^p + sum_n e^{<a, n>/tau}))``. The term is the mean over its anchors,
+    0 when A has fewer than 2 authentic pixels or C no forged one. Returns ``(total, parts)``: the
+    mean over images of the sum of the five terms, and each term's mean over images.
+
+    ``max_pixels`` (the public code's subsample) draws the pixels MPCLoss draws from the same
+    generator: for each set in turn (X_a, Y_a, X_b) one ``torch.rand`` score per pixel of the
+    batch, ordered by image, then scale, then row-major; each (image, label) of the set keeps its
+    ``max_pixels`` lowest-scored pixels.
     """
-    from fastiml.losses.mpc import TERM_SETS, TERMS, check_mpc_inputs, mpc_sets
-    mask = check_mpc_inputs(feats_a, feats_b, mask)
-    sets = mpc_sets(feats_a, feats_b, mask, max_pixels, generator)
+    if mask.dim() == 4:
+        mask = mask[:, 0]
     batch = mask.shape[0]
-    per_image = {name: [] for name in TERMS}
-    for name, (a_name, c_name) in zip(TERMS, TERM_SETS):
-        a_set, c_set = sets[a_name], sets[c_name]
-        for b in range(batch):
-            anchors = a_set.rows[(a_set.image == b) & (a_set.label == 0)]
-            negatives = c_set.rows[(c_set.image == b) & (c_set.label == 1)]
-            if len(anchors) < 2 or len(negatives) == 0:
-                per_image[name].append(anchors.sum() * 0 + negatives.sum() * 0)
-                continue
-            sim = anchors @ anchors.t() / tau
-            p = (sim.sum(1) - sim.diagonal()) / (len(anchors) - 1)
-            neg = anchors @ negatives.t() / tau
-            logits = torch.cat([p[:, None], neg], dim=1)
-            per_image[name].append((torch.logsumexp(logits, 1) - p).mean())
-    terms = {name: torch.stack(v) for name, v in per_image.items()}
+
+    def pixels(maps):
+        """Per image: (rows [P, C] L2-normalised, forged [P] bool), scale by scale, row-major."""
+        per_image = []
+        for i in range(batch):
+            rows, forged = [], []
+            for fmap in maps:
+                c, h, w = fmap.shape[1:]
+                small = F.interpolate(mask[i][None, None].double(), size=(h, w), mode="nearest")
+                rows.append(F.normalize(fmap[i].reshape(c, h * w).t(), dim=1))
+                forged.append(small.reshape(-1) > 0.5)
+            per_image.append((torch.cat(rows), torch.cat(forged)))
+        return per_image
+
+    def subsample(per_image):
+        if max_pixels is None:
+            return per_image
+        sizes = [len(forged) for _, forged in per_image]
+        scores = torch.rand(sum(sizes), generator=generator).split(sizes)
+        kept = []
+        for (rows, forged), score in zip(per_image, scores):
+            keep = torch.zeros_like(forged)
+            for label in (False, True):
+                idx = (forged == label).nonzero()[:, 0]
+                keep[idx[score[idx].argsort()[:max_pixels]]] = True
+            kept.append((rows[keep], forged[keep]))
+        return kept
+
+    def term(anchor_set, contrast_set):
+        (rows, forged), (c_rows, c_forged) = anchor_set, contrast_set
+        anchors, negatives = rows[~forged], c_rows[c_forged]
+        n = len(anchors)
+        if n < 2 or len(negatives) == 0:
+            return rows.sum() * 0 + c_rows.sum() * 0  # 0, still part of the graph
+        sim = anchors @ anchors.t() / tau
+        p = (sim.sum(1) - sim.diagonal()) / (n - 1)
+        logits = torch.cat([p[:, None], anchors @ negatives.t() / tau], dim=1)
+        return (torch.logsumexp(logits, 1) - p).mean()
+
+    sets = {}  # drawn in this order: the sample depends on it
+    sets["X_a"] = subsample(pixels(feats_a[:1]))
+    sets["Y_a"] = subsample(pixels(feats_a[1:]))
+    sets["X_b"] = subsample(pixels(feats_b[:1]))
+    terms = {name: torch.stack([term(a, c) for a, c in zip(sets[a_name], sets[c_name])])
+             for name, a_name, c_name in _MPC_TERMS}
     total = torch.stack(list(terms.values())).sum(0).mean()
     return total, {name: t.mean() for name, t in terms.items()}
 
@@ -205,9 +251,9 @@ def ntxent_loss(embeddings: Tensor, labels: Tensor, ref_emb: Optional[Tensor] = 
     the materialised matrices: one term ``-log(e^{s_ij} / (e^{s_ij} + sum_{k in N(i)}
     e^{s_ik}))`` per positive pair (i, j), averaged over positive pairs; 0 (connected) when
     there is no positive pair or no negative pair."""
-    q = torch.nn.functional.normalize(embeddings, dim=1)
+    q = F.normalize(embeddings, dim=1)
     self_contrast = ref_emb is None
-    k = q if self_contrast else torch.nn.functional.normalize(ref_emb, dim=1)
+    k = q if self_contrast else F.normalize(ref_emb, dim=1)
     k_labels = labels if self_contrast else ref_labels
     s = q @ k.t() / temperature
     same = labels[:, None] == k_labels[None, :]

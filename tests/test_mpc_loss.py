@@ -1,9 +1,9 @@
 """fastiml.losses.MPCLoss (DESIGN section 5) and the sigmoid focal loss of MPC's second stage.
 
-MPCLoss is compared with ``reference.mpc_loss`` (one image and one term at a time, materialised
-similarity matrices, the same pixel sample) and, in all-pixel mode, with a from-scratch
-implementation written here from DESIGN 5 alone (nearest-resized masks, L2-normalised
-embeddings, five InfoNCE terms) -- so that the pixel sets themselves are checked too.
+MPCLoss is compared with ``reference.mpc_loss`` (written from DESIGN 5 without fastiml.losses:
+one image and one term at a time, materialised similarity matrices, the same pixel sample), in
+all-pixel mode with a loop implementation written here, and with hand-built cases whose value
+is known in closed form -- the five terms' pixel sets spelled out in ``TERM_SETS`` below.
 """
 import pytest
 import torch
@@ -12,7 +12,15 @@ import torch.nn.functional as F
 from conftest import assert_close_scaled, generator
 from fastiml import reference
 from fastiml.losses import MPCLoss, SigmoidFocalLoss, sigmoid_focal_loss
-from fastiml.losses.mpc import TERMS, PixelSet, sample_pixels
+from fastiml.losses.mpc import PixelSet, sample_pixels
+
+# DESIGN 5's five terms: name -> (anchor set, contrast set). X_a: the scale-1 pixels of pass a;
+# Y_a: scales 2-4 of pass a, pooled; X_b: the scale-1 pixels of pass b. A term's anchors are the
+# authentic pixels of its anchor set, its negatives the forged pixels of its contrast set.
+TERM_SETS = {"within": ("X_a", "X_a"),
+             "cross_scale_xy": ("X_a", "Y_a"), "cross_scale_yx": ("Y_a", "X_a"),
+             "cross_modal_ab": ("X_a", "X_b"), "cross_modal_ba": ("X_b", "X_a")}
+TERMS = tuple(TERM_SETS)
 
 SIZES = [(8, 8), (4, 4), (2, 2), (1, 1)]  # strides 4, 8, 16, 32 of a 32 x 32 image
 RTOL = 1e-6
@@ -70,10 +78,10 @@ def independent_mpc(feats_a, feats_b, mask, tau=0.1):
 
     per_term = {name: [] for name in TERMS}
     for i in range(mask.shape[0]):
-        x_a, y_a, x_b = pixels(feats_a[:1], i), pixels(feats_a[1:], i), pixels(feats_b[:1], i)
-        for name, (a, c) in zip(TERMS, ((x_a, x_a), (x_a, y_a), (y_a, x_a), (x_a, x_b),
-                                        (x_b, x_a))):
-            per_term[name].append(term(a, c))
+        sets = {"X_a": pixels(feats_a[:1], i), "Y_a": pixels(feats_a[1:], i),
+                "X_b": pixels(feats_b[:1], i)}
+        for name, (a, c) in TERM_SETS.items():
+            per_term[name].append(term(sets[a], sets[c]))
     terms = {name: torch.stack(v) for name, v in per_term.items()}
     total = torch.stack(list(terms.values())).sum(0).mean()
     return total, {name: t.mean() for name, t in terms.items()}
@@ -123,6 +131,51 @@ def test_all_pixels_match_independent_implementation():
     ind = independent_mpc(fa, fb, mask)
     assert_same_loss(out, ind)
     assert_same_grads(grads(out[0], fa + fb), grads(ind[0], fa + fb))
+
+
+def hand_built_case(tau, seed=30):
+    """One 32 x 32 image, right half forged, whose every authentic pixel of set S points along
+    u_S and every forged pixel along v_S (random unit vectors, a pair per set), each pixel at its
+    own length. An anchor's positive logit is then exactly 1 / tau, and a term anchored in A and
+    contrasted with C is ``log(1 + n_C e^{(<u_A, v_C> - 1) / tau})``, n_C = forged pixels of C.
+    Returns (feats_a, feats_b, mask, {(A, C): that value})."""
+    g = generator(seed)
+    dirs = {s: F.normalize(torch.randn(2, 6, generator=g, dtype=torch.float64), dim=1)
+            for s in ("X_a", "Y_a", "X_b")}  # rows: u_S, v_S
+    mask = torch.zeros(1, 32, 32)
+    mask[..., 16:] = 1
+
+    def fmap(size, s):
+        h, w = size
+        # nearest resizing reads source column floor(x * 32 / w): forged from it on 16
+        forged = (torch.arange(w) * 32 // w >= 16).expand(h, w)
+        rows = dirs[s][forged.long()]  # [h, w, 6]
+        length = 0.5 + 1.5 * torch.rand(h, w, 1, generator=g, dtype=torch.float64)
+        return (rows * length).permute(2, 0, 1)[None].requires_grad_(), int(forged.sum())
+
+    maps_a = [fmap(size, "X_a" if s == 0 else "Y_a") for s, size in enumerate(SIZES)]
+    maps_b = [fmap(size, "X_b") for size in SIZES]
+    n_forged = {"X_a": maps_a[0][1], "Y_a": sum(n for _, n in maps_a[1:]), "X_b": maps_b[0][1]}
+    assert n_forged == {"X_a": 32, "Y_a": 8 + 2 + 0, "X_b": 32}
+    value = {(a, c): torch.log1p(n_forged[c] * torch.exp((dirs[a][0] @ dirs[c][1] - 1) / tau))
+             for a in dirs for c in dirs}
+    return [m for m, _ in maps_a], [m for m, _ in maps_b], mask, value
+
+
+@pytest.mark.parametrize("tau", [0.5, 1.0])  # every term well above its rounding
+def test_each_term_contrasts_its_documented_sets(tau):
+    """Every (anchor set, contrast set) pair has its own value in the hand-built case, so each
+    term's value names the sets it contrasts: they must be those of TERM_SETS."""
+    fa, fb, mask, value = hand_built_case(tau)
+    values = sorted(v.item() for v in value.values())
+    assert min(b - a for a, b in zip(values, values[1:])) > 1e-3 * values[-1]  # all nine differ
+    for got in (MPCLoss(tau=tau)(fa, fb, mask), reference.mpc_loss(fa, fb, mask, tau=tau)):
+        total, parts = got
+        assert set(parts) == set(TERMS)
+        for name, sets in TERM_SETS.items():
+            assert_close_scaled(parts[name], value[sets], 1e-10, f"{name} {sets}")
+        assert_close_scaled(total, sum(value[sets] for sets in TERM_SETS.values()), 1e-10,
+                            "total")
 
 
 def test_only_scale_one_of_the_second_pass_is_used():
