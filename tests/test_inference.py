@@ -1,6 +1,8 @@
 """Inference at the image's own resolution (fastiml.engine.inference): tile layout, blending
 weights, tiled against untiled predictions, native-resolution evaluation with per-image rows."""
 import json
+import os
+import re
 
 import numpy as np
 import pytest
@@ -128,6 +130,25 @@ def test_evaluate_native_on_images_of_several_sizes(net, tmp_path):
         prob = predict_image(model, method, img, size=32, mode="resize", tiling=tiling)
         assert prob.shape == tuple(item["size"].tolist())
         assert r["score"] == pytest.approx(float(prob.max()), abs=1e-5)
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_evaluate_names_an_item_that_breaks_after_listing(net, tmp_path, num_workers):
+    """Evaluation never scores one file in another's place: a ValueError naming the file, with
+    its text intact through the loader's worker processes; the data set's training behaviour
+    (the next readable item instead) is unchanged."""
+    model, method = net
+    synthesize(tmp_path, 5, size=24, seed=3, authentic_fraction=0.4)
+    ds = ForgeryDataset(str(tmp_path / "list.json"), size=32, mode="resize")
+    assert evaluate(model, method, ds, batch_size=2, num_workers=num_workers)["n_images"] == 5
+    victim = ds.samples[3][0]
+    with open(victim, "wb") as f:
+        f.write(b"\x89PNG\r\n\x1a\n" + b"\x00" * 40)
+    with pytest.raises(ValueError, match=re.escape(victim)) as e:
+        evaluate(model, method, ds, batch_size=2, num_workers=num_workers)
+    assert str(e.value).startswith("item 3 ") and "could not be decoded" in str(e.value)
+    with pytest.warns(UserWarning, match="returning the next readable item"):
+        assert ds[3]["name"] == os.path.basename(ds.samples[4][0])
 
 
 def test_tiling_from_config_and_bad_values():

@@ -284,7 +284,8 @@ class ForgeryDataset(Dataset):
     Items that fail to load mid-epoch (file deleted or corrupted after construction, or not caught
     by a lighter ``check``) do not crash training: a warning names the file and the next readable
     item (index + 1, + 2, ... wrapping around) is returned in its place; the item is remembered as
-    bad. Only when no item at all can be read is a RuntimeError raised.
+    bad. Only when no item at all can be read is a RuntimeError raised. :meth:`read_item` (what
+    evaluation uses) never substitutes: it raises ValueError naming the file.
 
     Each item is a dict:
         ``image`` float32 Tensor[3, S, S] in [0, 1], RGB; ``mask`` float32 Tensor[S, S] in {0, 1};
@@ -408,6 +409,14 @@ class ForgeryDataset(Dataset):
                 warnings.warn(f"ForgeryDataset could not read item {j} ({e}); returning the next "
                               "readable item instead", stacklevel=2)
         raise RuntimeError(f"ForgeryDataset: none of its {n} items can be read any more")
+
+    def read_item(self, index: int) -> Dict[str, object]:
+        """Item ``index`` itself, never a stand-in (evaluation: every result must belong to its
+        own file); ValueError naming the file when it cannot be read."""
+        try:
+            return self._item(index)
+        except _Unreadable as e:
+            raise ValueError(f"item {index} of the data set cannot be read any more: {e}") from None
 
     def _item(self, index: int) -> Dict[str, object]:
         img, mask = self._load(index)

@@ -9,14 +9,14 @@ from __future__ import annotations
 
 import math
 import time
-from typing import Callable, Dict, Iterator, List, Optional
+from typing import Callable, Dict, Iterator, List, NamedTuple, Optional
 
 import cv2
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset, Sampler, default_collate
 
 from fastiml.data import ROBUSTNESS_PROTOCOL, Degrade, ForgeryDataset, resize_or_pad
 from fastiml.engine import distributed as D
@@ -74,6 +74,37 @@ class ShardSampler(Sampler):
         return len(range(self.rank, self.n, self.world_size))
 
 
+class _Unreadable(NamedTuple):
+    """An item that could not be read: its error text, carried to the main process (an exception
+    raised in a loader worker reaches it as "Caught ValueError in DataLoader worker ...")."""
+    message: str
+
+
+class _EachItemItself(Dataset):
+    """``dataset``'s items, each in its own place. A ForgeryDataset hands training the next
+    readable item in place of one that breaks after it was listed; evaluation reads through
+    ``read_item`` instead, so that no file's result is computed from another file."""
+
+    def __init__(self, dataset: Dataset):
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int):
+        try:
+            if isinstance(self.dataset, ForgeryDataset):
+                return self.dataset.read_item(index)
+            return self.dataset[index]
+        except ValueError as e:
+            return _Unreadable(str(e))
+
+
+def _collate(items: List):
+    broken = [item for item in items if isinstance(item, _Unreadable)]
+    return broken[0] if broken else default_collate(items)
+
+
 def _to_device(batch: Dict, device: torch.device) -> Dict:
     non_blocking = device.type == "cuda"
     return {k: (v.to(device, non_blocking=non_blocking) if isinstance(v, torch.Tensor) else v)
@@ -102,6 +133,12 @@ def evaluate(model: nn.Module, method, dataset: Dataset, *, batch_size: int = 8,
             size 1): large ones go through in blended tiles (:func:`fastiml.engine.inference.
             predict_tiled`). None: the whole batch in one pass.
 
+    An item that cannot be read (a file removed or corrupted after the data set was listed) is a
+    ValueError naming the file, whatever ``num_workers``: a ForgeryDataset's training behaviour,
+    the next readable item in its place, would count one image twice, miss another, and give
+    ``on_batch`` results under the wrong file names. Files that fail the data set's own checks
+    when it is built are left out there (``ForgeryDataset.skipped``), before any index is given.
+
     Returns:
         the :meth:`IMLMetrics.compute` dict (``pixel_f1``, ``pixel_iou``, ``pixel_precision``,
         ``pixel_recall``, ``pixel_f1_best``, ``pixel_f1_permuted``, ``pixel_auc``, ``image_auc``,
@@ -114,13 +151,15 @@ def evaluate(model: nn.Module, method, dataset: Dataset, *, batch_size: int = 8,
     dtype = resolve_amp(amp, device)
     was_training = net.training
     net.eval()
-    loader = DataLoader(dataset, batch_size=batch_size, num_workers=num_workers,
+    loader = DataLoader(_EachItemItself(dataset), batch_size=batch_size, num_workers=num_workers,
                         sampler=ShardSampler(len(dataset), D.rank(), D.world_size()),
-                        pin_memory=device.type == "cuda")
+                        collate_fn=_collate, pin_memory=device.type == "cuda")
     metrics = IMLMetrics(threshold=threshold)
     t0 = time.perf_counter()
     try:
         for batch in loader:
+            if isinstance(batch, _Unreadable):
+                raise ValueError(batch.message)
             batch = _to_device(batch, device)
             with autocast(device, dtype):
                 x = input_filter(batch["image"], input_filter_kind)
