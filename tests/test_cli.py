@@ -98,6 +98,12 @@ NO_CKPT_CASES = {
                               "unknown key(s) in [demo]"),
     "demo_bad_train_key": (["demo", "--out", "{tmp}/d", "--set", "train.nope=1"], "train.nope"),
     "bench_unknown": (["bench", "no_such_bench"], "unknown benchmark 'no_such_bench'"),
+    # bce has no configurable loss: its [method].loss table was once ignored (exit 0)
+    "bce_loss_table": (["train", "--config", "{tmp}/ok.toml", "--set", "method.loss.tau=-1",
+                        "--set", "method.loss.nosuch=1"],
+                       "method 'bce' reads no [method].loss table; got key(s) nosuch, tau"),
+    "method_model_key": (["train", "--config", "{tmp}/ok.toml", "--set", "method.model.nosuch=1"],
+                         "method 'bce' does not read [method].model key(s) nosuch"),
 }
 CKPT_CASES = {
     "eval_missing_data": (["eval", "--checkpoint", "{ckpt}", "--data", "{tmp}/nowhere", "--out",
@@ -283,6 +289,59 @@ def test_synth(runs):
     _ok(r["synth"])
     pairs = json.loads((tmp / "synth" / "list.json").read_text())
     assert len(pairs) == 3
+
+
+def test_eval_stops_at_a_file_that_breaks_after_listing(runs, monkeypatch, capsys):
+    """A file corrupted after the data set was listed: one error line naming it, and no
+    metrics.json or per_image.csv -- the next item in its place would count one image twice and
+    shift every later row of per_image.csv onto the wrong file name."""
+    import fastiml.data
+    from fastiml.cli import main
+    tmp, r = runs
+    _ok(r["train"])
+    data = tmp / "data_breaks"
+    shutil.copytree(tmp / "data", data)
+    broken = []
+
+    class BreaksAfterListing(fastiml.data.ForgeryDataset):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            broken.append(self.samples[1][0])
+            Path(broken[-1]).write_bytes(b"\x89PNG\r\n\x1a\n" + b"\x00" * 40)
+
+    monkeypatch.setattr(fastiml.data, "ForgeryDataset", BreaksAfterListing)
+    out = tmp / "eval_breaks"
+    code = main(["eval", "--checkpoint", str(tmp / "run" / "model.pt"), "--data", str(data),
+                 "--out", str(out), "--workers", "0", "--batch-size", "1"])
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if line.startswith("fastiml: error:")]
+    assert code != 0 and len(errors) == 1, err
+    assert broken[0] in errors[0] and "could not be decoded" in errors[0], errors[0]
+    assert not (out / "per_image.csv").exists() and not (out / "metrics.json").exists()
+
+
+@pytest.mark.parametrize("method,options,named", [
+    ("bce", {"loss": {"tau": -1, "nosuch": 1}},
+     "reads no [method].loss table; got key(s) nosuch, tau"),
+    ("bce", {"loss": 0.1}, "[method].loss must be a table"),
+    ("ncl", {"loss": {"patch": 2, "nosuch": 1}}, "does not read [method].loss key(s) nosuch;"),
+    ("ncl", {"lambda_pivot": 1.0}, "does not read [method] key(s) lambda_pivot"),
+    ("mpc", {"loss": {"max_pixel": 10}}, "does not read [method].loss key(s) max_pixel;"),
+    ("mpc", {"model": {"width": 3}}, "does not read [method].model key(s) width;"),
+])
+def test_method_keys_the_method_does_not_read_are_errors(method, options, named):
+    from fastiml import methods
+    with pytest.raises(ValueError) as e:
+        methods.build(method, **options)
+    assert str(e.value).startswith(f"method {method!r}") and named in str(e.value), e.value
+
+
+def test_method_keys_the_method_reads_are_taken():
+    from fastiml import methods
+    assert methods.build("ncl", loss={"tau": 0.2, "patch": 2}).loss.tau == 0.2
+    assert methods.build("mpc", loss={"max_pixels": 7}).loss.max_pixels == 7
+    bce = methods.build("bce", model={"base_width": 8, "decoder_channels": 16}, loss={})
+    assert bce.build_model().feat_channels == 16
 
 
 @pytest.mark.parametrize("name", sorted(NO_CKPT_CASES) + sorted(CKPT_CASES))

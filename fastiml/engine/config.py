@@ -42,8 +42,8 @@ Sections and keys (every key is optional; the defaults are in :data:`DEFAULTS`):
     progress = true                 # progress bar on stderr
 
     [method]                        # passed to fastiml.methods.build(train.method, **method)
-    model = { encoder = "resnet18", base_width = 64 }
-    loss = { patch = 4 }
+    model = { encoder = "resnet18", base_width = 64 }   # the network's keyword arguments
+    loss = { patch = 4 }            # the loss's; a key (or table) the method does not read is an error
 
     [eval]                          # how `fastiml eval` / `predict` (and the demo's report) see an image
     resolution = "native"           # "native": its own pixels (tiled when large); "train": resized as data.size / data.mode

@@ -9,6 +9,7 @@ from fastiml.models import MPCNet
 
 class MPC(Method):
     name = "mpc"
+    model_class, loss_class = MPCNet, MPCLoss
 
     def __init__(self, contrast_fraction: float = 0.5, focal_alpha: float = 0.5,
                  focal_gamma: float = 2.0, **options):
@@ -18,9 +19,6 @@ class MPC(Method):
         self.stages = (("contrast", contrast_fraction), ("localize", 1.0 - contrast_fraction))
         self.loss = MPCLoss(**self.loss_options)
         self.focal_alpha, self.focal_gamma = focal_alpha, focal_gamma
-
-    def build_model(self):
-        return MPCNet(**self.model_options)
 
     def start_stage(self, model, stage):
         net = getattr(model, "module", model)  # DDP wraps the network

@@ -6,13 +6,11 @@ from fastiml.models import NCLNet
 
 class NCL(Method):
     name = "ncl"
+    model_class, loss_class = NCLNet, NCLLoss
 
     def __init__(self, **options):
         super().__init__(**options)
         self.loss = NCLLoss(**self.loss_options)
-
-    def build_model(self):
-        return NCLNet(**self.model_options)
 
     def training_loss(self, model, batch, stage):
         out = model(batch["image"])
