@@ -11,9 +11,10 @@ import torch.nn.functional as F
 from conftest import generator
 from fastiml import reference
 from fastiml.losses import NCLLoss
-from fastiml.losses.ncl import IGNORE, patch_labels
+from fastiml.losses.ncl import patch_labels
 
 PARTS = {"bce_a", "bce_b", "supcon_a", "supcon_b", "pivot"}
+IGNORE = -1  # the label SupCon leaves out (pair_stats' ignore_index)
 
 
 @pytest.fixture(autouse=True)
@@ -61,6 +62,15 @@ def cell_embeddings(proj, p):
     return F.normalize(torch.stack(rows), dim=1)
 
 
+def labels_for(klass, contour_as):
+    """DESIGN 4's labels of one branch's cells: authentic 0, tampered 1, contour cells tampered
+    (branch A), authentic (branch B) or left out (None: the drop ablation); cells without a
+    valid pixel left out. Written here: ``patch_labels`` is under test."""
+    contour = {"tampered": 1, "authentic": 0, None: IGNORE}[contour_as]
+    labels = torch.where(klass == 2, contour, klass.long())
+    return torch.where(klass < 0, IGNORE, labels)
+
+
 def dense_supcon(rows, labels, groups, tau):
     """SupCon with exclude-self through the full similarity matrix; mean over anchors that have
     a positive (0 when none has)."""
@@ -99,7 +109,7 @@ def expected_parts(loss: NCLLoss, proj_a, proj_b, logit_a, logit_b, mask, valid=
         groups = torch.arange(mask.shape[0]).repeat_interleave(klass[0].numel())
     sc = {}
     for name, proj, as_ in (("supcon_a", proj_a, "tampered"), ("supcon_b", proj_b, "authentic")):
-        labels = patch_labels(klass, None if drop else as_).reshape(-1)
+        labels = labels_for(klass, None if drop else as_).reshape(-1)
         sc[name] = dense_supcon(cell_embeddings(proj.double(), p), labels, groups, loss.tau)
     pivot = torch.zeros((), dtype=torch.float64) if drop else reference.pivot_consistency(
         logit_a.double(), logit_b.double(), klass, p * stride,
@@ -146,20 +156,54 @@ def test_parts_match_independent_computation(patch, stride, h, w, within_image, 
     torch.testing.assert_close(total.double(), combo, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("lambdas", [(0.1, 1.0), (0.3, 0.7), (0.0, 0.0), (2.0, 5.0)])
+def documented_parts(proj_a, proj_b, logit_a, logit_b, mask, patch, tau):
+    """DESIGN 4's five parts from pieces that share no code with fastiml.losses: BCE through
+    torch.nn.functional, cell classes from the cells' tampered fractions, SupCon through
+    ``reference.pair_stats`` over the cell embeddings (contour cells tampered in branch A,
+    authentic in B), the pivot term through DESIGN 2.3's closed form: the mean over the pixels
+    of contour cells of ``(sigmoid(a) - sigmoid(b)) * (a - b)``. For logit sizes a whole multiple
+    of ``patch * stride``, without ``valid``."""
+    cell = patch * logit_a.shape[-2] // proj_a.shape[-2]
+    target = mask.double()
+    frac = F.avg_pool2d(target[:, None], cell)[:, 0]
+    klass = torch.where(frac == 0, 0, torch.where(frac == 1, 1, 2))
+
+    def bce(logit):
+        return F.binary_cross_entropy_with_logits(logit[:, 0].double(), target)
+
+    def supcon(proj, contour_as):
+        labels = labels_for(klass, contour_as).reshape(-1)
+        lse, pos_mean, count = reference.pair_stats(cell_embeddings(proj.double(), patch), None,
+                                                    labels, None, tau=tau, exclude_self=True)
+        return (lse - pos_mean)[count > 0].mean()
+
+    a, b = logit_a.double(), logit_b.double()
+    contour = (klass == 2).repeat_interleave(cell, 1).repeat_interleave(cell, 2)[:, None]
+    pivot = ((torch.sigmoid(a) - torch.sigmoid(b)) * (a - b))[contour].mean()
+    return {"bce_a": bce(logit_a), "bce_b": bce(logit_b), "supcon_a": supcon(proj_a, "tampered"),
+            "supcon_b": supcon(proj_b, "authentic"), "pivot": pivot}
+
+
+# None: the defaults, which DESIGN 4 documents as lambda_c = 0.1, lambda_p = 1.0
+@pytest.mark.parametrize("lambdas", [None, (0.3, 0.7), (0.0, 0.0), (2.0, 5.0)])
 def test_total_is_the_documented_combination(lambdas):
-    lc, lp = lambdas
+    """total = BCE_a + BCE_b + lambda_c (SupCon_a + SupCon_b) + lambda_p pivot, every piece
+    recomputed independently (not the loss's own parts)."""
+    lc, lp = (0.1, 1.0) if lambdas is None else lambdas
     batch = make_batch(2, 8, 8, 8, 2, dtype=torch.float32, seed=1)
     batch = [t.requires_grad_() if t.is_floating_point() else t for t in batch]
-    total, parts = NCLLoss(patch=2, lambda_contrast=lc, lambda_pivot=lp)(*batch)
+    loss = NCLLoss(patch=2) if lambdas is None else NCLLoss(patch=2, lambda_contrast=lc,
+                                                            lambda_pivot=lp)
+    total, parts = loss(*batch)
     assert set(parts) == PARTS
     assert total.dtype == torch.float32 and total.shape == () and total.requires_grad
     assert all(not v.requires_grad and v.shape == () for v in parts.values())
-    assert all(torch.isfinite(v) for v in parts.values())
-    assert parts["pivot"] > 0 and parts["supcon_a"] != 0
-    combo = (parts["bce_a"] + parts["bce_b"] + lc * (parts["supcon_a"] + parts["supcon_b"])
-             + lp * parts["pivot"])
-    torch.testing.assert_close(total.detach(), combo, rtol=1e-6, atol=1e-6)
+    want = documented_parts(*(t.detach() for t in batch), patch=2, tau=0.1)
+    assert want["pivot"] > 0 and want["supcon_a"] != want["supcon_b"]
+    assert_parts_close(parts, want)
+    combo = (want["bce_a"] + want["bce_b"] + lc * (want["supcon_a"] + want["supcon_b"])
+             + lp * want["pivot"])
+    torch.testing.assert_close(total.double(), combo, rtol=1e-5, atol=1e-6)
 
 
 def test_defaults():
@@ -242,7 +286,7 @@ def test_branches_remap_contour_in_opposite_directions():
     # each branch matches SupCon with its own labelling
     rows = cell_embeddings(proj, 2)
     for name, as_ in (("supcon_a", "tampered"), ("supcon_b", "authentic")):
-        labels = patch_labels(klass, as_).reshape(-1)
+        labels = labels_for(klass, as_).reshape(-1)
         torch.testing.assert_close(parts[name].double(), dense_supcon(rows, labels, None, 0.1),
                                    rtol=1e-5, atol=1e-6)
     # no contour patch: both branches see the same labels, so equal projections agree
@@ -304,9 +348,9 @@ def test_unaligned_sizes_match_the_reference(shapes, kind):
         "bce_a": F.binary_cross_entropy_with_logits(refs[2][:, 0], target),
         "bce_b": F.binary_cross_entropy_with_logits(refs[3][:, 0], target),
         "supcon_a": dense_supcon(cell_embeddings(refs[0], 2),
-                                 patch_labels(klass, "tampered").reshape(-1), None, loss.tau),
+                                 labels_for(klass, "tampered").reshape(-1), None, loss.tau),
         "supcon_b": dense_supcon(cell_embeddings(refs[1], 2),
-                                 patch_labels(klass, "authentic").reshape(-1), None, loss.tau),
+                                 labels_for(klass, "authentic").reshape(-1), None, loss.tau),
         "pivot": reference.pivot_consistency(refs[2], refs[3], klass_full, 2),
     }
     assert_parts_close(parts, expected)

@@ -142,13 +142,18 @@ def test_supcon_defaults_match_supcontrast():
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_supcon_half_features_give_float32_loss(dtype):
+    """Against SupContrast's loss in float64 on the same (rounded) features: the float32 loss to
+    float32 rounding (REL), the gradient to the rounding of its own dtype (its epsilon, relative
+    to the largest entry)."""
     g = generator(13)
     feats = supcon_features(20, 2, (16,), 1.0, torch.float32, g).to(dtype)
     lab = supcon_labels(20, g)
     loss, (grad,) = value_and_grads(lambda f: SupConLoss()(f, lab), feats)
     assert loss.dtype == torch.float32 and grad.dtype == dtype
-    exact = SupConLoss()(feats.double(), lab)
-    assert abs(loss.item() - exact.item()) <= 1e-3 * abs(exact.item())
+    exact, (exact_grad,) = value_and_grads(lambda f: reference.supcontrast_loss(f, lab),
+                                           feats.double())
+    assert_close_scaled(loss, exact, REL, "loss")
+    assert_close_scaled(grad, exact_grad, torch.finfo(dtype).eps, "grad")
 
 
 # --------------------------------------------------------- pytorch-metric-learning's SupConLoss
