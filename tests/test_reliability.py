@@ -1,7 +1,8 @@
 """Training that survives what a long run meets: non-finite losses (skipped, then a stop with an
-error), SIGTERM (a resumable checkpoint; the resumed run ends where an uninterrupted one does),
-time-based checkpoints, stale temporary files, unreadable data files, mixed precision; and the
-global state train() must leave as it found it."""
+error), an exploding update (a stop naming the last sound checkpoint), SIGTERM (a resumable
+checkpoint; the resumed run ends where an uninterrupted one does), an ignored SIGINT (left
+ignored), time-based checkpoints, stale temporary files, unreadable data files, mixed precision;
+and the global state train() must leave as it found it."""
 import importlib
 import json
 import math
@@ -9,15 +10,14 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
 
 from fastiml.data import synthesize
-from fastiml.engine import (TrainingDiverged, build_method, config_to_toml, load_checkpoint,
-                            load_config, train)
+from fastiml.engine import (TrainingDiverged, TrainingInterrupted, build_method, config_to_toml,
+                            load_checkpoint, load_config, train)
 from fastiml.engine.guards import non_finite_weights
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -107,9 +107,13 @@ def test_one_bad_step_is_skipped_and_training_goes_on(data, tmp_path, monkeypatc
 def test_consecutive_non_finite_steps_stop_the_run(data, tmp_path, monkeypatch):
     NaNLoss(monkeypatch, calls=range(2, 100))
     out = tmp_path / "stop"
-    with pytest.raises(TrainingDiverged, match=r"3 consecutive steps \(3-5"):
+    with pytest.raises(TrainingDiverged, match=r"3 consecutive steps \(3-5") as e:
         train(tiny_cfg(data, out, steps=20, max_nonfinite_steps=3, ckpt_every=1),
               log=lambda s: None)
+    # Steps 3 and 4 wrote checkpoints too, but of steps whose loss was NaN: step 2's is named.
+    assert (out / "checkpoints" / "step_0000004.pt").exists()
+    assert str(e.value).endswith("Last checkpoint with a finite loss and a sane update: "
+                                 f"{out / 'checkpoints' / 'step_0000002.pt'}")
     assert not (out / "model.pt").exists()
     recs = strict_json_lines(out / "train_log.jsonl")
     assert recs[-1] == {"event": "diverged", "step": 5, "skipped_steps": 3}
@@ -117,9 +121,26 @@ def test_consecutive_non_finite_steps_stop_the_run(data, tmp_path, monkeypatch):
         assert not non_finite_weights(load_checkpoint(path)["model"]), path
 
 
+def test_exploding_update_stops_before_its_checkpoint(data, tmp_path, monkeypatch):
+    """Step 3's update multiplies the weights by ~1e30 but leaves them finite: the run stops
+    before writing step 3's checkpoint, and names step 2's (not a checkpoint of 1e30 weights)."""
+    factor = engine_train.WarmupCosine.factor
+    monkeypatch.setattr(engine_train.WarmupCosine, "factor",  # lr 5e-3 -> 5e29 from step 3
+                        lambda self, k: factor(self, k) * (1e32 if k >= 2 else 1.0))
+    out = tmp_path / "explode"
+    with pytest.raises(TrainingDiverged, match="the update of step 3 took the weights' 2-norm "
+                       r"from \S+ to \S+e\+3\d ") as e:
+        train(tiny_cfg(data, out, steps=10, ckpt_every=1), log=lambda s: None)
+    assert str(e.value).endswith("Last checkpoint with a finite loss and a sane update: "
+                                 f"{out / 'checkpoints' / 'step_0000002.pt'}")
+    assert [p.name for p in all_checkpoints(out)] == ["step_0000001.pt", "step_0000002.pt"]
+    assert strict_json_lines(out / "train_log.jsonl")[-1] == {
+        "event": "diverged", "step": 3, "exploding_update": 3}
+
+
 def test_huge_learning_rate_stops_from_the_command_line(data, tmp_path):
     """The issue's target: ``--set train.lr=1e30`` stops by itself, exit status != 0, and leaves
-    no checkpoint with a non-finite weight."""
+    no checkpoint of the exploded weights (finite, ~1e30): none at all, as step 1 exploded."""
     out = tmp_path / "lr"
     cfg = tiny_cfg(data, out, steps=200, ckpt_every=1, log_every=5)
     (tmp_path / "c.toml").write_text(config_to_toml(cfg))
@@ -128,9 +149,9 @@ def test_huge_learning_rate_stops_from_the_command_line(data, tmp_path):
                        env=_env())
     assert p.returncode == 2, p.stderr
     assert "fastiml: error: training diverged" in p.stderr and "Traceback" not in p.stderr
-    assert not (out / "model.pt").exists()
-    for path in all_checkpoints(out):
-        assert not non_finite_weights(load_checkpoint(path)["model"]), path
+    assert "the update of step 1 took the weights' 2-norm" in p.stderr
+    assert "Last checkpoint with a finite loss and a sane update: none" in p.stderr
+    assert all_checkpoints(out) == []
     strict_json_lines(out / "train_log.jsonl")
 
 
@@ -143,51 +164,55 @@ def _env():
     return env
 
 
-#: The child runs the real command, each batch slowed down so the signal lands mid-run.
-SLOW_TRAIN = """
-import importlib, sys, time
+#: The child runs the real command; a hook sends it SIGTERM once step STOP is reported.
+SIGTERM_AT = """
+import importlib, os, signal, sys
 t = importlib.import_module("fastiml.engine.train")
 from fastiml.cli import main
-to_device = t._to_device
-def slow(batch, device):
-    time.sleep(0.3)
-    return to_device(batch, device)
-t._to_device = slow
+report = t._Run._report
+def hooked(self, st, lr, now):
+    report(self, st, lr, now)
+    if self.step == STOP:
+        os.kill(os.getpid(), signal.SIGTERM)
+t._Run._report = hooked
 sys.exit(main(sys.argv[1:]))
 """
 
 
 def test_sigterm_saves_a_checkpoint_and_resume_ends_like_an_uninterrupted_run(data, tmp_path):
-    steps = 12
-    out = tmp_path / "interrupted"
-    cfg = tiny_cfg(data, out, steps=steps)
-    config = tmp_path / "c.toml"
-    config.write_text(config_to_toml(cfg))
-    child = subprocess.Popen([sys.executable, "-c", SLOW_TRAIN, "train", "--config", str(config)],
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env())
-    log = out / "train_log.jsonl"
-    deadline = time.monotonic() + 300
-    while not (log.exists() and len(log.read_text().splitlines()) >= 3):
-        assert child.poll() is None, child.communicate()
-        assert time.monotonic() < deadline
-        time.sleep(0.05)
-    child.send_signal(signal.SIGTERM)
-    _, err = child.communicate(timeout=300)
-    assert child.returncode == 128 + signal.SIGTERM, err
-    last = out / "checkpoints" / "last.pt"
-    assert f"resume with: fastiml train --config {out / 'config.toml'} --resume {last}" in err
-    state = load_checkpoint(last)
-    assert 3 <= state["progress"]["step"] < steps and state["optimizer"] is not None
-    assert strict_json_lines(log)[-1]["event"] == "interrupted"
+    """Through the command line: SIGTERM after step 3, inside epoch 1 (2 steps per epoch), with
+    augmentation and 2 loader workers; ``--resume`` ends bit-equal to the uninterrupted run."""
+    steps, stop = 6, 3
 
-    resumed = train(load_config(out / "config.toml"), resume=str(last), log=lambda s: None)
-    full = train(tiny_cfg(data, tmp_path / "full", steps=steps), log=lambda s: None)
-    assert resumed["steps"] == full["steps"] == steps
+    def cfg(out):
+        c = tiny_cfg(data, out, steps=steps, threads=1)
+        c["data"].update(preload=False, augment=True, num_workers=2)
+        return c
+    out = tmp_path / "interrupted"
+    config = tmp_path / "c.toml"
+    config.write_text(config_to_toml(cfg(out)))
+    child = subprocess.run([sys.executable, "-c", SIGTERM_AT.replace("STOP", str(stop)), "train",
+                            "--config", str(config)], capture_output=True, text=True,
+                           timeout=600, env=_env())
+    assert child.returncode == 128 + signal.SIGTERM, child.stderr
+    last = out / "checkpoints" / "last.pt"
+    resume = f"resume with: fastiml train --config {out / 'config.toml'} --resume {last}"
+    assert resume in child.stderr
+    state = load_checkpoint(last)
+    assert state["optimizer"] is not None
+    assert (state["progress"]["step"], state["progress"]["batch_in_epoch"]) == (stop, 1)
+    assert strict_json_lines(out / "train_log.jsonl")[-1]["event"] == "interrupted"
+
+    resumed = subprocess.run([sys.executable, "-m", "fastiml", "train", "--config",
+                              str(out / "config.toml"), "--resume", str(last)],
+                             capture_output=True, text=True, timeout=600, env=_env())
+    assert resumed.returncode == 0, resumed.stderr
+    full = train(cfg(tmp_path / "full"), log=lambda s: None)
+    assert full["steps"] == steps
     a = load_checkpoint(out / "model.pt")
     b = load_checkpoint(tmp_path / "full" / "model.pt")
     assert a["progress"]["step"] == b["progress"]["step"] == steps
-    for k, v in b["model"].items():
-        torch.testing.assert_close(a["model"][k], v, rtol=1e-5, atol=1e-6, msg=k)
+    assert [k for k, v in b["model"].items() if not torch.equal(a["model"][k], v)] == []
 
 
 def test_sigint_in_process_and_time_based_checkpoints(data, tmp_path, monkeypatch):
@@ -210,12 +235,21 @@ def test_sigint_in_process_and_time_based_checkpoints(data, tmp_path, monkeypatc
         if self.step == 5:
             os.kill(os.getpid(), signal.SIGINT)
     monkeypatch.setattr(engine_train._Run, "_report", report)
-    with pytest.raises(engine_train.TrainingInterrupted, match="SIGINT at step 5") as e:
-        train(tiny_cfg(data, out, steps=10, ckpt_minutes=0.01), log=lambda s: None)
+
+    def previous(signum, frame):  # whatever handler was there (a background job has SIG_IGN)
+        raise AssertionError("train() let a signal through to the previous handler")
+    before = signal.signal(signal.SIGINT, previous), signal.getsignal(signal.SIGTERM)
+    try:
+        with pytest.raises(TrainingInterrupted, match="SIGINT at step 5") as e:
+            train(tiny_cfg(data, out, steps=10, ckpt_minutes=0.01), log=lambda s: None)
+        # put back as they were
+        assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == (
+            previous, before[1])
+    finally:
+        signal.signal(signal.SIGINT, before[0])
     assert e.value.signum == signal.SIGINT and calls == [1, 2, 3, 4, 5]
     assert not stale.exists()
     assert load_checkpoint(out / "checkpoints" / "last.pt")["progress"]["step"] == 5
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handlers restored
     monkeypatch.setattr(engine_train._Run, "_report", original)
     saved = []
     monkeypatch.setattr(engine_train, "save_checkpoint",
@@ -225,6 +259,33 @@ def test_sigint_in_process_and_time_based_checkpoints(data, tmp_path, monkeypatc
     # 0.6 s = 3 readings per step: a time-based checkpoint every ~1 step, never a step number.
     timed = [s for name, s in saved if name == "last.pt"]
     assert len(timed) >= 3 and saved[-1] == ("model.pt", 10)
+
+
+def test_an_ignored_sigint_stays_ignored(data, tmp_path, monkeypatch):
+    """A run started with SIGINT ignored (``cmd &``, ``nohup``) is not interrupted by SIGINT,
+    leaves it ignored, and still stops on SIGTERM with a resumable checkpoint."""
+    seen = []
+    original = engine_train._Run._report
+
+    def report(self, st, lr, t):
+        original(self, st, lr, t)
+        seen.append(signal.getsignal(signal.SIGINT))
+        if self.step == 2:
+            os.kill(os.getpid(), signal.SIGINT)  # ignored: the run goes on
+        if self.step == 4:
+            os.kill(os.getpid(), signal.SIGTERM)
+    monkeypatch.setattr(engine_train._Run, "_report", report)
+    before = signal.signal(signal.SIGINT, signal.SIG_IGN), signal.getsignal(signal.SIGTERM)
+    out = tmp_path / "nohup"
+    try:
+        with pytest.raises(TrainingInterrupted, match="SIGTERM at step 4"):
+            train(tiny_cfg(data, out, steps=10), log=lambda s: None)
+        after = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
+    finally:
+        signal.signal(signal.SIGINT, before[0])
+    assert seen == [signal.SIG_IGN] * 4
+    assert after == (signal.SIG_IGN, before[1])
+    assert load_checkpoint(out / "checkpoints" / "last.pt")["progress"]["step"] == 4
 
 
 # --------------------------------------------------------------------------------- global state
@@ -271,27 +332,45 @@ def test_on_error_from_the_config(data, tmp_path):
 # --------------------------------------------------------------------------- mixed precision
 @pytest.mark.parametrize("amp", ["bf16", "fp16"])
 def test_mixed_precision_training_steps(data, tmp_path, monkeypatch, amp):
-    """CPU autocast training per dtype: the first loss is close to the fp32 one (same batch,
-    same initial weights), the weights move, and fp16 runs through its GradScaler (whose first
-    steps may overflow at the initial scale 2**16: skipped, and the scale lowered)."""
-    first_loss = {}
+    """CPU autocast training per dtype: the convolutions of the training steps run in the reduced
+    dtype (a forward hook records their output dtypes), the first loss differs from the fp32 one
+    by more than fp32 rounding yet stays close (same batch, same initial weights), the weights
+    move, and fp16 runs through its GradScaler (whose first steps may overflow at the initial
+    scale 2**16: skipped, and the scale lowered)."""
+    first_loss, conv_dtypes = {}, {}
     original = engine_train.build_method
 
     def build(cfg):
         method = original(cfg)
-        inner = method.training_loss
+        inner, build_model = method.training_loss, method.build_model
+        dtypes = conv_dtypes.setdefault(cfg["train"]["amp"], set())
+
+        def record(module, inputs, output):
+            if module.training:  # not the final evaluation
+                dtypes.add(output.dtype)
+
+        def hooked_model():
+            model = build_model()
+            for m in model.modules():
+                if isinstance(m, torch.nn.Conv2d):
+                    m.register_forward_hook(record)
+            return model
 
         def training_loss(net, batch, stage):
             loss, parts = inner(net, batch, stage)
             first_loss.setdefault(cfg["train"]["amp"], (float(loss.detach()), loss.dtype))
             return loss, parts
-        method.training_loss = training_loss
+        method.build_model, method.training_loss = hooked_model, training_loss
         return method
     monkeypatch.setattr(engine_train, "build_method", build)
     steps = 6
     for mode in (amp, "off"):
         result = train(tiny_cfg(data, tmp_path / mode, steps=steps, amp=mode), log=lambda s: None)
+    reduced = {"bf16": torch.bfloat16, "fp16": torch.float16}[amp]
+    assert conv_dtypes == {amp: {reduced}, "off": {torch.float32}}
     assert first_loss[amp][0] == pytest.approx(first_loss["off"][0], rel=0.05)
+    # bf16 / fp16 rounding moves the loss far more than float32's (2**-24 relative) would
+    assert abs(first_loss[amp][0] - first_loss["off"][0]) > 2**-20 * abs(first_loss["off"][0])
     assert first_loss["off"][1] == torch.float32
     assert result["skipped_steps"] == 0  # fp32
     recs = strict_json_lines(tmp_path / amp / "train_log.jsonl")

@@ -12,12 +12,16 @@ numbers, strings and tensors only)::
     scaler      GradScaler state (fp16) or None
     progress    {"step", "stage", "stage_step", "stage_total", "epoch", "batch_in_epoch",
                  "elapsed_s", "stage_elapsed_s"}
-    rng         {"torch": ByteTensor, "cuda": [ByteTensor, ...]}
+
+No random-generator state: training derives every random draw from ``train.seed`` and the
+position (epoch, item, step), so the position is all a resumed run needs (files of earlier
+versions carry an ``rng`` entry, which is ignored).
 """
 from __future__ import annotations
 
 import os
 import tempfile
+import zipfile
 from typing import Any, Dict, Optional, Tuple
 
 import torch
@@ -29,6 +33,7 @@ __all__ = ["FORMAT", "VERSION", "CheckpointError", "save_checkpoint", "load_chec
 FORMAT = "fastiml-checkpoint"
 VERSION = 1
 _REQUIRED = ("method", "config", "model")
+_ZIP_MAGIC = b"PK\x03\x04"  # how every file torch.save writes begins
 
 
 class CheckpointError(ValueError):
@@ -44,7 +49,7 @@ def unwrap(model: nn.Module) -> nn.Module:
 
 def save_checkpoint(path: str, *, model: nn.Module, method_name: str, method_options: dict,
                     config: dict, optimizer=None, scheduler=None, scaler=None,
-                    progress: Optional[dict] = None, rng: bool = True) -> str:
+                    progress: Optional[dict] = None) -> str:
     """Write a checkpoint atomically (temporary file, fsync, rename); returns ``path``."""
     state = {
         "format": FORMAT,
@@ -56,11 +61,7 @@ def save_checkpoint(path: str, *, model: nn.Module, method_name: str, method_opt
         "scheduler": scheduler.state_dict() if scheduler is not None else None,
         "scaler": scaler.state_dict() if scaler is not None and scaler.is_enabled() else None,
         "progress": dict(progress or {}),
-        "rng": None,
     }
-    if rng:
-        state["rng"] = {"torch": torch.get_rng_state(),
-                        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=".tmp_", suffix=".pt", dir=folder)
@@ -92,7 +93,7 @@ def _fsync_folder(folder: str) -> None:
 
 def load_checkpoint(path: str, map_location="cpu") -> Dict[str, Any]:
     """Read and check a fastiml checkpoint. Raises :class:`CheckpointError` naming the file when
-    it is missing, unreadable, or not a fastiml checkpoint."""
+    it is missing, truncated or corrupt, or not a fastiml checkpoint."""
     path = os.fspath(path)
     if not os.path.exists(path):
         raise CheckpointError(f"checkpoint not found: {path}")
@@ -101,9 +102,7 @@ def load_checkpoint(path: str, map_location="cpu") -> Dict[str, Any]:
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # torch.load raises almost any type on a file that is not its own
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CheckpointError(f"not a fastiml checkpoint (cannot be loaded by torch: {first[:200]}): "
-                              f"{path}") from None
+        raise _unreadable(path) from e
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise CheckpointError(f"not a fastiml checkpoint (no '{FORMAT}' marker): {path}")
     if state.get("version") != VERSION:
@@ -113,6 +112,24 @@ def load_checkpoint(path: str, map_location="cpu") -> Dict[str, Any]:
     if missing:
         raise CheckpointError(f"fastiml checkpoint lacks {', '.join(missing)}: {path}")
     return state
+
+
+def _unreadable(path: str) -> CheckpointError:
+    """The error for a file torch.load cannot read, in our words: torch.save writes a zip archive,
+    so a file that starts like one (or is shorter than its first 4 bytes) but has no end record
+    was cut short."""
+    with open(path, "rb") as f:
+        head = f.read(len(_ZIP_MAGIC))
+    size = os.path.getsize(path)
+    advice = ("use another checkpoint of the run (an earlier checkpoints/step_*.pt or "
+              "checkpoints/last.pt) or copy the file again")
+    if _ZIP_MAGIC.startswith(head) and not zipfile.is_zipfile(path):
+        return CheckpointError(f"checkpoint {path} is truncated ({size} bytes, without the end of "
+                               f"the archive torch.save writes): {advice}")
+    if head == _ZIP_MAGIC:
+        return CheckpointError(f"checkpoint {path} is corrupt (a complete archive that torch "
+                               f"cannot read as a checkpoint): {advice}")
+    return CheckpointError(f"not a fastiml checkpoint (not a file torch.save writes): {path}")
 
 
 def model_from_checkpoint(path_or_state, device="cpu") -> Tuple[nn.Module, Any, Dict[str, Any]]:

@@ -3,8 +3,10 @@ state a run changes.
 
 - :class:`StopSignals` turns the first SIGINT / SIGTERM into a request the loop polls between steps
   (it then saves a resumable checkpoint and raises :class:`TrainingInterrupted`); a second signal
-  acts as it would without fastiml (Ctrl-C raises KeyboardInterrupt at once).
-- :class:`TrainingDiverged`: too many consecutive steps had a non-finite loss or gradient.
+  acts as it would without fastiml (Ctrl-C raises KeyboardInterrupt at once). A signal that was
+  ignored when it started stays ignored.
+- :class:`TrainingDiverged`: too many consecutive steps had a non-finite loss or gradient, or an
+  update blew the weights up.
 - :func:`non_finite_weights` lists the tensors of a state dict that are not finite: checkpoints
   are never written with them.
 - :class:`GlobalState` saves and restores the thread count and the RNGs ``train()`` sets.
@@ -36,13 +38,20 @@ class TrainingInterrupted(RuntimeError):
 
 
 class TrainingDiverged(RuntimeError):
-    """The loss or the gradients stayed non-finite for ``train.max_nonfinite_steps`` steps."""
+    """The loss or the gradients stayed non-finite for ``train.max_nonfinite_steps`` steps, or an
+    update left the weights non-finite or exploded (see :func:`fastiml.engine.train`)."""
 
 
 class StopSignals:
     """Context manager: while active, SIGINT / SIGTERM set :attr:`received` (the signal number)
-    instead of stopping the process. Installed only in the main thread (Python allows handlers
-    nowhere else); elsewhere it is a no-op that never receives anything."""
+    instead of stopping the process; on exit (or at the first signal) each handler is put back as
+    it was, whatever it was.
+
+    A signal ignored (``SIG_IGN``) on entry is left ignored: a shell starts background jobs
+    (``cmd &``, ``nohup cmd &``) with SIGINT ignored, and a run its launcher made deaf to
+    SIGINT must not become interruptible by it; such a run stops on SIGTERM (``kill <pid>``).
+    Installed only in the main thread (Python allows handlers nowhere else); elsewhere it is a
+    no-op that never receives anything."""
 
     def __init__(self):
         self.received = 0
@@ -54,13 +63,15 @@ class StopSignals:
 
     def _restore(self) -> None:
         for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
+            # None: a handler set outside Python, which cannot be put back; the default is closest
+            signal.signal(sig, signal.SIG_DFL if handler is None else handler)
         self._previous = {}
 
     def __enter__(self) -> "StopSignals":
         if threading.current_thread() is threading.main_thread():
             for sig in _STOP_SIGNALS:
-                self._previous[sig] = signal.signal(sig, self._handle)
+                if signal.getsignal(sig) is not signal.SIG_IGN:
+                    self._previous[sig] = signal.signal(sig, self._handle)
         return self
 
     def __exit__(self, *exc) -> None:

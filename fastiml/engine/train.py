@@ -18,9 +18,17 @@ last), ``checkpoints/last.pt`` (every ``train.ckpt_minutes`` and on SIGINT / SIG
 ``metrics.json`` (``{"val": ..., "test": ...}`` for the sources given).
 
 Safety (see :func:`train`): a step whose loss or gradient is NaN / inf is skipped (no update) and
-counted in the log; ``train.max_nonfinite_steps`` such steps in a row stop the run; a checkpoint is
-never written with non-finite weights; SIGINT / SIGTERM end the run after the current step with a
-resumable checkpoint.
+counted in the log; ``train.max_nonfinite_steps`` such steps in a row stop the run, and so does an
+update that multiplies the weights' norm by more than ``_MAX_NORM_GROWTH``; a checkpoint is never
+written with non-finite or exploded weights; SIGINT / SIGTERM end the run after the current step
+with a resumable checkpoint (a signal ignored when the run starts stays ignored).
+
+Exact resume: every random draw of a step is a pure function of ``train.seed`` and the position,
+never of the draws before it: the data order of (seed, epoch), each item's augmentation of
+(seed, epoch, item) -- whichever loader worker reads it --, the step's own draws (dropout, pixel
+sampling) of (seed, rank, step). A run resumed from a checkpoint written at any step, inside an
+epoch or at its end, therefore takes the same steps as the uninterrupted run: on the CPU its
+weights are bit-equal (on CUDA, as far as the kernels are deterministic).
 
 The loop reads top to bottom in :class:`_Run`: set-up (``__init__``), the stage loop (:meth:`run`,
 :meth:`_train_stage`), one step (:meth:`_train_step`, :meth:`_update`), logging
@@ -33,6 +41,7 @@ The engine never looks at the method's name: everything method-specific is behin
 from __future__ import annotations
 
 import copy
+import itertools
 import json
 import math
 import os
@@ -63,6 +72,14 @@ from fastiml.engine.progress import JsonlLog, Progress, Window, format_duration,
 
 #: The loop's clock (tests replace it with a fake one to check time budgets deterministically).
 _clock = time.perf_counter
+
+#: An update that multiplies the weights' 2-norm by more than this in one step has exploded: the
+#: run stops (TrainingDiverged) before it writes a checkpoint of those weights or takes another
+#: step. Far above what a training step does: AdamW moves each weight by about the learning rate.
+_MAX_NORM_GROWTH = 10.0
+
+#: Stream tags of _derived_seed: an item's augmentation, a step's own draws.
+_ITEM_DRAWS, _STEP_DRAWS = 0, 1
 
 __all__ = ["train", "WarmupCosine", "InMemoryDataset", "build_dataset", "build_method",
            "plan_stages", "TrainingInterrupted", "TrainingDiverged"]
@@ -180,24 +197,34 @@ def build_dataset(source, data_cfg: Dict, train: bool) -> Dataset:
                           augment=Augment() if data_cfg["augment"] else None)
 
 
+def _derived_seed(seed: int, *key: int) -> int:
+    """The seed of the random draws named by ``key`` (a stream tag, then the position: epoch, or
+    rank and step): a function of ``train.seed`` and the position alone, so that a resumed
+    run draws there what the uninterrupted run drew, whatever was drawn before."""
+    state = np.random.SeedSequence(seed % 2**64, spawn_key=key).generate_state(1, np.uint64)
+    return int(state[0] >> np.uint64(1))
+
+
 class _EpochSampler(Sampler):
     """DistributedSampler (shuffled per (seed, epoch), ``drop_last``) that can skip the items a
-    resumed run already consumed in its first epoch."""
+    resumed run already consumed in its first epoch. Yields ``(index, item seed)`` for
+    :class:`_SeededItems`."""
 
     def __init__(self, dataset: Dataset, rank: int, world: int, seed: int):
         self.inner = DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=True,
                                         seed=seed, drop_last=True)
-        self.skip = 0
+        self.seed, self.epoch, self.skip = seed, 0, 0
 
     def set_epoch(self, epoch: int, skip: int = 0) -> None:
         self.inner.set_epoch(epoch)
-        self.skip = skip
+        self.epoch, self.skip = epoch, skip
 
     def __iter__(self):
-        it = iter(self.inner)
-        for _ in range(self.skip):
-            next(it, None)
-        return it
+        # One vectorised draw per epoch: each item's seed is a function of (seed, epoch, item).
+        seeds = np.random.default_rng(_derived_seed(self.seed, _ITEM_DRAWS, self.epoch)).integers(
+            0, 2**63 - 1, size=len(self.inner.dataset), dtype=np.int64).tolist()
+        for i in itertools.islice(self.inner, self.skip, None):
+            yield i, seeds[i]
 
     def __len__(self) -> int:
         return max(0, len(self.inner) - self.skip)
@@ -230,6 +257,28 @@ class _Batches:
                 continue
             self.batch_in_epoch += 1
             return batch
+
+
+class _SeededItems(Dataset):
+    """``dataset[index]`` for a key ``(index, seed)``, read with torch's CPU generator seeded by
+    ``seed`` and put back after: the data sets draw their augmentation from it, so an item's
+    augmentation depends on its seed only, not on which loader worker reads it after what."""
+
+    def __init__(self, dataset: Dataset):
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, key: Tuple[int, int]) -> Dict:
+        index, seed = key
+        generator = torch.default_generator
+        state = generator.get_state()
+        generator.manual_seed(seed)
+        try:
+            return self.dataset[index]
+        finally:
+            generator.set_state(state)
 
 
 def _to_device(batch: Dict, device: torch.device) -> Dict:
@@ -294,9 +343,10 @@ def train(cfg: Dict, resume: Optional[str] = None, log: Optional[Callable[[str],
 
     Args:
         cfg: validated config.
-        resume: a checkpoint written by a previous run of the same method: model, optimizer,
-            schedule, RNG and position (stage, step, epoch, batch) are restored and training
-            continues from the step after it.
+        resume: a checkpoint written by a previous run of the same method, at any step: model,
+            optimizer, schedule and position (stage, step, epoch, batch) are restored and
+            training continues from the step after it, drawing what the uninterrupted run drew
+            (see "Exact resume" in the module docstring).
         log: where one-line messages go (default: stderr on rank 0).
 
     Returns (on every rank) a dict: ``output_dir``, ``checkpoint`` (model.pt), ``steps``,
@@ -306,9 +356,14 @@ def train(cfg: Dict, resume: Optional[str] = None, log: Optional[Callable[[str],
     Raises:
         TrainingInterrupted: on SIGINT / SIGTERM, after the current step, once a resumable
             checkpoint (``checkpoints/last.pt``) is written; its message says how to resume.
+            A signal ignored when train() starts stays ignored (a shell starts background jobs,
+            ``cmd &`` or ``nohup cmd &``, with SIGINT ignored): such a run stops on the other
+            one (``kill <pid>`` sends SIGTERM). The handlers in place before are put back.
         TrainingDiverged: ``train.max_nonfinite_steps`` consecutive steps had a non-finite loss
-            or gradient (each was skipped: no update), or the weights themselves became
-            non-finite; no checkpoint is ever written with non-finite weights.
+            or gradient (each was skipped: no update), or an update left the weights non-finite
+            or multiplied their norm by more than ``_MAX_NORM_GROWTH``; no checkpoint is written
+            of such weights, and the message names the last checkpoint written after a step
+            with a finite loss and a sane update (a resumed-from checkpoint counts), or none.
 
     The thread count (``train.threads``) and the torch / NumPy RNGs (seeded by ``train.seed``) are
     put back as they were when it returns or raises.
@@ -378,6 +433,12 @@ class _Run:
         self.t_run = _clock()
         self.t_last_checkpoint = self.t_run
         self.last_checkpoint: Optional[str] = resume
+        # The last checkpoint written after a step whose loss was finite and whose update was
+        # applied and sane: the one a diverged run names (a resumed-from checkpoint counts).
+        self.last_sound_checkpoint: Optional[str] = resume
+        self.step_updated = False  # whether the last step's update was applied
+        self.weights = [p for p in self.model.parameters() if p.is_floating_point()]
+        self.update_from: Optional[Tuple[int, float]] = None  # (step, weights' norm before it)
         self.totals = {"wall": 0.0, "data": 0.0, "images": 0, "steps": 0, "loss": math.nan}
         self.nonfinite_run = 0  # consecutive skipped steps
         self.skipped_steps = 0
@@ -426,8 +487,8 @@ class _Run:
         bs = tc["batch_size"]
         self.sampler = _EpochSampler(self.train_set, info.rank, info.world_size, tc["seed"])
         workers = 0 if isinstance(self.train_set, InMemoryDataset) else dc["num_workers"]
-        self.loader = DataLoader(self.train_set, batch_size=bs, sampler=self.sampler,
-                                 num_workers=workers, drop_last=True,
+        self.loader = DataLoader(_SeededItems(self.train_set), batch_size=bs,
+                                 sampler=self.sampler, num_workers=workers, drop_last=True,
                                  pin_memory=self.device.type == "cuda",
                                  persistent_workers=workers > 0,
                                  worker_init_fn=ignore_interrupts_in_worker if workers else None)
@@ -453,10 +514,6 @@ class _Run:
                          batch_in_epoch=0, elapsed_s=0.0, stage_elapsed_s=0.0)
         if self.state is not None:
             self.prog.update(self.state.get("progress") or {})
-            if self.state.get("rng"):
-                torch.set_rng_state(self.state["rng"]["torch"])
-                if torch.cuda.is_available() and self.state["rng"].get("cuda"):
-                    torch.cuda.set_rng_state_all(self.state["rng"]["cuda"])
         self.batches = _Batches(self.loader, self.sampler, self.per_epoch, self.prog["epoch"],
                                 self.prog["batch_in_epoch"])
 
@@ -561,6 +618,9 @@ class _Run:
         batch; returns the step's learning rate and the time it ended."""
         batch = self.batches.next()
         t_data = _clock() - self.t_prev
+        # The step's own draws (dropout, pixel sampling): from its position, not from the stream
+        # that set-up and data loading went through, so that a resumed run draws the same.
+        torch.manual_seed(_derived_seed(self.tc["seed"], _STEP_DRAWS, self.info.rank, self.step))
         batch = _to_device(batch, self.device)
         batch["image"] = input_filter(batch["image"], self.dc["input_filter"])
         # BatchNorm's running statistics change in the forward pass: kept to undo a skipped step
@@ -570,7 +630,7 @@ class _Run:
             loss, parts = self.method.training_loss(st.net, batch, st.index)
         st.optimizer.zero_grad(set_to_none=True)
         st.scaler.scale(loss).backward()
-        updated = self._update(st, loss)
+        updated = self.step_updated = self._update(st, loss)
         if not updated:
             for b, saved in zip(buffers, saved_buffers):
                 b.copy_(saved)
@@ -594,11 +654,15 @@ class _Run:
 
     def _update(self, st: _Stage, loss: torch.Tensor) -> bool:
         """Clip and apply the gradients unless the loss or a gradient is NaN / inf; returns
-        whether the weights were updated. With fp16 the GradScaler makes that call (it skips such
+        whether the weights were updated. TrainingDiverged first if the previous update blew the
+        weights up (:meth:`_check_last_update`). With fp16 the GradScaler makes that call (it skips such
         steps and lowers its scale). All ranks agree, in the same all-reduce that shares a stop
         signal and a due time-based checkpoint."""
         clip = self.tc["grad_clip"]
+        weight_norm = self._weight_norm()
         if st.scaler.is_enabled():
+            weight_norm = float(weight_norm)
+            self._check_last_update(weight_norm)
             if clip > 0:
                 st.scaler.unscale_(st.optimizer)
                 torch.nn.utils.clip_grad_norm_(st.params, clip)
@@ -613,6 +677,8 @@ class _Run:
             else:
                 norm = torch.nn.utils.get_total_norm(grads)
             finite = bool(torch.isfinite(norm)) and math.isfinite(_number(loss))
+            weight_norm = float(weight_norm)  # read after that sync: no wait of its own
+            self._check_last_update(weight_norm)
         due = (self.tc["ckpt_minutes"] > 0  # measured at the step's start: no extra clock reading
                and self.t_prev - self.t_last_checkpoint >= 60.0 * self.tc["ckpt_minutes"])
         skip, stop, due = D.any_over_ranks([not finite, self.signals.received, due], self.device)
@@ -621,7 +687,38 @@ class _Run:
             return False
         if not st.scaler.is_enabled():
             st.optimizer.step()
+        self.update_from = (self.step + 1, weight_norm)
         return True
+
+    @torch.no_grad()
+    def _weight_norm(self, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+        """The 2-norm of all the model's weights (one fused pass), accumulated in ``dtype``."""
+        return torch.linalg.vector_norm(torch.stack(
+            torch._foreach_norm(self.weights, 2, dtype=dtype)))
+
+    def _check_last_update(self, norm: float) -> None:
+        """TrainingDiverged when the last applied update left the weights' norm at ``norm``: not
+        finite, or more than _MAX_NORM_GROWTH times what it was before it. Called before the
+        next update and before a checkpoint: exploded weights are never updated again or saved."""
+        if self.update_from is None:
+            return
+        step, before = self.update_from
+        if norm <= _MAX_NORM_GROWTH * before:  # False for NaN
+            return
+        if norm == math.inf:  # finite weights of 1e30 overflow float32: say how large they are
+            norm = float(self._weight_norm(torch.float64))
+        what = (f"took the weights' 2-norm from {before:.3g} to {norm:.3g} (more than "
+                f"x{_MAX_NORM_GROWTH:g} in one step)" if math.isfinite(norm) else
+                "made a weight NaN / inf")
+        self.jlog.write({"event": "diverged", "step": self.step, "exploding_update": step})
+        raise TrainingDiverged(
+            f"training diverged: the update of step {step} {what}; lower train.lr (now "
+            f"{self.tc['lr']:g} at its peak) or raise train.warmup_steps. "
+            f"{self._sound_checkpoint_note()}")
+
+    def _sound_checkpoint_note(self) -> str:
+        return ("Last checkpoint with a finite loss and a sane update: "
+                f"{self.last_sound_checkpoint or 'none'}")
 
     def _count_skips(self, updated: bool, lr: float) -> None:
         if updated:
@@ -644,8 +741,7 @@ class _Run:
                 f"training diverged: the loss or a gradient was NaN / inf in {self.nonfinite_run} "
                 f"consecutive steps ({first}-{self.step}; none was applied); lower train.lr "
                 f"(now {self.tc['lr']:g} at its peak, {lr:.3g} at step {self.step}), check the "
-                f"data, or raise train.max_nonfinite_steps. Last checkpoint: "
-                f"{self.last_checkpoint or 'none'}")
+                f"data, or raise train.max_nonfinite_steps. {self._sound_checkpoint_note()}")
 
     def _fit_to_time_budget(self, st: _Stage, now: float) -> None:
         """Under a time budget: re-fit this stage's length to the time left (ranks agree)."""
@@ -730,16 +826,18 @@ class _Run:
 
     def _checkpoint(self, st: _Stage, path: str, required: bool = True) -> Optional[str]:
         """A resumable checkpoint at ``path`` (rank 0 writes, all ranks wait). Weights with a NaN
-        or an infinity are never written: TrainingDiverged when ``required``, else a warning."""
+        or an infinity are never written: TrainingDiverged when ``required``, else a warning;
+        weights an update has just blown up (:meth:`_check_last_update`): TrainingDiverged."""
         bad = non_finite_weights(unwrap(self.model).state_dict())
         if bad:
             msg = (f"the weights are not finite ({len(bad)} tensors, e.g. {bad[0]}) at step "
-                   f"{self.step}: checkpoint {path} not written; lower train.lr. Last checkpoint: "
-                   f"{self.last_checkpoint or 'none'}")
+                   f"{self.step}: checkpoint {path} not written; lower train.lr. "
+                   f"{self._sound_checkpoint_note()}")
             if required:
                 raise TrainingDiverged(f"training diverged: {msg}")
             self.say(f"fastiml: warning: {msg}")
             return None
+        self._check_last_update(float(self._weight_norm()))
         if self.main:
             save_checkpoint(path, model=self.model, optimizer=st.optimizer,
                             scheduler=st.scheduler, scaler=st.scaler, progress=dict(
@@ -751,6 +849,8 @@ class _Run:
                             method_options=copy.deepcopy(self.cfg["method"]), config=self.cfg)
         D.barrier()
         self.last_checkpoint = path
+        if self.step_updated:
+            self.last_sound_checkpoint = path
         self.t_last_checkpoint = _clock()
         return path
 
