@@ -6,8 +6,10 @@ toolkit is found -- whether or not this machine has a GPU (build machines often 
 Environment variables:
   FASTIML_CUDA=1|0        force the CUDA sources in (fail if impossible) or out
   TORCH_CUDA_ARCH_LIST    e.g. "8.0;9.0" (default), turned into -gencode flags
-  FASTIML_CPU_FLAGS       extra C++ flags for the CPU kernels (default: -mavx2 -mfma when the
-                          build machine has them; set to "" for a portable build)
+  FASTIML_CPU_FLAGS       extra C++ flags for every C++ source (default: none). The build is
+                          portable without them: the CPU kernels are also compiled for AVX2 and
+                          AVX-512 (csrc/ops/cpu/isa/) and chosen at run time, whatever the
+                          build machine has
   FASTIML_PTXAS_VERBOSE=1 nvcc -Xptxas -v: the build log gives each CUDA kernel's registers,
                           shared memory and spill stores/loads (the README's tile-choice note)
   DEBUG=1                 -O0 -g
@@ -15,7 +17,6 @@ Environment variables:
 """
 import glob
 import os
-import platform
 import shutil
 import sys
 
@@ -89,16 +90,7 @@ opt = ["-O0", "-g"] if debug else ["-O3"]
 
 
 def _cpu_flags():
-    if "FASTIML_CPU_FLAGS" in os.environ:
-        return os.environ["FASTIML_CPU_FLAGS"].split()
-    if platform.machine() not in ("x86_64", "AMD64"):
-        return []
-    try:
-        with open("/proc/cpuinfo") as f:
-            info = f.read()
-    except OSError:
-        return []
-    return ["-mavx2", "-mfma"] if (" avx2" in info and " fma" in info) else []
+    return os.environ.get("FASTIML_CPU_FLAGS", "").split()
 
 
 def _gencode():
@@ -145,6 +137,11 @@ if with_cuda:
     Extension = CUDAExtension
 else:
     Extension = CppExtension
+
+# The CPU kernels' AVX2 / AVX-512 variants come last: the linker keeps the first copy of an
+# inline function of std / c10 / ATen that several objects define, and every other object must
+# get a base copy, never a variant's (csrc/ops/cpu/isa/kernels.h).
+sources += ["csrc/ops/cpu/isa/avx2.cpp", "csrc/ops/cpu/isa/avx512.cpp"]
 
 if "MAX_JOBS" not in os.environ:
     try:

@@ -1,10 +1,13 @@
 // Op schemas of the fastiml library and the Python module that carries them.
 // Each backend file registers its own dispatch key (ops/cpu/*_kernel.cpp, ops/cuda/*_kernel.cu).
 #include <Python.h>
+#include <c10/util/Exception.h>
 #include <torch/library.h>
 
+#include "ops/cpu/capability.h"
+
 // Bumped whenever a schema changes: fastiml/ops.py refuses a compiled module of another version.
-#define FASTIML_ABI_VERSION 4
+#define FASTIML_ABI_VERSION 5
 
 TORCH_LIBRARY(fastiml, m) {
   // DESIGN 2.1. k, k_label and k_group are None for self-contrast (k is q): the kernels then
@@ -56,9 +59,35 @@ static PyObject* compiled_with_cuda(PyObject*, PyObject*) {
 #endif
 }
 
+// The CPU kernels' instruction-set level (ops/cpu/capability.h), for fastiml.ops.
+static PyObject* cpu_capability(PyObject*, PyObject*) {
+  return PyUnicode_FromString(fastiml::cpu::capability_name(fastiml::cpu::capability()));
+}
+
+static PyObject* best_cpu_capability(PyObject*, PyObject*) {
+  return PyUnicode_FromString(fastiml::cpu::capability_name(fastiml::cpu::best_capability()));
+}
+
+static PyObject* set_cpu_capability(PyObject*, PyObject* arg) {
+  const char* name = PyUnicode_AsUTF8(arg);
+  if (name == nullptr) return nullptr;  // not a str: PyUnicode_AsUTF8 raised TypeError
+  try {
+    fastiml::cpu::set_capability(name);
+  } catch (const c10::Error& e) {
+    PyErr_SetString(PyExc_ValueError, e.what_without_backtrace());
+    return nullptr;
+  }
+  Py_RETURN_NONE;
+}
+
 static PyMethodDef methods[] = {
     {"abi_version", abi_version, METH_NOARGS, "Schema version of this compiled module."},
     {"compiled_with_cuda", compiled_with_cuda, METH_NOARGS, "Whether CUDA kernels were built."},
+    {"cpu_capability", cpu_capability, METH_NOARGS, "The CPU kernels' level in force."},
+    {"best_cpu_capability", best_cpu_capability, METH_NOARGS,
+     "The best CPU kernel level this CPU and build support."},
+    {"set_cpu_capability", set_cpu_capability, METH_O,
+     "Sets the CPU kernels' level: 'default', 'avx2' or 'avx512' (at most the best)."},
     {nullptr, nullptr, 0, nullptr}};
 
 static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, methods};

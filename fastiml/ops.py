@@ -11,13 +11,14 @@ the input dtype.
 """
 import math
 import numbers
+import os
 from typing import Optional, Tuple
 
 import numpy as np
 import torch
 from torch import Tensor
 
-_ABI_VERSION = 4  # must match FASTIML_ABI_VERSION in csrc/fastiml.cpp
+_ABI_VERSION = 5  # must match FASTIML_ABI_VERSION in csrc/fastiml.cpp
 _OPS = ("pair_stats", "pair_stats_backward", "contour_mine", "contour_band",
         "pivot_consistency", "pivot_consistency_backward",
         "pair_softplus", "pair_softplus_backward")
@@ -39,6 +40,63 @@ _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 def compiled_with_cuda() -> bool:
     """Whether the compiled module holds the CUDA kernels."""
     return bool(_C.compiled_with_cuda())
+
+
+# CPU kernel levels, lowest first (the names of torch.backends.cpu.get_cpu_capability()).
+CPU_CAPABILITIES = ("default", "avx2", "avx512")
+
+
+def cpu_capability() -> str:
+    """The instruction-set level the CPU kernels run at: ``"default"``, ``"avx2"`` or ``"avx512"``.
+
+    The extension carries every CPU kernel at each level (baseline x86-64; AVX2 + FMA; AVX-512
+    F/BW/VL/DQ) and picks, at import, the best this CPU supports (cpuid, never the build
+    machine's), lowered by ``ATEN_CPU_CAPABILITY`` (torch's own override) and by
+    ``FASTIML_CPU_CAPABILITY``. Results agree across levels to the last bits of an exponential
+    (README, "CPU levels").
+    """
+    return _C.cpu_capability()
+
+
+def supported_cpu_capabilities() -> Tuple[str, ...]:
+    """The CPU kernel levels this machine can run, lowest first."""
+    best = _C.best_cpu_capability()
+    return CPU_CAPABILITIES[:CPU_CAPABILITIES.index(best) + 1]
+
+
+def set_cpu_capability(level: str) -> None:
+    """Runs the CPU kernels at ``level`` from the next call on (any supported level, e.g. to
+    compare levels in one process); ``ValueError`` if the name is unknown or the CPU lacks it."""
+    if not isinstance(level, str):
+        raise TypeError(f"level must be a str, one of {CPU_CAPABILITIES}, "
+                        f"got {type(level).__name__}")
+    _C.set_cpu_capability(level.lower())
+
+
+def _initial_cpu_capability() -> str:
+    """The level at import: the CPU's best, capped by torch's ATEN_CPU_CAPABILITY (an unknown or
+    non-x86 torch level counts as "default") and lowered by FASTIML_CPU_CAPABILITY, which must
+    name a level this CPU supports."""
+    supported = supported_cpu_capabilities()
+    level = supported[-1]
+    if os.environ.get("ATEN_CPU_CAPABILITY"):
+        torch_level = torch.backends.cpu.get_cpu_capability().lower()
+        torch_level = next((c for c in reversed(CPU_CAPABILITIES) if torch_level.startswith(c)),
+                           "default")
+        level = min(level, torch_level, key=CPU_CAPABILITIES.index)
+    requested = os.environ.get("FASTIML_CPU_CAPABILITY", "").strip().lower()
+    if requested:
+        if requested not in CPU_CAPABILITIES:
+            raise ValueError(f"FASTIML_CPU_CAPABILITY must be one of {CPU_CAPABILITIES}, "
+                             f"got {requested!r}")
+        if requested not in supported:
+            raise ValueError(f"FASTIML_CPU_CAPABILITY={requested!r} is not supported on this CPU "
+                             f"(it runs at most {supported[-1]!r}); it may only lower the level")
+        level = requested
+    return level
+
+
+set_cpu_capability(_initial_cpu_capability())
 
 
 def _stat_dtype(dtype: torch.dtype) -> torch.dtype:
