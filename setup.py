@@ -5,7 +5,8 @@ toolkit is found -- whether or not this machine has a GPU (build machines often 
 
 Environment variables:
   FASTIML_CUDA=1|0        force the CUDA sources in (fail if impossible) or out
-  TORCH_CUDA_ARCH_LIST    e.g. "8.0;9.0" (default), turned into -gencode flags
+  TORCH_CUDA_ARCH_LIST    e.g. "8.0;9.0+PTX" (default), turned into -gencode flags; +PTX also
+                          ships PTX, which newer GPUs compile at load
   FASTIML_CPU_FLAGS       extra C++ flags for every C++ source (default: none). The build is
                           portable without them: the CPU kernels are also compiled for AVX2 and
                           AVX-512 (csrc/ops/cpu/isa/) and chosen at run time, whatever the
@@ -93,20 +94,27 @@ def _cpu_flags():
     return os.environ.get("FASTIML_CPU_FLAGS", "").split()
 
 
-def _gencode():
-    archs = os.environ.get("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
-    flags = []
+def _cuda_archs():
+    """TORCH_CUDA_ARCH_LIST as (SASS archs, PTX archs), e.g. ([80, 90], [90]) for the default:
+    machine code for sm_80 and sm_90, and PTX for compute_90 that any newer GPU (sm_100, ...)
+    compiles when the library loads."""
+    archs = os.environ.get("TORCH_CUDA_ARCH_LIST", "8.0;9.0+PTX")
+    sass, ptx = [], []
     for arch in archs.replace(",", ";").replace(" ", ";").split(";"):
         if not arch:
             continue
-        ptx = arch.endswith("+PTX")
-        num = arch.replace("+PTX", "").replace(".", "")
-        flags.append(f"-gencode=arch=compute_{num},code=sm_{num}")
-        if ptx:
-            flags.append(f"-gencode=arch=compute_{num},code=compute_{num}")
+        num = int(arch.replace("+PTX", "").replace(".", ""))
+        sass.append(num)
+        if arch.endswith("+PTX"):
+            ptx.append(num)
     # We pass -gencode ourselves; keep torch from appending its own (GPU-probing) list.
     os.environ["TORCH_CUDA_ARCH_LIST"] = archs
-    return flags
+    return sass, ptx
+
+
+def _gencode(sass, ptx):
+    return ([f"-gencode=arch=compute_{n},code=sm_{n}" for n in sass]
+            + [f"-gencode=arch=compute_{n},code=compute_{n}" for n in ptx])
 
 
 sources = ["csrc/fastiml.cpp"] + sorted(glob.glob("csrc/ops/cpu/*.cpp"))
@@ -123,9 +131,13 @@ define_macros = []
 if with_cuda:
     sources += sorted(glob.glob("csrc/ops/cuda/*.cu"))
     define_macros.append(("WITH_CUDA", None))
-    extra_compile_args["cxx"].append("-DWITH_CUDA")
+    sass, ptx = _cuda_archs()
+    # The arch list, for fastiml.ops' "no kernel for this GPU" error (commas and digits only:
+    # the flags pass through a shell).
+    extra_compile_args["cxx"] += ["-DWITH_CUDA", "-DFASTIML_CUDA_SASS=" + ",".join(map(str, sass)),
+                                  "-DFASTIML_CUDA_PTX=" + ",".join(map(str, ptx))]
     extra_compile_args["nvcc"] = (opt + ["-std=c++20", "-DWITH_CUDA", "--expt-relaxed-constexpr",
-                                         "-lineinfo"] + _gencode())
+                                         "-lineinfo"] + _gencode(sass, ptx))
     if _flag("FASTIML_PTXAS_VERBOSE"):
         extra_compile_args["nvcc"] += ["-Xptxas", "-v"]
     # The CUDA build of torch ships headers that a bare toolkit may lack (cusparse.h, ...).

@@ -9,10 +9,11 @@ Dtypes: inputs may be float32, float16 or bfloat16 (float64 for gradcheck); all 
 in float32 (float64 for float64 inputs); statistics come back in float32 (float64), gradients in
 the input dtype.
 """
+import functools
 import math
 import numbers
 import os
-from typing import Optional, Tuple
+from typing import Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -40,6 +41,43 @@ _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 def compiled_with_cuda() -> bool:
     """Whether the compiled module holds the CUDA kernels."""
     return bool(_C.compiled_with_cuda())
+
+
+def arch_list_covers(sass: Sequence[int], ptx: Sequence[int], capability: Tuple[int, int]) -> bool:
+    """Whether kernels built for ``sass`` machine code and ``ptx`` (archs as 80, 90, ...) run on a
+    GPU of compute ``capability`` (major, minor): machine code runs on its own major version at
+    an equal or higher minor; PTX compiles for any equal or newer GPU."""
+    major, minor = capability
+    device = 10 * major + minor
+    return (any(a // 10 == major and a % 10 <= minor for a in sass)
+            or any(a <= device for a in ptx))
+
+
+@functools.lru_cache(maxsize=None)
+def _cuda_kernel_problem(index: int) -> Optional[str]:
+    """Why this build cannot run its CUDA kernels on GPU ``index`` (None: it can)."""
+    if not compiled_with_cuda():
+        return ("fastiml was built without its CUDA kernels (torch without CUDA, or no CUDA "
+                f"toolkit found at build time): {_REBUILD} with FASTIML_CUDA=1")
+    sass, ptx = _C.cuda_archs()
+    capability = torch.cuda.get_device_capability(index)
+    if arch_list_covers(sass, ptx, capability):
+        return None
+    built = ";".join(f"{a // 10}.{a % 10}" + ("+PTX" if a in ptx else "") for a in sass)
+    own = f"{capability[0]}.{capability[1]}"
+    return (f"fastiml's CUDA kernels were built for TORCH_CUDA_ARCH_LIST={built}, which has no "
+            f"kernel for this GPU ({torch.cuda.get_device_name(index)}, compute capability "
+            f"{own}); rebuild with TORCH_CUDA_ARCH_LIST=\"{own}\" (or add \"{own}\" to the "
+            f"list): {_REBUILD}")
+
+
+def _check_kernels_for(name: str, t: Tensor) -> None:
+    """A CUDA input on a GPU this build has no kernel for: a clear error before any launch."""
+    if t.is_cuda:
+        problem = _cuda_kernel_problem(t.device.index if t.device.index is not None
+                                       else torch.cuda.current_device())
+        if problem is not None:
+            raise RuntimeError(f"{name} is on {t.device}, but {problem}")
 
 
 # CPU kernel levels, lowest first (the names of torch.backends.cpu.get_cpu_capability()).
@@ -115,6 +153,7 @@ def _check_features(name: str, x, rows_name: str = "N") -> None:
         raise ValueError(f"{name} must be 2-D [{rows_name}, D], got shape {tuple(x.shape)}")
     if x.dtype not in _FLOAT_DTYPES:
         raise TypeError(f"{name} must be float32, float16, bfloat16 or float64, got {x.dtype}")
+    _check_kernels_for(name, x)
 
 
 def _check_index_vector(name: str, t, length: int, device: torch.device) -> None:
@@ -277,6 +316,7 @@ def _check_mask(mask, valid: Optional[Tensor]) -> Tensor:
     if mask.dim() != 3:
         raise ValueError(f"mask must be [B, H, W] (or [B, 1, H, W]), got shape "
                          f"{tuple(mask.shape)}")
+    _check_kernels_for("mask", mask)
     if mask.dtype not in _MASK_DTYPES:
         raise TypeError(f"mask must be bool, uint8 (0/1 or 0/255) or float in [0, 1], got "
                         f"{mask.dtype}")
@@ -386,6 +426,7 @@ def pivot_consistency(logit_a: Tensor, logit_b: Tensor, klass: Tensor, patch: in
                          f"got {tuple(logit_b.shape)}, {logit_b.dtype}")
     if logit_b.device != logit_a.device:
         raise ValueError(f"logit_b must be on {logit_a.device}, got {logit_b.device}")
+    _check_kernels_for("logit_a", logit_a)
     if isinstance(patch, bool) or not isinstance(patch, int) or patch <= 0:
         raise ValueError(f"patch must be an int > 0, got {patch!r}")
     b, _, h, w = logit_a.shape
