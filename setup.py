@@ -5,9 +5,12 @@ toolkit is found -- whether or not this machine has a GPU (build machines often 
 
 Environment variables:
   FASTIML_CUDA=1|0        force the CUDA sources in (fail if impossible) or out
-  TORCH_CUDA_ARCH_LIST    e.g. "8.0;9.0" (default), turned into -gencode flags
-  FASTIML_CPU_FLAGS       extra C++ flags for the CPU kernels (default: -mavx2 -mfma when the
-                          build machine has them; set to "" for a portable build)
+  TORCH_CUDA_ARCH_LIST    e.g. "8.0;9.0+PTX" (default), turned into -gencode flags; +PTX also
+                          ships PTX, which newer GPUs compile at load
+  FASTIML_CPU_FLAGS       extra C++ flags for every C++ source (default: none). The build is
+                          portable without them: the CPU kernels are also compiled for AVX2 and
+                          AVX-512 (csrc/ops/cpu/isa/) and chosen at run time, whatever the
+                          build machine has
   FASTIML_PTXAS_VERBOSE=1 nvcc -Xptxas -v: the build log gives each CUDA kernel's registers,
                           shared memory and spill stores/loads (the README's tile-choice note)
   DEBUG=1                 -O0 -g
@@ -15,7 +18,6 @@ Environment variables:
 """
 import glob
 import os
-import platform
 import shutil
 import sys
 
@@ -89,32 +91,30 @@ opt = ["-O0", "-g"] if debug else ["-O3"]
 
 
 def _cpu_flags():
-    if "FASTIML_CPU_FLAGS" in os.environ:
-        return os.environ["FASTIML_CPU_FLAGS"].split()
-    if platform.machine() not in ("x86_64", "AMD64"):
-        return []
-    try:
-        with open("/proc/cpuinfo") as f:
-            info = f.read()
-    except OSError:
-        return []
-    return ["-mavx2", "-mfma"] if (" avx2" in info and " fma" in info) else []
+    return os.environ.get("FASTIML_CPU_FLAGS", "").split()
 
 
-def _gencode():
-    archs = os.environ.get("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
-    flags = []
+def _cuda_archs():
+    """TORCH_CUDA_ARCH_LIST as (SASS archs, PTX archs), e.g. ([80, 90], [90]) for the default:
+    machine code for sm_80 and sm_90, and PTX for compute_90 that any newer GPU (sm_100, ...)
+    compiles when the library loads."""
+    archs = os.environ.get("TORCH_CUDA_ARCH_LIST", "8.0;9.0+PTX")
+    sass, ptx = [], []
     for arch in archs.replace(",", ";").replace(" ", ";").split(";"):
         if not arch:
             continue
-        ptx = arch.endswith("+PTX")
-        num = arch.replace("+PTX", "").replace(".", "")
-        flags.append(f"-gencode=arch=compute_{num},code=sm_{num}")
-        if ptx:
-            flags.append(f"-gencode=arch=compute_{num},code=compute_{num}")
+        num = int(arch.replace("+PTX", "").replace(".", ""))
+        sass.append(num)
+        if arch.endswith("+PTX"):
+            ptx.append(num)
     # We pass -gencode ourselves; keep torch from appending its own (GPU-probing) list.
     os.environ["TORCH_CUDA_ARCH_LIST"] = archs
-    return flags
+    return sass, ptx
+
+
+def _gencode(sass, ptx):
+    return ([f"-gencode=arch=compute_{n},code=sm_{n}" for n in sass]
+            + [f"-gencode=arch=compute_{n},code=compute_{n}" for n in ptx])
 
 
 sources = ["csrc/fastiml.cpp"] + sorted(glob.glob("csrc/ops/cpu/*.cpp"))
@@ -131,9 +131,13 @@ define_macros = []
 if with_cuda:
     sources += sorted(glob.glob("csrc/ops/cuda/*.cu"))
     define_macros.append(("WITH_CUDA", None))
-    extra_compile_args["cxx"].append("-DWITH_CUDA")
+    sass, ptx = _cuda_archs()
+    # The arch list, for fastiml.ops' "no kernel for this GPU" error (commas and digits only:
+    # the flags pass through a shell).
+    extra_compile_args["cxx"] += ["-DWITH_CUDA", "-DFASTIML_CUDA_SASS=" + ",".join(map(str, sass)),
+                                  "-DFASTIML_CUDA_PTX=" + ",".join(map(str, ptx))]
     extra_compile_args["nvcc"] = (opt + ["-std=c++20", "-DWITH_CUDA", "--expt-relaxed-constexpr",
-                                         "-lineinfo"] + _gencode())
+                                         "-lineinfo"] + _gencode(sass, ptx))
     if _flag("FASTIML_PTXAS_VERBOSE"):
         extra_compile_args["nvcc"] += ["-Xptxas", "-v"]
     # The CUDA build of torch ships headers that a bare toolkit may lack (cusparse.h, ...).
@@ -145,6 +149,11 @@ if with_cuda:
     Extension = CUDAExtension
 else:
     Extension = CppExtension
+
+# The CPU kernels' AVX2 / AVX-512 variants come last: the linker keeps the first copy of an
+# inline function of std / c10 / ATen that several objects define, and every other object must
+# get a base copy, never a variant's (csrc/ops/cpu/isa/kernels.h).
+sources += ["csrc/ops/cpu/isa/avx2.cpp", "csrc/ops/cpu/isa/avx512.cpp"]
 
 if "MAX_JOBS" not in os.environ:
     try:

@@ -14,6 +14,10 @@ klass grid that ``contour_mine`` gives at patch p = 16 for random-blob masks of 
                  for it (4 bytes-per-element passes) and for ``fused`` (6: forward reads a, b;
                  backward reads them again and writes both gradients).
 
+The bandwidth floor: the fused case also times ``a.clone(); b.clone()`` in its own process,
+right after itself; the floor is its 6 passes at that clone's rate (4 passes), and
+``× floor = fused / (6/4 · clone)``.
+
     python -m benchmarks.bench_pivot [--dtypes float32 bfloat16] [--batch 8] [--size 512]
         [--patch 16] [--repeat 5] [--json out.json] [--max-gb 12]
 """
@@ -97,7 +101,13 @@ def run_case(case: dict) -> dict:
     meter = H.MemoryMeter(device)
     meter.start()
     timing = H.time_fn(step, repeat=int(case.get("repeat", 5)), device=device)
-    return {**timing, **meter.stop(), "loss": float(last["loss"]), "threads": threads}
+    out = {**timing, **meter.stop(), "loss": float(last["loss"]), "threads": threads}
+    if case["provider"] == "fused":  # the bandwidth floor, timed in this process
+        a0, b0 = a.detach(), b.detach()
+        clone = H.time_fn(lambda: (a0.clone(), b0.clone()), repeat=int(case.get("repeat", 5)),
+                          device=device)
+        out["floor_s"] = _PASSES["fused"] / _PASSES["clone"] * clone["time_s"]
+    return out
 
 
 # -------------------------------------------------------------------------------- the run
@@ -118,7 +128,7 @@ def run(args) -> List[H.Result]:
                     "threads": args.threads, "repeat": args.repeat}
             H.progress(f"[pivot] {dtype_name} {provider} ...")
             out = H.run_case_anywhere(MODULE, run_case, case, args.in_process, args.timeout)
-            r = H.result_from_child(BENCHMARK, provider, params, out, keep=("loss",))
+            r = H.result_from_child(BENCHMARK, provider, params, out, keep=("loss", "floor_s"))
             H.progress(f"[pivot] {dtype_name} {provider}: {H.fmt_seconds(r)} s, "
                        f"{H.fmt_mb(r)} MB above inputs")
             results.append(r)
@@ -141,6 +151,9 @@ def _derive(results):
                 p["dtype"]).itemsize
             r.metrics["gbytes_per_s"] = bytes_moved / r.metrics["time_s"] / 1e9
     for fused in [r for r in results if r.provider == "fused" and r.ok]:
+        if fused.metrics.get("floor_s"):
+            fused.metrics["bandwidth_floor_ratio"] = (fused.metrics["time_s"]
+                                                      / fused.metrics["floor_s"])
         for base in ("plain", "reference"):
             s = H.ratio(_find(results, base, fused.params["dtype"]), fused)
             if s is not None:
@@ -154,7 +167,8 @@ def _derive(results):
 
 def table(results: List[H.Result]) -> str:
     headers = ["B×1×H×W", "patch", "dtype", "fused s", "plain s", "reference s",
-               "speed-up vs plain", "vs reference", "fused GB/s", "clone GB/s",
+               "speed-up vs plain", "vs reference", "fused GB/s", "clone GB/s", "floor s",
+               "× floor",
                "peak MB above inputs: fused", "plain", "reference", "loss rel. diff"]
     rows = []
     dtypes = []
@@ -170,11 +184,16 @@ def table(results: List[H.Result]) -> str:
         rows.append([f"{any_r.params['B']}×1×{any_r.params['H']}×{any_r.params['W']}",
                      any_r.params["patch"], dt, H.fmt_seconds(f), H.fmt_seconds(pl),
                      H.fmt_seconds(ref), H.fmt_ratio(H.ratio(pl, f)),
-                     H.fmt_ratio(H.ratio(ref, f)), gbs(f), gbs(cl), H.fmt_mb(f), H.fmt_mb(pl),
+                     H.fmt_ratio(H.ratio(ref, f)), gbs(f), gbs(cl),
+                     "—" if f is None or f.get("floor_s") is None else f"{f.get('floor_s'):.4f}",
+                     "—" if f is None or f.get("bandwidth_floor_ratio") is None
+                     else f"{f.get('bandwidth_floor_ratio'):.2f}×",
+                     H.fmt_mb(f), H.fmt_mb(pl),
                      H.fmt_mb(ref), "—" if diff is None else f"{diff:.1e}"])
     return H.markdown_table(headers, rows) + (
         "\n\nGB/s: bytes the op must move (fused: 6 passes over a logit map -- a, b read twice, "
-        "two gradients written; clone: 4) per second.")
+        "two gradients written; clone: 4) per second. floor: those 6 passes at the rate of "
+        "a.clone(); b.clone() timed in the fused case's process; × floor = fused / floor.")
 
 
 def parser():

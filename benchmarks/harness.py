@@ -82,9 +82,18 @@ def cpu_model() -> str:
     return platform.processor() or "unknown CPU"
 
 
+def cpu_levels() -> str:
+    """The CPU kernels' level in force and torch's own (e.g. "fastiml avx512, torch AVX512")."""
+    from fastiml import ops
+    return (f"fastiml {ops.cpu_capability()}, "
+            f"torch {torch.backends.cpu.get_cpu_capability()}")
+
+
 def machine_info(device: str = "cpu") -> str:
-    """Platform, CPU model and core count (and the GPU's name for CUDA runs)."""
-    info = f"{platform.system()} {platform.machine()}; {cpu_model()}; {os.cpu_count()} cores"
+    """Platform, CPU model, core count and CPU kernel levels (and the GPU's name for CUDA
+    runs)."""
+    info = (f"{platform.system()} {platform.machine()}; {cpu_model()}; {os.cpu_count()} cores; "
+            f"{cpu_levels()}")
     if device == "cuda" and torch.cuda.is_available():
         info += f"; {torch.cuda.get_device_name()}"
     return info
@@ -466,6 +475,11 @@ def base_parser(doc: str, repeat: int = 3) -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=None,
                    help="torch.set_num_threads in every case (default: all cores)")
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    p.add_argument("--cpu-capability", default=None,
+                   choices=("default", "avx2", "avx512", "all"),
+                   help="CPU kernel level for the whole run (FASTIML_CPU_CAPABILITY in every "
+                        "case); 'all': the run once per level this CPU supports, one table "
+                        "each (default: the best level)")
     p.add_argument("--max-gb", type=float, default=12.0,
                    help="skip a provider whose estimated memory exceeds this (default 12)")
     p.add_argument("--json", metavar="PATH", default=None, help="also write the results here")
@@ -490,10 +504,26 @@ def main(parser: argparse.ArgumentParser, argv, *, benchmark: str,
     if args.case is not None:
         return child_main(run_case, args.case)
     resolve_device(args.device)
-    info = RunInfo.collect(args.device)
-    results = run(args)
-    finish(args, info, benchmark, results, table(results, args))
+    for level in cpu_levels_to_run(args.cpu_capability):
+        info = RunInfo.collect(args.device)
+        progress(f"[{benchmark}] CPU kernels: {cpu_levels()}")
+        results = run(args)
+        finish(args, info, benchmark, results, table(results, args))
     return 0
+
+
+def cpu_levels_to_run(request: Optional[str]) -> Iterable[Optional[str]]:
+    """Yields each CPU level a run asks for, with it in force here and in every child (through
+    FASTIML_CPU_CAPABILITY); None: the level already in force."""
+    from fastiml import ops
+    if request is None:
+        yield None
+        return
+    levels = ops.supported_cpu_capabilities() if request == "all" else (request,)
+    for level in levels:
+        ops.set_cpu_capability(level)  # ValueError, naming the level, where the CPU lacks it
+        os.environ["FASTIML_CPU_CAPABILITY"] = level
+        yield level
 
 
 def run_case_anywhere(module: str, run_case: Callable[[dict], dict], case: dict,

@@ -1,10 +1,13 @@
 // Op schemas of the fastiml library and the Python module that carries them.
 // Each backend file registers its own dispatch key (ops/cpu/*_kernel.cpp, ops/cuda/*_kernel.cu).
 #include <Python.h>
+#include <c10/util/Exception.h>
 #include <torch/library.h>
 
+#include "ops/cpu/capability.h"
+
 // Bumped whenever a schema changes: fastiml/ops.py refuses a compiled module of another version.
-#define FASTIML_ABI_VERSION 4
+#define FASTIML_ABI_VERSION 5
 
 TORCH_LIBRARY(fastiml, m) {
   // DESIGN 2.1. k, k_label and k_group are None for self-contrast (k is q): the kernels then
@@ -56,9 +59,55 @@ static PyObject* compiled_with_cuda(PyObject*, PyObject*) {
 #endif
 }
 
+// The GPU architectures the CUDA kernels were built for, as ((sass...), (ptx...)), e.g.
+// ((80, 90), (90,)); ((), ()) without CUDA. fastiml.ops names a GPU none of them covers.
+static PyObject* cuda_archs(PyObject*, PyObject*) {
+#ifdef WITH_CUDA
+  static const int sass[] = {0, FASTIML_CUDA_SASS};  // a leading 0: the lists may be empty
+  static const int ptx[] = {0, FASTIML_CUDA_PTX};
+  const int n_sass = sizeof(sass) / sizeof(int) - 1, n_ptx = sizeof(ptx) / sizeof(int) - 1;
+#else
+  static const int sass[] = {0}, ptx[] = {0};
+  const int n_sass = 0, n_ptx = 0;
+#endif
+  PyObject* s = PyTuple_New(n_sass);
+  PyObject* p = PyTuple_New(n_ptx);
+  for (int i = 0; i < n_sass; ++i) PyTuple_SET_ITEM(s, i, PyLong_FromLong(sass[i + 1]));
+  for (int i = 0; i < n_ptx; ++i) PyTuple_SET_ITEM(p, i, PyLong_FromLong(ptx[i + 1]));
+  return Py_BuildValue("(NN)", s, p);
+}
+
+// The CPU kernels' instruction-set level (ops/cpu/capability.h), for fastiml.ops.
+static PyObject* cpu_capability(PyObject*, PyObject*) {
+  return PyUnicode_FromString(fastiml::cpu::capability_name(fastiml::cpu::capability()));
+}
+
+static PyObject* best_cpu_capability(PyObject*, PyObject*) {
+  return PyUnicode_FromString(fastiml::cpu::capability_name(fastiml::cpu::best_capability()));
+}
+
+static PyObject* set_cpu_capability(PyObject*, PyObject* arg) {
+  const char* name = PyUnicode_AsUTF8(arg);
+  if (name == nullptr) return nullptr;  // not a str: PyUnicode_AsUTF8 raised TypeError
+  try {
+    fastiml::cpu::set_capability(name);
+  } catch (const c10::Error& e) {
+    PyErr_SetString(PyExc_ValueError, e.what_without_backtrace());
+    return nullptr;
+  }
+  Py_RETURN_NONE;
+}
+
 static PyMethodDef methods[] = {
     {"abi_version", abi_version, METH_NOARGS, "Schema version of this compiled module."},
     {"compiled_with_cuda", compiled_with_cuda, METH_NOARGS, "Whether CUDA kernels were built."},
+    {"cuda_archs", cuda_archs, METH_NOARGS,
+     "The CUDA kernels' architectures: ((sass, ...), (ptx, ...)) as 80, 90, ..."},
+    {"cpu_capability", cpu_capability, METH_NOARGS, "The CPU kernels' level in force."},
+    {"best_cpu_capability", best_cpu_capability, METH_NOARGS,
+     "The best CPU kernel level this CPU and build support."},
+    {"set_cpu_capability", set_cpu_capability, METH_O,
+     "Sets the CPU kernels' level: 'default', 'avx2' or 'avx512' (at most the best)."},
     {nullptr, nullptr, 0, nullptr}};
 
 static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, methods};

@@ -9,15 +9,17 @@ Dtypes: inputs may be float32, float16 or bfloat16 (float64 for gradcheck); all 
 in float32 (float64 for float64 inputs); statistics come back in float32 (float64), gradients in
 the input dtype.
 """
+import functools
 import math
 import numbers
-from typing import Optional, Tuple
+import os
+from typing import Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 from torch import Tensor
 
-_ABI_VERSION = 4  # must match FASTIML_ABI_VERSION in csrc/fastiml.cpp
+_ABI_VERSION = 5  # must match FASTIML_ABI_VERSION in csrc/fastiml.cpp
 _OPS = ("pair_stats", "pair_stats_backward", "contour_mine", "contour_band",
         "pivot_consistency", "pivot_consistency_backward",
         "pair_softplus", "pair_softplus_backward")
@@ -41,6 +43,100 @@ def compiled_with_cuda() -> bool:
     return bool(_C.compiled_with_cuda())
 
 
+def arch_list_covers(sass: Sequence[int], ptx: Sequence[int], capability: Tuple[int, int]) -> bool:
+    """Whether kernels built for ``sass`` machine code and ``ptx`` (archs as 80, 90, ...) run on a
+    GPU of compute ``capability`` (major, minor): machine code runs on its own major version at
+    an equal or higher minor; PTX compiles for any equal or newer GPU."""
+    major, minor = capability
+    device = 10 * major + minor
+    return (any(a // 10 == major and a % 10 <= minor for a in sass)
+            or any(a <= device for a in ptx))
+
+
+@functools.lru_cache(maxsize=None)
+def _cuda_kernel_problem(index: int) -> Optional[str]:
+    """Why this build cannot run its CUDA kernels on GPU ``index`` (None: it can)."""
+    if not compiled_with_cuda():
+        return ("fastiml was built without its CUDA kernels (torch without CUDA, or no CUDA "
+                f"toolkit found at build time): {_REBUILD} with FASTIML_CUDA=1")
+    sass, ptx = _C.cuda_archs()
+    capability = torch.cuda.get_device_capability(index)
+    if arch_list_covers(sass, ptx, capability):
+        return None
+    built = ";".join(f"{a // 10}.{a % 10}" + ("+PTX" if a in ptx else "") for a in sass)
+    own = f"{capability[0]}.{capability[1]}"
+    return (f"fastiml's CUDA kernels were built for TORCH_CUDA_ARCH_LIST={built}, which has no "
+            f"kernel for this GPU ({torch.cuda.get_device_name(index)}, compute capability "
+            f"{own}); rebuild with TORCH_CUDA_ARCH_LIST=\"{own}\" (or add \"{own}\" to the "
+            f"list): {_REBUILD}")
+
+
+def _check_kernels_for(name: str, t: Tensor) -> None:
+    """A CUDA input on a GPU this build has no kernel for: a clear error before any launch."""
+    if t.is_cuda:
+        problem = _cuda_kernel_problem(t.device.index if t.device.index is not None
+                                       else torch.cuda.current_device())
+        if problem is not None:
+            raise RuntimeError(f"{name} is on {t.device}, but {problem}")
+
+
+# CPU kernel levels, lowest first (the names of torch.backends.cpu.get_cpu_capability()).
+CPU_CAPABILITIES = ("default", "avx2", "avx512")
+
+
+def cpu_capability() -> str:
+    """The instruction-set level the CPU kernels run at: ``"default"``, ``"avx2"`` or ``"avx512"``.
+
+    The extension carries every CPU kernel at each level (baseline x86-64; AVX2 + FMA; AVX-512
+    F/BW/VL/DQ) and picks, at import, the best this CPU supports (cpuid, never the build
+    machine's), lowered by ``ATEN_CPU_CAPABILITY`` (torch's own override) and by
+    ``FASTIML_CPU_CAPABILITY``. Results agree across levels to the last bits of an exponential
+    (README, "CPU levels").
+    """
+    return _C.cpu_capability()
+
+
+def supported_cpu_capabilities() -> Tuple[str, ...]:
+    """The CPU kernel levels this machine can run, lowest first."""
+    best = _C.best_cpu_capability()
+    return CPU_CAPABILITIES[:CPU_CAPABILITIES.index(best) + 1]
+
+
+def set_cpu_capability(level: str) -> None:
+    """Runs the CPU kernels at ``level`` from the next call on (any supported level, e.g. to
+    compare levels in one process); ``ValueError`` if the name is unknown or the CPU lacks it."""
+    if not isinstance(level, str):
+        raise TypeError(f"level must be a str, one of {CPU_CAPABILITIES}, "
+                        f"got {type(level).__name__}")
+    _C.set_cpu_capability(level.lower())
+
+
+def _initial_cpu_capability() -> str:
+    """The level at import: the CPU's best, capped by torch's ATEN_CPU_CAPABILITY (an unknown or
+    non-x86 torch level counts as "default") and lowered by FASTIML_CPU_CAPABILITY, which must
+    name a level this CPU supports."""
+    supported = supported_cpu_capabilities()
+    level = supported[-1]
+    if os.environ.get("ATEN_CPU_CAPABILITY"):
+        torch_level = torch.backends.cpu.get_cpu_capability().lower()
+        torch_level = next((c for c in reversed(CPU_CAPABILITIES) if torch_level.startswith(c)),
+                           "default")
+        level = min(level, torch_level, key=CPU_CAPABILITIES.index)
+    requested = os.environ.get("FASTIML_CPU_CAPABILITY", "").strip().lower()
+    if requested:
+        if requested not in CPU_CAPABILITIES:
+            raise ValueError(f"FASTIML_CPU_CAPABILITY must be one of {CPU_CAPABILITIES}, "
+                             f"got {requested!r}")
+        if requested not in supported:
+            raise ValueError(f"FASTIML_CPU_CAPABILITY={requested!r} is not supported on this CPU "
+                             f"(it runs at most {supported[-1]!r}); it may only lower the level")
+        level = requested
+    return level
+
+
+set_cpu_capability(_initial_cpu_capability())
+
+
 def _stat_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
@@ -57,6 +153,7 @@ def _check_features(name: str, x, rows_name: str = "N") -> None:
         raise ValueError(f"{name} must be 2-D [{rows_name}, D], got shape {tuple(x.shape)}")
     if x.dtype not in _FLOAT_DTYPES:
         raise TypeError(f"{name} must be float32, float16, bfloat16 or float64, got {x.dtype}")
+    _check_kernels_for(name, x)
 
 
 def _check_index_vector(name: str, t, length: int, device: torch.device) -> None:
@@ -219,6 +316,7 @@ def _check_mask(mask, valid: Optional[Tensor]) -> Tensor:
     if mask.dim() != 3:
         raise ValueError(f"mask must be [B, H, W] (or [B, 1, H, W]), got shape "
                          f"{tuple(mask.shape)}")
+    _check_kernels_for("mask", mask)
     if mask.dtype not in _MASK_DTYPES:
         raise TypeError(f"mask must be bool, uint8 (0/1 or 0/255) or float in [0, 1], got "
                         f"{mask.dtype}")
@@ -328,6 +426,7 @@ def pivot_consistency(logit_a: Tensor, logit_b: Tensor, klass: Tensor, patch: in
                          f"got {tuple(logit_b.shape)}, {logit_b.dtype}")
     if logit_b.device != logit_a.device:
         raise ValueError(f"logit_b must be on {logit_a.device}, got {logit_b.device}")
+    _check_kernels_for("logit_a", logit_a)
     if isinstance(patch, bool) or not isinstance(patch, int) or patch <= 0:
         raise ValueError(f"patch must be an int > 0, got {patch!r}")
     b, _, h, w = logit_a.shape

@@ -762,7 +762,8 @@ def run(devices: Optional[Sequence[str]] = None, verbose: bool = True, full: boo
         counts = {s: sum(r["status"] == s for r in rows) for s in ("PASS", "FAIL", "SKIP", "INFO")}
         print(f"\n{counts['PASS']} passed, {counts['FAIL']} failed, {counts['SKIP']} skipped, "
               f"{counts['INFO']} timings without a target "
-              f"(torch {torch.__version__}, devices: {', '.join(devices)}"
+              f"(torch {torch.__version__}, devices: {', '.join(devices)}, "
+              f"CPU kernels: {ops.cpu_capability()}"
               + (f", GPU: {torch.cuda.get_device_name()}" if "cuda" in devices
                  and torch.cuda.is_available() else "") + ")")
     return rows

@@ -12,15 +12,25 @@
 #define FASTIML_HD inline
 #endif
 
-namespace fastiml {
+// The namespace of every fastiml kernel symbol. The CPU kernels' avx2 / avx512 variants
+// (ops/cpu/isa/*.cpp) define FASTIML_CPU_CAPABILITY and so put theirs in fastiml::<level>:
+// an inline function compiled for AVX-512 never shares a name with the base build's.
+#if defined(FASTIML_CPU_CAPABILITY)
+#define FASTIML_NAMESPACE fastiml::inline FASTIML_CPU_CAPABILITY
+#else
+#define FASTIML_NAMESPACE fastiml
+#endif
 
-// a * b + c in one rounding where the build targets FMA (-mfma: GCC vectorises std::fma to
-// vfmadd), else two. Explicit, not compiler contraction (the build has -ffp-contract=off), so a
-// scalar loop and a vectorised loop round it the same way.
+namespace FASTIML_NAMESPACE {
+
+// a * b + c in one rounding where the code targets FMA (-mfma, or the avx2 / avx512 variants,
+// which set FASTIML_CPU_FMA: `#pragma GCC target` does not define __FMA__ in C++), else two.
+// Explicit, not compiler contraction (the build has -ffp-contract=off), so a scalar loop and a
+// vectorised loop round it the same way.
 FASTIML_HD float fma_acc(float a, float b, float c) {
 #if defined(__CUDA_ARCH__)
   return fmaf(a, b, c);
-#elif defined(__FMA__)
+#elif defined(__FMA__) || defined(FASTIML_CPU_FMA)
   return std::fma(a, b, c);
 #else
   return a * b + c;

@@ -18,7 +18,7 @@
                      AT_DISPATCH_CASE(at::kHalf, __VA_ARGS__)                              \
                      AT_DISPATCH_CASE(at::kBFloat16, __VA_ARGS__))
 
-namespace fastiml {
+namespace FASTIML_NAMESPACE {
 namespace contour {
 
 // Patch classes (int8): a cell with no valid pixel is padding.

@@ -12,7 +12,7 @@
 #include "ops/common.h"
 #include "ops/pair_stats.h"
 
-namespace fastiml {
+namespace FASTIML_NAMESPACE {
 namespace pair_softplus {
 
 FASTIML_HD float log1p_acc(float x) { return log1pf(x); }

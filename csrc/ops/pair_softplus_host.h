@@ -10,7 +10,7 @@
 
 #include "ops/pair_stats_host.h"
 
-namespace fastiml {
+namespace FASTIML_NAMESPACE {
 namespace pair_softplus {
 
 // A per-row statistic (lse, its gradient): [N], in the accumulation dtype of q, on q's device.

@@ -8,7 +8,7 @@
 
 #include "ops/common.h"
 
-namespace fastiml {
+namespace FASTIML_NAMESPACE {
 namespace pair_stats {
 
 constexpr int32_t kIgnored = -1;

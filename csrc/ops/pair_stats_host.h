@@ -11,7 +11,7 @@
 
 #include "ops/pair_stats.h"
 
-namespace fastiml {
+namespace FASTIML_NAMESPACE {
 namespace pair_stats {
 
 // The op's own checks, for callers of torch.ops.fastiml.* who bypass fastiml.ops (which raises

@@ -8,7 +8,7 @@
 #include "ops/common.h"
 #include "ops/contour.h"
 
-namespace fastiml {
+namespace FASTIML_NAMESPACE {
 namespace pivot {
 
 // sigmoid without overflow: exp is only taken of a non-positive number. Branch-free (two

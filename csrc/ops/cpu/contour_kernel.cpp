@@ -9,9 +9,10 @@
 #include <cstring>
 #include <vector>
 
+#include "ops/cpu/capability.h"
 #include "ops/contour.h"
 
-namespace fastiml {
+namespace FASTIML_NAMESPACE {
 namespace contour {
 namespace {
 
@@ -145,6 +146,8 @@ void mine_binary(const scalar_t* mask_p, const bool* valid_p, int64_t B, int64_t
     run(int32_t{});
 }
 
+}  // namespace
+
 std::tuple<at::Tensor, at::Tensor> contour_mine_cpu(const at::Tensor& mask_in, int64_t patch,
                                                     double lo, double hi,
                                                     const std::optional<at::Tensor>& valid_in) {
@@ -203,6 +206,8 @@ std::tuple<at::Tensor, at::Tensor> contour_mine_cpu(const at::Tensor& mask_in, i
   });
   return {frac, klass};
 }
+
+namespace {
 
 // out[i] = a[i] | b[i]: the step of the window ORs below (vectorises: 32 pixels per AVX2 op).
 void or_rows(const uint8_t* __restrict a, const uint8_t* __restrict b, int64_t n,
@@ -326,6 +331,8 @@ void band_blocks(const scalar_t* mask_p, const bool* valid_p, int64_t B, int64_t
   });
 }
 
+}  // namespace
+
 // band = valid & (some tampered pixel within the window) & (some authentic pixel within it),
 // the window being the (2r+1)^2 square around the pixel, in two separable passes: per row,
 // window ORs of the tampered / authentic marks; per column, sliding-window counts of those.
@@ -352,11 +359,16 @@ at::Tensor contour_band_cpu(const at::Tensor& mask_in, int64_t radius,
   return band;
 }
 
-}  // namespace
 }  // namespace contour
 }  // namespace fastiml
 
+// Registered once, by the base build; each op runs the kernel of the CPU level in force.
+#if !defined(FASTIML_CPU_CAPABILITY)
+FASTIML_CPU_DECLARE_LEVELS(contour, contour_mine_cpu)
+FASTIML_CPU_DECLARE_LEVELS(contour, contour_band_cpu)
+
 TORCH_LIBRARY_IMPL(fastiml, CPU, m) {
-  m.impl("contour_mine", &fastiml::contour::contour_mine_cpu);
-  m.impl("contour_band", &fastiml::contour::contour_band_cpu);
+  m.impl("contour_mine", FASTIML_CPU_DISPATCH(contour, contour_mine_cpu));
+  m.impl("contour_band", FASTIML_CPU_DISPATCH(contour, contour_band_cpu));
 }
+#endif

@@ -13,10 +13,11 @@
 #include <algorithm>
 #include <vector>
 
+#include "ops/cpu/capability.h"
 #include "ops/pair_softplus.h"
 #include "ops/pair_softplus_host.h"
 
-namespace fastiml {
+namespace FASTIML_NAMESPACE {
 namespace pair_softplus {
 namespace {
 
@@ -125,6 +126,8 @@ at::Tensor backward_pass(const Problem& p, const Codes& codes, const acc_t* lse,
   return grad.mul_(inv_tau);
 }
 
+}  // namespace
+
 std::tuple<at::Tensor, at::Tensor> pair_softplus_cpu(
     const at::Tensor& q, const std::optional<at::Tensor>& k, const at::Tensor& q_label,
     const std::optional<at::Tensor>& k_label, const std::optional<at::Tensor>& q_group,
@@ -180,11 +183,16 @@ std::tuple<at::Tensor, at::Tensor> pair_softplus_backward_cpu(
   return {grad_q, grad_k};
 }
 
-}  // namespace
 }  // namespace pair_softplus
 }  // namespace fastiml
 
+// Registered once, by the base build; each op runs the kernel of the CPU level in force.
+#if !defined(FASTIML_CPU_CAPABILITY)
+FASTIML_CPU_DECLARE_LEVELS(pair_softplus, pair_softplus_cpu)
+FASTIML_CPU_DECLARE_LEVELS(pair_softplus, pair_softplus_backward_cpu)
+
 TORCH_LIBRARY_IMPL(fastiml, CPU, m) {
-  m.impl("pair_softplus", &fastiml::pair_softplus::pair_softplus_cpu);
-  m.impl("pair_softplus_backward", &fastiml::pair_softplus::pair_softplus_backward_cpu);
+  m.impl("pair_softplus", FASTIML_CPU_DISPATCH(pair_softplus, pair_softplus_cpu));
+  m.impl("pair_softplus_backward", FASTIML_CPU_DISPATCH(pair_softplus, pair_softplus_backward_cpu));
 }
+#endif

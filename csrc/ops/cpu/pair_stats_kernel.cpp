@@ -24,15 +24,16 @@
 #include <cmath>
 #include <vector>
 
+#include "ops/cpu/capability.h"
 #include "ops/pair_stats_host.h"
 #include "ops/pair_stats.h"
 
-namespace fastiml {
+namespace FASTIML_NAMESPACE {
 namespace pair_stats {
 namespace {
 
 constexpr int64_t kTile = 256;
-constexpr int64_t kLanes = 8;  // one AVX2 register of float32
+constexpr int64_t kLanes = 16;  // row-sum lanes: one AVX-512 register of float32, two AVX2 ones
 // Upper bound on the per-chunk gradient accumulators of the self backward.
 constexpr int64_t kAccumulatorBudgetBytes = int64_t(256) << 20;
 
@@ -652,6 +653,8 @@ Problem make_problem(const at::Tensor& q, const std::optional<at::Tensor>& k, do
   return p;
 }
 
+}  // namespace
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor> pair_stats_cpu(
     const at::Tensor& q, const std::optional<at::Tensor>& k, const at::Tensor& q_label,
     const std::optional<at::Tensor>& k_label, const std::optional<at::Tensor>& q_group,
@@ -710,14 +713,18 @@ std::tuple<at::Tensor, at::Tensor> pair_stats_backward_cpu(
   return {grad_q, grad_k};
 }
 
-}  // namespace
 }  // namespace pair_stats
 }  // namespace fastiml
 
+// Registered once, by the base build; each op runs the kernel of the CPU level in force.
+#if !defined(FASTIML_CPU_CAPABILITY)
+FASTIML_CPU_DECLARE_LEVELS(pair_stats, pair_stats_cpu)
+FASTIML_CPU_DECLARE_LEVELS(pair_stats, pair_stats_backward_cpu)
 
 TORCH_LIBRARY_IMPL(fastiml, CPU, m) {
-  m.impl("pair_stats", &fastiml::pair_stats::pair_stats_cpu);
-  m.impl("pair_stats_backward", &fastiml::pair_stats::pair_stats_backward_cpu);
+  m.impl("pair_stats", FASTIML_CPU_DISPATCH(pair_stats, pair_stats_cpu));
+  m.impl("pair_stats_backward", FASTIML_CPU_DISPATCH(pair_stats, pair_stats_backward_cpu));
   m.impl("pair_stats_tile_schedule", &fastiml::pair_stats::tile_schedule_op);
   m.impl("pair_stats_range_exponents", &fastiml::pair_stats::range_exponents_op);
 }
+#endif

@@ -12,9 +12,10 @@
 #include <algorithm>
 #include <vector>
 
+#include "ops/cpu/capability.h"
 #include "ops/pivot.h"
 
-namespace fastiml {
+namespace FASTIML_NAMESPACE {
 namespace pivot {
 namespace {
 
@@ -92,6 +93,8 @@ void jeffreys_grad_run(const scalar_t* a, const scalar_t* b, int64_t n, acc_t w,
     gb[i] = scalar_t(w * db);
   }
 }
+
+}  // namespace
 
 at::Tensor pivot_forward_cpu(const at::Tensor& logit_a, const at::Tensor& logit_b,
                              const at::Tensor& klass_in, int64_t patch, double weight_contour,
@@ -174,11 +177,16 @@ std::tuple<at::Tensor, at::Tensor> pivot_backward_cpu(const at::Tensor& grad,
   return {grad_a, grad_b};
 }
 
-}  // namespace
 }  // namespace pivot
 }  // namespace fastiml
 
+// Registered once, by the base build; each op runs the kernel of the CPU level in force.
+#if !defined(FASTIML_CPU_CAPABILITY)
+FASTIML_CPU_DECLARE_LEVELS(pivot, pivot_forward_cpu)
+FASTIML_CPU_DECLARE_LEVELS(pivot, pivot_backward_cpu)
+
 TORCH_LIBRARY_IMPL(fastiml, CPU, m) {
-  m.impl("pivot_consistency", &fastiml::pivot::pivot_forward_cpu);
-  m.impl("pivot_consistency_backward", &fastiml::pivot::pivot_backward_cpu);
+  m.impl("pivot_consistency", FASTIML_CPU_DISPATCH(pivot, pivot_forward_cpu));
+  m.impl("pivot_consistency_backward", FASTIML_CPU_DISPATCH(pivot, pivot_backward_cpu));
 }
+#endif
