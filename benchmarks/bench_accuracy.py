@@ -22,6 +22,8 @@ import sys
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
+from benchmarks import harness as H
+
 REPO = Path(__file__).resolve().parents[1]
 KIND_ORDER = ("splice", "copymove", "inpaint")
 
@@ -123,7 +125,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             print(f"{method} seed {seed}: {rows[-1]['steps']} steps, photos pixel F1 "
                   f"{rows[-1]['photos']['pixel_f1']:.3f}, synthetic {rows[-1]['synthetic']['pixel_f1']:.3f}",
                   flush=True)
-    print(f"load average now {_load()}")
+    print(f"load average now {_load()}; CPU kernels: {H.cpu_levels()}")
     print(table(rows))
     return 0
 
