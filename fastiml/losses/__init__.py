@@ -1,7 +1,8 @@
 """Loss modules. ``SupConLoss`` follows SupContrast; ``fastiml.losses.pml.SupConLoss`` follows
-pytorch-metric-learning; ``ClipLoss`` follows open_clip; the IML losses (NCL, MPC, pivot
+pytorch-metric-learning; ``fastiml.losses.lightly``'s ``NTXentLoss`` / ``DCLLoss`` / ``DCLWLoss``
+follow lightly; ``ClipLoss`` follows open_clip; the IML losses (NCL, MPC, pivot
 consistency) build on the same ops."""
-from fastiml.losses import pml
+from fastiml.losses import lightly, pml
 from fastiml.losses.clip import ClipLoss, InfoNCELoss
 from fastiml.losses.focal import SigmoidFocalLoss, sigmoid_focal_loss
 from fastiml.losses.mpc import MPCLoss
@@ -10,4 +11,4 @@ from fastiml.losses.pixel import PixelSupConLoss
 from fastiml.losses.supcon import SupConLoss
 
 __all__ = ["SupConLoss", "PixelSupConLoss", "NCLLoss", "PivotConsistencyLoss", "MPCLoss",
-           "SigmoidFocalLoss", "sigmoid_focal_loss", "pml", "ClipLoss", "InfoNCELoss"]
+           "SigmoidFocalLoss", "sigmoid_focal_loss", "pml", "lightly", "ClipLoss", "InfoNCELoss"]
