@@ -11,9 +11,11 @@ exists, so this is where they first meet one. For each available device ("cpu", 
 * ``pivot_consistency`` forward and backward;
 
 and compares each output with ``fastiml.reference`` computed in float64 from the *same* rounded
-inputs. Tolerances follow FlashAttention's rule instead of fixed numbers: the kernel's error must
-be at most twice the error of the plain-PyTorch reference run in the same low dtype (on the same
-device), plus an absolute floor of a few units in the last place of that dtype at the scale
+inputs. float16 and bfloat16 results are judged by the test suite's low-precision rule
+(``fastiml.testing.half_rule``: per row, a documented multiple of the dtype's epsilon times the
+float64 result's scale, plus float32's error in the similarities); float32 and float64 ones by
+FlashAttention's rule: at most twice the error of the plain-PyTorch reference run in the same
+dtype (on the same device), plus a floor of a few units in the last place at the scale
 (max |exact|) of the result. Integer and boolean outputs must match exactly, as must the pattern
 of ``-inf`` entries. An op whose kernel is not registered for a device (not built yet, or built
 without CUDA) is reported as SKIP with the reason, never as a crash.
@@ -23,12 +25,21 @@ minutes) adds, in the same table:
 
 * a shape sweep of ``pair_stats`` in float64 too: partial tiles, D not a multiple of 16,
   N = M = 1, empty denominators, all-ignored rows, general and self mode (``sweep/*`` rows);
+* multi-tile blocks (CUDA): at the sizes above the CUDA schedule splits every block's list into
+  single tiles (about two work items per SM), so every ``pair_stats`` and ``pair_softplus`` mode
+  runs again in every dtype under the test hook ``FASTIML_CUDA_FORCE_TILES=multi`` (rows
+  ``... (unsplit)``: each block walks its whole list of >= 2 tiles; pair_softplus tiles of 64);
+  ``pair_stats`` at N = M = 2 x SMs x 64 + 40 in bfloat16 with the default schedule, checked
+  against float64 on every row (the reference in row chunks); and float16 self mode with two
+  groups whose upstream gradients differ by 10^6, the boundary inside a tile (the dk pass's
+  rescale between row tiles), each group judged at its own scale, with and without the hook;
 * 64-bit offsets: q of N x 128 with N x D > 2^31 (CUDA only; the rows past 2^31 elements are
   checked against the float64 reference);
 * CPU against CUDA: ``contour_mine`` and ``contour_band`` bit-equal on every mask dtype;
-* two runs bit-equal: every op's outputs and gradients, run twice;
+* two runs bit-equal: every op's outputs and gradients, run twice (on CUDA also under the
+  hook);
 * ``compute-sanitizer`` memcheck / racecheck / synccheck on small calls of every op (when the
-  tool is on PATH);
+  tool is on PATH), in all four dtypes under the hook and in float32 / bfloat16 without it;
 * timings, against targets: ``pair_stats`` bf16 N = 65,536 D = 128 self mode forward + backward
   against twice the README's bound (5.6 ms on an H100/H200), and ``MPCLoss`` at batch 16
   against 4.5x batch 4 (512^2 images). Without a GPU, or with ``--quick``, they run at small
@@ -36,10 +47,13 @@ minutes) adds, in the same table:
 
 ``--quick`` runs the ``--full`` checks at small sizes (what the CPU tests exercise).
 
-Usage: ``python -m fastiml.selftest [--device cpu|cuda ...] [--full] [--quick] [--quiet]``; the
-exit status is non-zero when any check fails. ``run()`` returns the rows as dicts.
+Usage: ``python -m fastiml.selftest [--device cpu|cuda ...] [--full] [--quick] [--quiet]
+[--sanitizer-timeout SECONDS] [--json PATH]``; the exit status is non-zero when any check fails.
+``run()`` returns the rows as dicts; ``--json`` writes them to a file.
 """
 import argparse
+import contextlib
+import json
 import math
 import os
 import shutil
@@ -50,14 +64,22 @@ from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 
+from fastiml.testing import float32_arg_error, half_rule, similarity_span
+
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-# The absolute floor of the tolerance: this many units in the last place of the dtype, at the
-# scale of the exact result (max |exact|). Accumulated float32 sums over a few hundred
-# terms need more than a half-precision rounding does.
-FLOOR_ULPS = {torch.float32: 64, torch.float16: 4, torch.bfloat16: 4, torch.float64: 64}
-# The tolerance is FACTOR x (error of the reference run in the same dtype) + floor.
+HALF_DTYPES = (torch.float16, torch.bfloat16)
+# float32 / float64 results: the tolerance is FACTOR x (error of the reference run in the same
+# dtype) + a floor of FLOOR_ULPS units in the last place at the scale of the exact result
+# (max |exact|); accumulated sums over a few hundred terms need that many. (Half-precision
+# results: fastiml.testing.half_rule.)
+FLOOR_ULPS = {torch.float32: 64, torch.float64: 64}
 FACTOR = 2.0
 TAU = 0.1
+# The CUDA kernels' tile test hook (csrc/ops/pair_stats_host.h): "multi" makes every pair_stats
+# block walk its whole list of tiles and gives pair_softplus tiles of 64.
+FORCE_TILES_ENV = "FASTIML_CUDA_FORCE_TILES"
+# The SM count assumed where no GPU is present (an H100's), for the schedule checks.
+DEFAULT_SMS = 132
 
 _DISPATCH_KEYS = {"cpu": "CPU", "cuda": "CUDA"}
 
@@ -122,7 +144,8 @@ class _Checks:
 
     def close(self, name: str, actual: torch.Tensor, exact: torch.Tensor,
               reference_low: torch.Tensor, dtype: torch.dtype) -> None:
-        """FlashAttention's rule; -inf entries must match, no NaN / +inf anywhere."""
+        """float32 / float64 results: FlashAttention's rule; -inf entries must match, no NaN /
+        +inf anywhere."""
         problem = None
         a = actual.detach().double().cpu()
         e = exact.detach().double().cpu()
@@ -137,6 +160,15 @@ class _Checks:
         tol = FACTOR * err_ref + _floor(e, dtype)
         self.items.append(dict(name=name, error=err, tolerance=tol, problem=problem,
                                ok=problem is None and err <= tol))
+
+    def half(self, name: str, actual: torch.Tensor, exact: torch.Tensor,
+             result_dtype: torch.dtype, arg_error: float, log_domain: bool = False) -> None:
+        """Half-precision inputs: the suite's low-precision rule (fastiml.testing.half_rule) --
+        ``result_dtype`` is what the result is rounded to (float32 statistics, gradients in the
+        input dtype); the error and tolerance shown are the worst row's."""
+        rule = half_rule(actual, exact, result_dtype, arg_error=arg_error, log_domain=log_domain)
+        self.items.append(dict(name=name, error=rule.error, tolerance=rule.bound,
+                               problem=rule.message or None, ok=rule.ok))
 
     def exact(self, name: str, actual: torch.Tensor, expected: torch.Tensor) -> None:
         """Integer / boolean outputs: equal; the error is the number of mismatches."""
@@ -201,11 +233,18 @@ SWEEP_MODES = {
     "sweep/empty-denominators": (90, 70, 16, dict(denominator="negatives", same_label=True)),
     "sweep/all-ignored-rows": (150, 100, 16, dict(ignore_rows=70)),
 }
+# --full: float16 self mode with two groups (image-major: rows 0-159 and 160-319, the boundary
+# inside the third 64-row tile) whose upstream gradients differ by 10^6 -- the CUDA dk pass's
+# range scale changes between the row tiles a column block walks (and rescales non-zero sums).
+# Each group's rows are judged at their own scale.
+TWO_GROUP_MODES = {
+    "self-two-groups": (320, None, 64, dict(exclude_self=True, two_groups=(1e-3, 1e3))),
+}
 FULL_DTYPES = DTYPES + (torch.float64,)
 
 
 def _pair_inputs(mode: str, dtype: torch.dtype, device: str, seed: int = 0):
-    n, m, d, opt = {**PAIR_MODES, **SWEEP_MODES}[mode]
+    n, m, d, opt = {**PAIR_MODES, **SWEEP_MODES, **TWO_GROUP_MODES}[mode]
     g = torch.Generator().manual_seed(seed)
     q = torch.nn.functional.normalize(torch.randn(n, d, generator=g, dtype=torch.float64), dim=1)
     q_label = torch.randint(0, 4, (n,), generator=g)
@@ -230,15 +269,79 @@ def _pair_inputs(mode: str, dtype: torch.dtype, device: str, seed: int = 0):
     if opt.get("ignore_rows"):
         q_label[:opt["ignore_rows"]] = -1
     # Upstream gradients of lse and pos_mean, rounded to the dtype like the inputs.
-    w_lse = torch.randn(n, generator=g, dtype=torch.float64).to(dtype)
-    w_pos = torch.randn(n, generator=g, dtype=torch.float64).to(dtype)
+    w_lse = torch.randn(n, generator=g, dtype=torch.float64)
+    w_pos = torch.randn(n, generator=g, dtype=torch.float64)
+    row_parts = [("", slice(0, n))]  # rows judged together (their rms sets the scale)
+    if opt.get("two_groups"):
+        half = n // 2
+        q_group = (torch.arange(n) >= half).long()
+        scale = torch.tensor(opt["two_groups"], dtype=torch.float64)[q_group]
+        w_lse, w_pos = w_lse * scale, w_pos * scale
+        row_parts = [(" (group 0)", slice(0, half)), (" (group 1)", slice(half, n))]
+    w_lse, w_pos = w_lse.to(dtype), w_pos.to(dtype)
     kwargs = dict(tau=TAU, exclude_self=bool(opt.get("exclude_self")),
                   denominator=opt.get("denominator", "all"))
     rounded = lambda t: None if t is None else t.to(dtype)  # noqa: E731
     to_dev = lambda t: None if t is None else t.to(device)  # noqa: E731
     return dict(q=rounded(q), k=rounded(k), q_label=q_label, k_label=k_label, q_group=q_group,
                 k_group=k_group, w_lse=w_lse, w_pos=w_pos, kwargs=kwargs, to_dev=to_dev,
-                shape=f"N={n} M={m if m is not None else n} D={d}")
+                row_parts=row_parts, shape=f"N={n} M={m if m is not None else n} D={d}")
+
+
+@contextlib.contextmanager
+def forced_tiles(value: Optional[str]):
+    """Sets the CUDA tile test hook (FORCE_TILES_ENV) to `value` for the block (None: leaves
+    the environment as it is); restores the previous value after."""
+    if value is None:
+        yield
+        return
+    before = os.environ.get(FORCE_TILES_ENV)
+    os.environ[FORCE_TILES_ENV] = value
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop(FORCE_TILES_ENV, None)
+        else:
+            os.environ[FORCE_TILES_ENV] = before
+
+
+def _sm_count(device: str) -> int:
+    if device == "cuda":
+        return torch.cuda.get_device_properties(torch.cuda.current_device()).multi_processor_count
+    return DEFAULT_SMS
+
+
+def _tiles_per_block(x, device: str, sms: Optional[int] = None) -> List[int]:
+    """The number of column tiles each work item of pair_stats' CUDA forward walks, from the
+    schedule op under the current hook: 64-row tiles, min_items 2 x SMs (min_items_for_device
+    in csrc/ops/cuda/pair_stats_kernel.cu; `sms` default: the device's). The op applies the
+    hook as the kernels do."""
+    labels = x["q_label"] if x["k_label"] is None else x["k_label"]
+    own_group = x["q_group"] if x["q_group"] is not None else torch.zeros_like(x["q_label"])
+    other_group = own_group if x["k"] is None else (
+        x["k_group"] if x["k_group"] is not None else torch.zeros_like(labels))
+    own_group = torch.where(x["q_label"] == -1, -1, own_group).to(device)
+    other_group = torch.where(labels == -1, -1, other_group).to(device)
+    begin, _, _ = torch.ops.fastiml.pair_stats_tile_schedule(
+        own_group, other_group, 64, False, 2 * (sms or _sm_count(device)))
+    return (begin[1:] - begin[:-1]).tolist()
+
+
+def _check_walks(checks: "_Checks", walks: List[int], tiles: Optional[str]) -> None:
+    """The multi-tile rows must reach the multi-tile paths: some block walks >= 2 tiles."""
+    most = max(walks, default=0)
+    checks.items.append(dict(name=f"tiles per block (max {most})", error=float(most < 2),
+                             tolerance=0.0, ok=most >= 2,
+                             problem=None if most >= 2 else
+                             f"the schedule walks {most} tile(s) per block under "
+                             f"{FORCE_TILES_ENV}={tiles}"))
+
+
+def _half_arg_error(x) -> float:
+    """float32's error in the similarities of the inputs `x` (fastiml.testing)."""
+    columns = x["q"].shape[0] if x["k"] is None else x["k"].shape[0]
+    return float32_arg_error(similarity_span(x["q"], x["k"], TAU), columns)
 
 
 def _pair_loss(lse, pos_mean, w_lse, w_pos):
@@ -261,10 +364,13 @@ def _pair_run(fn, x, device, dtype):
 
 
 def pair_stats_case(device: str, dtype: torch.dtype, mode: str,
-                    impl: Optional[Callable] = None) -> Dict:
-    """One row: ops.pair_stats (or `impl`, same signature) in `mode` against the reference."""
+                    impl: Optional[Callable] = None, tiles: Optional[str] = None) -> Dict:
+    """One row: ops.pair_stats (or `impl`, same signature) in `mode` against the reference;
+    `tiles`: the CUDA tile test hook's value for the op's calls (the row is named
+    "... (unsplit)" for "multi", and also checks that the schedule walks >= 2 tiles per
+    block)."""
     from fastiml import reference
-    op = f"pair_stats/{mode}"
+    op = f"pair_stats/{mode}" + (" (unsplit)" if tiles == "multi" else "")
     x = _pair_inputs(mode, dtype, device)
     if impl is None:
         reason = _unavailable("pair_stats", device, ["pair_stats_backward"])
@@ -273,14 +379,18 @@ def pair_stats_case(device: str, dtype: torch.dtype, mode: str,
         impl = _api("pair_stats")
     start = time.perf_counter()
     try:
-        got = _pair_run(impl, x, device, dtype)
-        if device == "cuda":
-            torch.cuda.synchronize()
+        with forced_tiles(tiles):
+            got = _pair_run(impl, x, device, dtype)
+            if device == "cuda":
+                torch.cuda.synchronize()
+            walks = _tiles_per_block(x, device) if tiles == "multi" else None
         exact = _pair_run(reference.pair_stats, dict(x, to_dev=lambda t: t), "cpu", torch.float64)
-        low = _pair_run(reference.pair_stats, x, device, dtype)
+        half = dtype in HALF_DTYPES
+        low = None if half else _pair_run(reference.pair_stats, x, device, dtype)
     except Exception as e:  # noqa: BLE001 - a crash is a failed check, reported as such
         return _error_row(op, device, _dtype_name(dtype), x["shape"], e)
     checks = _Checks()
+    arg_error = _half_arg_error(x) if half else 0.0
     for i, name in ((0, "lse"), (1, "pos_mean"), (3, "grad_q"), (4, "grad_k")):
         if exact[i] is None:
             continue
@@ -288,8 +398,18 @@ def pair_stats_case(device: str, dtype: torch.dtype, mode: str,
             checks.items.append(dict(name=name, error=math.inf, tolerance=0.0, ok=False,
                                      problem="missing"))
             continue
-        checks.close(name, got[i], exact[i], low[i], dtype)
+        if not half:
+            checks.close(name, got[i], exact[i], low[i], dtype)
+            continue
+        # Statistics: float32, log-domain; gradients: the input dtype, relative (grad_k's rows
+        # are k's, judged together).
+        parts = x["row_parts"] if name != "grad_k" else [("", slice(None))]
+        for suffix, rows in parts:
+            checks.half(name + suffix, got[i][rows], exact[i][rows],
+                        torch.float32 if i < 3 else dtype, arg_error, log_domain=i < 3)
     checks.exact("pos_count", got[2], exact[2])
+    if walks is not None:
+        _check_walks(checks, walks, tiles)
     stat_dtype = torch.float64 if dtype == torch.float64 else torch.float32
     for i, name, want in ((0, "lse.dtype", stat_dtype), (3, "grad_q.dtype", dtype)):
         if got[i].dtype != want:
@@ -319,33 +439,45 @@ def _softplus_run(fn, x, lse, device, dtype):
     return total, grads[0], grad_k, grads[-1]
 
 
-def pair_softplus_case(device: str, dtype: torch.dtype, mode: str) -> Dict:
+def pair_softplus_case(device: str, dtype: torch.dtype, mode: str,
+                       tiles: Optional[str] = None) -> Dict:
     """One row: ops.pair_softplus (NT-Xent's positive-pair sum) in `mode` against the reference,
-    with the negatives' log-sum-exp of the float64 reference as its input."""
+    with the negatives' log-sum-exp of the float64 reference (rounded to the statistics' dtype)
+    as its input; `tiles`: the CUDA tile test hook's value for the op's calls ("multi": tiles of
+    64, the row named "... (unsplit)")."""
     from fastiml import reference
-    op = f"pair_softplus/{mode}"
+    op = f"pair_softplus/{mode}" + (" (unsplit)" if tiles == "multi" else "")
     x = _pair_inputs(mode, dtype, device)
     reason = _unavailable("pair_softplus", device, ["pair_softplus_backward"])
     if reason:
         return _skip(op, device, _dtype_name(dtype), x["shape"], reason)
     start = time.perf_counter()
+    half = dtype in HALF_DTYPES
     try:
         q64 = x["q"].double()
         k64 = None if x["k"] is None else x["k"].double()
         lse = reference.pair_stats(q64, k64, x["q_label"], x["k_label"], x["q_group"],
                                    x["k_group"], tau=TAU, exclude_self=x["kwargs"]["exclude_self"],
                                    denominator="negatives")[0]
-        got = _softplus_run(_api("pair_softplus"), x, lse, device, dtype)
-        if device == "cuda":
-            torch.cuda.synchronize()
+        lse = lse.to(torch.float64 if dtype == torch.float64 else torch.float32).double()
+        with forced_tiles(tiles):
+            got = _softplus_run(_api("pair_softplus"), x, lse, device, dtype)
+            if device == "cuda":
+                torch.cuda.synchronize()
         exact = _softplus_run(reference.pair_softplus, dict(x, to_dev=lambda t: t), lse, "cpu",
                               torch.float64)
-        low = _softplus_run(reference.pair_softplus, x, lse, device, dtype)
+        low = None if half else _softplus_run(reference.pair_softplus, x, lse, device, dtype)
     except Exception as e:  # noqa: BLE001 - a crash is a failed check, reported as such
         return _error_row(op, device, _dtype_name(dtype), x["shape"], e)
     checks = _Checks()
+    arg_error = _half_arg_error(x) if half else 0.0
     for i, name in enumerate(("total", "grad_q", "grad_k", "grad_lse")):
-        if exact[i] is not None:
+        if exact[i] is None:
+            continue
+        if half:  # sums of softplus / sigmoid terms: all relative (tests/test_pair_softplus.py)
+            checks.half(name, got[i], exact[i], dtype if i in (1, 2) else torch.float32,
+                        arg_error)
+        else:
             checks.close(name, got[i], exact[i], low[i], dtype)
     return checks.row(op, device, _dtype_name(dtype), x["shape"], time.perf_counter() - start)
 
@@ -457,11 +589,17 @@ def pivot_case(device: str, dtype: torch.dtype, impl: Optional[Callable] = None)
         got = _pivot_run(impl, a, b, klass, 4, device, dtype, grad_out)
         exact = _pivot_run(reference.pivot_consistency, a, b, klass, 4, "cpu", torch.float64,
                            grad_out)
-        low = _pivot_run(reference.pivot_consistency, a, b, klass, 4, device, dtype, grad_out)
+        half = dtype in HALF_DTYPES
+        low = None if half else _pivot_run(reference.pivot_consistency, a, b, klass, 4, device,
+                                           dtype, grad_out)
     except Exception as e:  # noqa: BLE001
         return _error_row(op, device, _dtype_name(dtype), shape, e)
     for i, name in enumerate(("loss", "grad_a", "grad_b")):
-        checks.close(name, got[i], exact[i], low[i], dtype)
+        if half:  # as tests/test_pivot.py: all relative; float32 adds only the loss's sum
+            checks.half(name, got[i], exact[i], dtype if i else torch.float32,
+                        float32_arg_error(0.0, a.numel()))
+        else:
+            checks.close(name, got[i], exact[i], low[i], dtype)
     return checks.row(op, device, _dtype_name(dtype), shape, time.perf_counter() - start)
 
 
@@ -476,13 +614,23 @@ def _info_row(op, device, dtype, shape, output, value, target, passed, reason=""
                 status=status, reason=reason, checks=[], seconds=0.0)
 
 
-def _outputs_of(device: str, dtype: torch.dtype) -> List[torch.Tensor]:
-    """Every op's outputs and gradients on fixed inputs (for the run-to-run comparison)."""
-    from fastiml import ops
+def _outputs_of(device: str, dtype: torch.dtype, tiles: Optional[str] = None
+                ) -> List[torch.Tensor]:
+    """Every op's outputs and gradients on fixed inputs (for the run-to-run comparison and the
+    sanitizer); `tiles`: the CUDA tile test hook's value for pair_stats and pair_softplus."""
+    from fastiml import ops, reference
     out = []
     for mode in ("general", "self", "groups"):
         x = _pair_inputs(mode, dtype, device)
-        out += [t for t in _pair_run(ops.pair_stats, x, device, dtype) if t is not None]
+        q64 = x["q"].double()
+        lse = reference.pair_stats(q64, None if x["k"] is None else x["k"].double(),
+                                   x["q_label"], x["k_label"], x["q_group"], x["k_group"],
+                                   tau=TAU, exclude_self=x["kwargs"]["exclude_self"],
+                                   denominator="negatives")[0]
+        with forced_tiles(tiles):
+            out += [t for t in _pair_run(ops.pair_stats, x, device, dtype) if t is not None]
+            out += [t for t in _softplus_run(ops.pair_softplus, x, lse, device, dtype)
+                    if t is not None]
     mask, valid = _mask(torch.uint8, device)
     out += list(ops.contour_mine(mask, 4, valid=valid)) + [ops.contour_band(mask, 3, valid=valid)]
     g = torch.Generator().manual_seed(2)
@@ -493,11 +641,13 @@ def _outputs_of(device: str, dtype: torch.dtype) -> List[torch.Tensor]:
     return out
 
 
-def determinism_case(device: str, dtype: torch.dtype) -> Dict:
-    """Two runs of every op, outputs and gradients bit-equal."""
-    op, shape = "two runs bit-equal", "every op"
+def determinism_case(device: str, dtype: torch.dtype, tiles: Optional[str] = None) -> Dict:
+    """Two runs of every op, outputs and gradients bit-equal (`tiles`: the CUDA tile test
+    hook's value)."""
+    op = "two runs bit-equal" + (" (unsplit)" if tiles == "multi" else "")
+    shape = "every op"
     try:
-        first, second = _outputs_of(device, dtype), _outputs_of(device, dtype)
+        first, second = _outputs_of(device, dtype, tiles), _outputs_of(device, dtype, tiles)
     except Exception as e:  # noqa: BLE001
         return _error_row(op, device, _dtype_name(dtype), shape, e)
     checks = _Checks()
@@ -552,27 +702,87 @@ def offsets64_case(device: str = "cuda", d: int = 128, m: int = 64, tail: int = 
         r = reference.pair_stats(q_tail, k.double().cpu(), q_label[rows].cpu(), k_label.cpu(),
                                  tau=TAU)
         (torch.where(torch.isfinite(r[0]), r[0], 0.0).sum() + r[1].sum()).backward()
-        low_q = q.detach()[rows].requires_grad_()
-        low = reference.pair_stats(low_q, k, q_label[rows], k_label, tau=TAU)
-        (torch.where(torch.isfinite(low[0]), low[0], 0.0).sum() + low[1].sum()).backward()
     except Exception as e:  # noqa: BLE001
         return _error_row(op, device, _dtype_name(dt), shape, e)
     checks = _Checks()
-    checks.close("lse (last rows)", lse[rows], r[0], low[0], dt)
-    checks.close("pos_mean (last rows)", pos_mean[rows], r[1], low[1], dt)
-    checks.close("grad_q (last rows)", q.grad[rows], q_tail.grad, low_q.grad, dt)
+    arg_error = float32_arg_error(similarity_span(q_tail, k, TAU), m)
+    checks.half("lse (last rows)", lse[rows], r[0], torch.float32, arg_error, log_domain=True)
+    checks.half("pos_mean (last rows)", pos_mean[rows], r[1], torch.float32, arg_error,
+                log_domain=True)
+    checks.half("grad_q (last rows)", q.grad[rows], q_tail.grad, dt, arg_error)
     checks.exact("pos_count (last rows)", pos_count[rows], r[2])
     return checks.row(op, device, _dtype_name(dt), shape, 0.0)
 
 
+def large_case(device: str, quick: bool = False, chunk: int = 512) -> Dict:
+    """pair_stats in bfloat16, general mode, N = M = 2 x SMs x 64 + 40, D = 128, with the
+    default schedule: more row tiles than the 2 x SMs work items the CUDA split aims at, so no
+    split -- every block walks all ~2 x SMs column tiles (forward, dq and dk), at a size users
+    run. Every row against float64, the reference computed in row chunks of `chunk` on the
+    device (O(chunk x M) memory). `quick` (and the CPU): 2 "SMs", N = 296."""
+    from fastiml import reference
+    sms = _sm_count(device) if device == "cuda" and not quick else 2
+    n = m = 2 * sms * 64 + 40
+    d, dt = 128, torch.bfloat16
+    op, shape = "pair_stats/large", f"N={n} M={m} D={d}, default schedule"
+    reason = _unavailable("pair_stats", device, ["pair_stats_backward"])
+    if reason:
+        return _skip(op, device, _dtype_name(dt), shape, reason)
+    start = time.perf_counter()
+    try:
+        g = torch.Generator().manual_seed(6)
+        unit = lambda rows: torch.nn.functional.normalize(  # noqa: E731
+            torch.randn(rows, d, generator=g, dtype=torch.float64), dim=1).to(dt)
+        q, k = unit(n), unit(m)
+        q_label = torch.randint(0, 10, (n,), generator=g).to(device)
+        k_label = torch.randint(0, 10, (m,), generator=g).to(device)
+        w_lse, w_pos = (torch.randn(n, generator=g, dtype=torch.float64).to(dt).to(device)
+                        for _ in range(2))
+        q_dev = q.to(device, copy=True).requires_grad_()
+        k_dev = k.to(device, copy=True).requires_grad_()
+        lse, pos_mean, pos_count = _api("pair_stats")(q_dev, k_dev, q_label, k_label, tau=TAU)
+        _pair_loss(lse, pos_mean, w_lse, w_pos).backward()
+        walks = _tiles_per_block(dict(q_label=q_label, k_label=k_label, q_group=None,
+                                      k_group=None, k=k), device, sms)
+        k64 = k.double().to(device).requires_grad_()
+        exact, grad_q = [[], [], []], []
+        for r0 in range(0, n, chunk):
+            rows = slice(r0, r0 + chunk)
+            q64 = q[rows].double().to(device).requires_grad_()
+            stats = reference.pair_stats(q64, k64, q_label[rows], k_label, tau=TAU)
+            _pair_loss(stats[0], stats[1], w_lse[rows], w_pos[rows]).backward()
+            for part, t in zip(exact, stats):
+                part.append(t.detach())
+            grad_q.append(q64.grad)
+        exact = [torch.cat(part) for part in exact]
+    except Exception as e:  # noqa: BLE001
+        return _error_row(op, device, _dtype_name(dt), shape, e)
+    checks = _Checks()
+    arg_error = float32_arg_error(similarity_span(q, k, TAU), m)
+    checks.half("lse", lse, exact[0], torch.float32, arg_error, log_domain=True)
+    checks.half("pos_mean", pos_mean, exact[1], torch.float32, arg_error, log_domain=True)
+    checks.exact("pos_count", pos_count, exact[2])
+    checks.half("grad_q", q_dev.grad, torch.cat(grad_q), dt, arg_error)
+    checks.half("grad_k", k_dev.grad, k64.grad, dt, arg_error)
+    _check_walks(checks, walks, None)
+    return checks.row(op, device, _dtype_name(dt), shape, time.perf_counter() - start)
+
+
 def sanitizer_workload() -> None:
-    """Small CUDA calls of every op, forward and backward (run under compute-sanitizer)."""
+    """Small CUDA calls of every op, forward and backward (run under compute-sanitizer): in
+    every dtype with multi-tile blocks (the tile test hook), and in float32 and bfloat16 with
+    the default schedule (single-tile items, the split merge kernels)."""
+    for dtype in FULL_DTYPES:
+        _outputs_of("cuda", dtype, "multi")
     for dtype in (torch.float32, torch.bfloat16):
         _outputs_of("cuda", dtype)
     torch.cuda.synchronize()
 
 
-def sanitizer_case(tool: str, timeout: float = 240.0) -> Dict:
+SANITIZER_TIMEOUT_S = 240.0
+
+
+def sanitizer_case(tool: str, timeout: float = SANITIZER_TIMEOUT_S) -> Dict:
     op, shape = f"compute-sanitizer {tool}", "small calls, every op"
     exe = shutil.which("compute-sanitizer")
     if exe is None:
@@ -670,22 +880,36 @@ def mpc_timing_case(device: str, quick: bool) -> Dict:
                      "linear cost in batch size would be 4.0" if full else "")
 
 
-def full_rows(device: str, quick: bool) -> List[Dict]:
+def full_rows(device: str, quick: bool,
+              sanitizer_timeout: float = SANITIZER_TIMEOUT_S) -> List[Dict]:
     """The --full checks of one device (see the module docstring)."""
     rows = []
     dtypes = (torch.float32, torch.float64) if quick else FULL_DTYPES
     for dtype in dtypes:
         for mode in SWEEP_MODES:
             rows.append(pair_stats_case(device, dtype, mode))
+    # Multi-tile blocks: at these sizes the CUDA default splits every list into single tiles.
+    for tiles in (None, "multi") if device == "cuda" else (None,):
+        for mode in TWO_GROUP_MODES:
+            rows.append(pair_stats_case(device, torch.float16, mode, tiles=tiles))
+    if device == "cuda":
+        for dtype in FULL_DTYPES:
+            for mode in PAIR_MODES:
+                rows.append(pair_stats_case(device, dtype, mode, tiles="multi"))
+            for mode in SOFTPLUS_MODES:
+                rows.append(pair_softplus_case(device, dtype, mode, tiles="multi"))
+    rows.append(large_case(device, quick))
     for dtype in ((torch.float32,) if quick else (torch.float32, torch.bfloat16)):
         rows.append(determinism_case(device, dtype))
+        if device == "cuda":
+            rows.append(determinism_case(device, dtype, tiles="multi"))
     if device == "cuda":
         if not quick:
             rows.append(offsets64_case(device))
         for dtype in MASK_DTYPES:
             rows.append(crosscheck_case(dtype))
         for tool in ("memcheck", "racecheck", "synccheck"):
-            rows.append(sanitizer_case(tool))
+            rows.append(sanitizer_case(tool, sanitizer_timeout))
     rows.append(pair_timing_case(device, quick))
     rows.append(mpc_timing_case(device, quick))
     return rows
@@ -714,9 +938,10 @@ def _format(rows: Sequence[Dict]) -> str:
 
 
 def run(devices: Optional[Sequence[str]] = None, verbose: bool = True, full: bool = False,
-        quick: bool = False) -> List[Dict]:
+        quick: bool = False, sanitizer_timeout: float = SANITIZER_TIMEOUT_S) -> List[Dict]:
     """Runs every op on every device and dtype; returns one dict per check row. ``full`` adds
-    the --full checks, ``quick`` runs them at small sizes.
+    the --full checks, ``quick`` runs them at small sizes; ``sanitizer_timeout``: seconds for
+    each compute-sanitizer run.
 
     Each row has ``op, device, dtype, shape, output`` (the worst output of the row), ``error``,
     ``tolerance``, ``status`` ("PASS", "FAIL" or "SKIP"), ``reason`` and the per-output
@@ -756,7 +981,7 @@ def run(devices: Optional[Sequence[str]] = None, verbose: bool = True, full: boo
         for dtype in DTYPES:
             rows.append(pivot_case(device, dtype))
         if full or quick:
-            rows += full_rows(device, quick)
+            rows += full_rows(device, quick, sanitizer_timeout)
     if verbose:
         print(_format(rows))
         counts = {s: sum(r["status"] == s for r in rows) for s in ("PASS", "FAIL", "SKIP", "INFO")}
@@ -769,6 +994,17 @@ def run(devices: Optional[Sequence[str]] = None, verbose: bool = True, full: boo
     return rows
 
 
+def _json_safe(x):
+    """A copy that strict JSON parsers accept: NaN -> None, +-inf -> "inf" / "-inf"."""
+    if isinstance(x, float) and not math.isfinite(x):
+        return None if math.isnan(x) else ("inf" if x > 0 else "-inf")
+    if isinstance(x, dict):
+        return {str(k): _json_safe(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_json_safe(v) for v in x]
+    return x
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="fastiml selftest", description=__doc__.split("\n")[0])
     parser.add_argument("--device", action="append", choices=sorted(_DISPATCH_KEYS),
@@ -779,11 +1015,24 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--quick", action="store_true",
                         help="the --full checks at small sizes (implies --full)")
     parser.add_argument("--quiet", action="store_true", help="print only failures")
+    parser.add_argument("--sanitizer-timeout", type=float, default=SANITIZER_TIMEOUT_S,
+                        metavar="SECONDS",
+                        help="time limit of each compute-sanitizer run (--full on CUDA; "
+                             f"default {SANITIZER_TIMEOUT_S:.0f})")
+    parser.add_argument("--json", metavar="PATH",
+                        help="also write the rows to PATH as JSON (NaN -> null, +-inf -> "
+                             "\"inf\" / \"-inf\")")
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["--"]:  # `fastiml selftest -- --device cuda` passes the separator on
         argv = argv[1:]
     args = parser.parse_args(argv)
-    rows = run(devices=args.device, verbose=not args.quiet, full=args.full, quick=args.quick)
+    if not args.sanitizer_timeout > 0:
+        parser.error(f"--sanitizer-timeout must be > 0 seconds, got {args.sanitizer_timeout}")
+    rows = run(devices=args.device, verbose=not args.quiet, full=args.full, quick=args.quick,
+               sanitizer_timeout=args.sanitizer_timeout)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(_json_safe(rows), f, indent=1)
     failed = [r for r in rows if r["status"] == "FAIL"]
     if args.quiet and failed:
         print(_format(failed))

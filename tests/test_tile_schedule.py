@@ -129,3 +129,77 @@ def test_bad_input_is_named():
                                                    torch.zeros(3, dtype=torch.long), 0, False, 1)
     with pytest.raises(RuntimeError, match="integer"):
         torch.ops.fastiml.pair_stats_tile_schedule(torch.zeros(3), torch.zeros(3), 4, False, 1)
+
+
+# ------------------------------------------------ the CUDA test hook FASTIML_CUDA_FORCE_TILES
+# The op applies the hook to min_items as the CUDA kernels do (min_items_for_device), so these
+# replays are the schedules the GPU runs under it.
+
+HOOK = "FASTIML_CUDA_FORCE_TILES"
+H100_ITEMS = 2 * 132  # min_items_for_device on a 132-SM H100 / H200
+
+
+def selftest_shapes():
+    """(N, M) of every pair_stats / pair_softplus mode of fastiml selftest (M = N in self
+    mode), and the largest pytest size."""
+    from fastiml import selftest
+    modes = {**selftest.PAIR_MODES, **selftest.SWEEP_MODES, **selftest.TWO_GROUP_MODES}
+    return [(n, n if m is None else m) for n, m, _, _ in modes.values()] + [(600, 600)]
+
+
+def test_default_split_gives_single_tiles_at_selftest_sizes(monkeypatch):
+    """Why the hook exists: at every selftest size the device rule (264 items on an H100)
+    cuts each row tile's list into single tiles, so no block ever walks two."""
+    monkeypatch.delenv(HOOK, raising=False)
+    for n, m in selftest_shapes():
+        splits, lists = schedule(torch.zeros(n, dtype=torch.long), torch.zeros(m, dtype=torch.long),
+                                 64, min_items=H100_ITEMS)
+        assert max(len(v) for v in lists.values()) == 1, (n, m, splits)
+
+
+def test_multi_hook_gives_every_block_its_whole_list(monkeypatch):
+    """FASTIML_CUDA_FORCE_TILES=multi: no split at the device's min_items, so each block walks
+    all the column tiles its row tile meets -- >= 2 at every selftest size with M > 64."""
+    monkeypatch.setenv(HOOK, "multi")
+    for n, m in selftest_shapes():
+        splits, lists = schedule(torch.zeros(n, dtype=torch.long), torch.zeros(m, dtype=torch.long),
+                                 64, min_items=H100_ITEMS)
+        assert splits == 1
+        assert all(v == list(range(math.ceil(m / 64))) for v in lists.values()), (n, m)
+        if m > 64:
+            assert min(len(v) for v in lists.values()) >= 2
+
+
+def test_multi_hook_keeps_the_group_filter(monkeypatch):
+    """The hook changes the split, never which pairs run."""
+    own = sorted_codes([100, 37, 250, 64, 1, 90])
+    other = sorted_codes([40, 0, 300, 64, 20, 130])
+    monkeypatch.delenv(HOOK, raising=False)
+    default_splits, default_lists = schedule(own, other, 64, min_items=H100_ITEMS)
+    assert default_splits > 1
+    want = full_lists(default_lists, default_splits)
+    monkeypatch.setenv(HOOK, "multi")
+    splits, lists = schedule(own, other, 64, min_items=H100_ITEMS)
+    assert splits == 1 and full_lists(lists, 1) == want
+
+
+def test_single_hook_splits_every_list_into_single_tiles(monkeypatch):
+    """FASTIML_CUDA_FORCE_TILES=single: every item holds at most one tile pair, even where the
+    device rule would not split at all (here 32 row tiles against min_items 8)."""
+    own, other = torch.zeros(2048, dtype=torch.long), torch.zeros(1000, dtype=torch.long)
+    monkeypatch.delenv(HOOK, raising=False)
+    assert schedule(own, other, 64, min_items=8)[0] == 1
+    monkeypatch.setenv(HOOK, "single")
+    splits, lists = schedule(own, other, 64, min_items=8)
+    assert splits == math.ceil(1000 / 64)
+    assert all(len(v) <= 1 for v in lists.values())
+    assert full_lists(lists, splits) == {r: list(range(splits)) for r in range(32)}
+
+
+def test_bad_hook_value_is_named(monkeypatch):
+    monkeypatch.setenv(HOOK, "yes")
+    with pytest.raises(RuntimeError, match="FASTIML_CUDA_FORCE_TILES must be 'multi', 'single'"):
+        schedule(torch.zeros(3, dtype=torch.long), torch.zeros(3, dtype=torch.long), 4)
+    monkeypatch.setenv(HOOK, "")  # empty: the device rule
+    assert schedule(torch.zeros(300, dtype=torch.long), torch.zeros(300, dtype=torch.long), 64,
+                    min_items=H100_ITEMS)[0] == 5

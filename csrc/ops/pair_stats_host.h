@@ -5,8 +5,10 @@
 #include <ATen/ATen.h>
 
 #include <algorithm>
+#include <cstdlib>
 #include <limits>
 #include <optional>
+#include <string>
 #include <vector>
 
 #include "ops/pair_stats.h"
@@ -196,8 +198,45 @@ inline TileSchedule make_tile_schedule(const std::vector<GroupRange>& own_ranges
   return s;
 }
 
+// The CUDA kernels' tile test hook, never set in normal use: the environment variable
+// FASTIML_CUDA_FORCE_TILES, read at every call (so a test can switch it within one process).
+//   unset or ""  the device's own rule (min_items_for_device in ops/cuda/pair_stats_kernel.cu);
+//   "multi"      every block walks several tiles at any N: pair_stats' schedule gets
+//                min_items = 1 (no split: each block walks its own tile's whole list, so the
+//                running log-sum-exp across tiles, the backward accumulator summed over tiles,
+//                the dk pass's rescale between row tiles and the unsplit write path run at the
+//                sizes of `fastiml selftest`), and pair_softplus tiles of 64 instead of 1024;
+//   "single"     every pair_stats work item holds at most one tile pair (the largest split: the
+//                partial buffers and merge kernels at their extreme); pair_softplus unchanged.
+// Any other value is an error naming the variable.
+enum class ForcedTiles { kDevice, kMulti, kSingle };
+constexpr const char* kForceTilesEnv = "FASTIML_CUDA_FORCE_TILES";
+
+inline ForcedTiles forced_tiles() {
+  const char* value = std::getenv(kForceTilesEnv);
+  if (value == nullptr || *value == '\0') return ForcedTiles::kDevice;
+  const std::string v(value);
+  if (v == "multi") return ForcedTiles::kMulti;
+  TORCH_CHECK(v == "single", kForceTilesEnv, " must be 'multi', 'single' or unset, got '", v,
+              "'");
+  return ForcedTiles::kSingle;
+}
+
+// min_items under the hook: 1 for "multi"; for "single" more items than any list has pairs
+// (make_tile_schedule then splits each list into runs of one), int32-sized so that its sums
+// cannot overflow.
+inline int64_t forced_min_items(int64_t min_items) {
+  switch (forced_tiles()) {
+    case ForcedTiles::kMulti: return 1;
+    case ForcedTiles::kSingle: return std::numeric_limits<int32_t>::max();
+    default: return min_items;
+  }
+}
+
 // The op pair_stats_tile_schedule (both backends register it): make_tile_schedule as int64 CPU
-// tensors. The group codes are read on the host (a copy from the GPU).
+// tensors, with min_items under the CUDA test hook (forced_min_items), as the CUDA kernels
+// build it -- so that the suite can replay the hooked schedule without a GPU. The group codes
+// are read on the host (a copy from the GPU).
 inline std::tuple<at::Tensor, at::Tensor, at::Tensor> tile_schedule_op(
     const at::Tensor& own_group, const at::Tensor& other_group, int64_t tile, bool upper_only,
     int64_t min_items) {
@@ -210,7 +249,8 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor> tile_schedule_op(
   const at::Tensor other = other_group.to(at::kCPU, at::kInt).contiguous();
   const TileSchedule s = make_tile_schedule(
       tile_group_ranges(own.data_ptr<int32_t>(), own.numel(), tile),
-      tile_group_ranges(other.data_ptr<int32_t>(), other.numel(), tile), upper_only, min_items);
+      tile_group_ranges(other.data_ptr<int32_t>(), other.numel(), tile), upper_only,
+      forced_min_items(min_items));
   const auto as_tensor = [](const auto& v) {
     at::Tensor t = at::empty({static_cast<int64_t>(v.size())}, at::kLong);
     std::copy(v.begin(), v.end(), t.data_ptr<int64_t>());

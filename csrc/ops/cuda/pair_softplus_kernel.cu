@@ -31,6 +31,14 @@ using pair_stats::PairMask;
 using pair_stats::pair_mask;
 
 constexpr int64_t kTile = 1024;  // 4 MB float32 tile: large enough for cuBLAS to run near peak
+// Under the test hook FASTIML_CUDA_FORCE_TILES=multi (ops/pair_stats_host.h): tiles of 64, so
+// that the tile loops, the tile filter, the reused buffer and the sums across tiles run at the
+// sizes of `fastiml selftest`.
+constexpr int64_t kTestTile = 64;
+
+int64_t tile_size() {
+  return pair_stats::forced_tiles() == pair_stats::ForcedTiles::kMulti ? kTestTile : kTile;
+}
 constexpr int kThreads = 256;    // epilogue block size (a power of two for the reduction)
 
 // The positive pair (i, j) of an active row: L_i - s_ij, or nothing.
@@ -109,16 +117,17 @@ std::tuple<at::Tensor, at::Tensor> forward_impl(const Problem& p, const CodeTens
   if (p.n == 0 || p.m == 0) return {total, weight};
   const at::Tensor lse = lse_in.contiguous();
   const CodeTensors host = codes_on_host(codes);
-  const TileFilter filter(p, host.view(), kTile);
+  const int64_t tile = tile_size();
+  const TileFilter filter(p, host.view(), tile);
   const acc_t inv_tau = acc_t(1.0 / p.tau);
   const auto stream = at::cuda::getCurrentCUDAStream();
-  at::Tensor buffer = at::empty({std::min(kTile, p.n) * std::min(kTile, p.m)}, options);
-  for (int64_t r = 0; r < ceil_div(p.n, kTile); ++r) {
-    const int64_t r0 = r * kTile, br = std::min(kTile, p.n - r0);
+  at::Tensor buffer = at::empty({std::min(tile, p.n) * std::min(tile, p.m)}, options);
+  for (int64_t r = 0; r < ceil_div(p.n, tile); ++r) {
+    const int64_t r0 = r * tile, br = std::min(tile, p.n - r0);
     at::Tensor qr;  // converted on first use: most tiles of a SimCLR batch are skipped
-    for (int64_t c = 0; c < ceil_div(p.m, kTile); ++c) {
+    for (int64_t c = 0; c < ceil_div(p.m, tile); ++c) {
       if (!filter.may_have_positive(r, c)) continue;
-      const int64_t c0 = c * kTile, bc = std::min(kTile, p.m - c0);
+      const int64_t c0 = c * tile, bc = std::min(tile, p.m - c0);
       if (!qr.defined()) qr = tile_rows(p.q, r0, br, p.acc);
       at::Tensor S = buffer.narrow(0, 0, br * bc).view({br, bc});
       at::mm_out(S, qr, tile_rows(p.k, c0, bc, p.acc).t());
@@ -135,20 +144,21 @@ std::tuple<at::Tensor, at::Tensor> forward_impl(const Problem& p, const CodeTens
 // G^T Q / tau, one tile product after another.
 template <typename acc_t>
 at::Tensor backward_pass(const Problem& p, const CodeTensors& codes, const TileFilter& filter,
-                         const at::Tensor& lse, const at::Tensor& grad_total, bool for_k) {
+                         int64_t tile, const at::Tensor& lse, const at::Tensor& grad_total,
+                         bool for_k) {
   const auto options = p.q.options().dtype(p.acc);
   const int64_t own_len = for_k ? p.m : p.n, other_len = for_k ? p.n : p.m;
   at::Tensor grad = at::zeros({own_len, p.d}, options);
   if (p.n == 0 || p.m == 0) return grad;
   const acc_t inv_tau = acc_t(1.0 / p.tau);
   const auto stream = at::cuda::getCurrentCUDAStream();
-  at::Tensor buffer = at::empty({std::min(kTile, p.n) * std::min(kTile, p.m)}, options);
-  for (int64_t t = 0; t < ceil_div(own_len, kTile); ++t) {
-    const int64_t o0 = t * kTile, bo = std::min(kTile, own_len - o0);
+  at::Tensor buffer = at::empty({std::min(tile, p.n) * std::min(tile, p.m)}, options);
+  for (int64_t t = 0; t < ceil_div(own_len, tile); ++t) {
+    const int64_t o0 = t * tile, bo = std::min(tile, own_len - o0);
     at::Tensor own = grad.narrow(0, o0, bo);
-    for (int64_t u = 0; u < ceil_div(other_len, kTile); ++u) {
+    for (int64_t u = 0; u < ceil_div(other_len, tile); ++u) {
       if (!filter.may_have_positive(for_k ? u : t, for_k ? t : u)) continue;
-      const int64_t x0 = u * kTile, bx = std::min(kTile, other_len - x0);
+      const int64_t x0 = u * tile, bx = std::min(tile, other_len - x0);
       const int64_t r0 = for_k ? x0 : o0, br = for_k ? bx : bo;
       const int64_t c0 = for_k ? o0 : x0, bc = for_k ? bo : bx;
       at::Tensor qr = tile_rows(p.q, r0, br, p.acc), kc = tile_rows(p.k, c0, bc, p.acc);
@@ -204,7 +214,8 @@ std::tuple<at::Tensor, at::Tensor> pair_softplus_backward_cuda(
   const CodeTensors codes = pair_stats::make_codes(q_label, k_label, q_group, k_group,
                                                    ignore_index);
   const CodeTensors host = codes_on_host(codes);
-  const TileFilter filter(p, host.view(), kTile);
+  const int64_t tile = tile_size();
+  const TileFilter filter(p, host.view(), tile);
   const at::Tensor l = lse.contiguous(), g = grad_total.contiguous();
   at::Tensor grad_q, grad_k;
   AT_DISPATCH_FLOATING_TYPES_AND2(
@@ -212,11 +223,11 @@ std::tuple<at::Tensor, at::Tensor> pair_softplus_backward_cuda(
         using acc_t = at::opmath_type<scalar_t>;
         if (p.self) {  // one set: q's gradient is dq + dk
           if (q_needs_grad)
-            grad_q = backward_pass<acc_t>(p, codes, filter, l, g, false)
-                         .add_(backward_pass<acc_t>(p, codes, filter, l, g, true));
+            grad_q = backward_pass<acc_t>(p, codes, filter, tile, l, g, false)
+                         .add_(backward_pass<acc_t>(p, codes, filter, tile, l, g, true));
         } else {
-          if (q_needs_grad) grad_q = backward_pass<acc_t>(p, codes, filter, l, g, false);
-          if (k_needs_grad) grad_k = backward_pass<acc_t>(p, codes, filter, l, g, true);
+          if (q_needs_grad) grad_q = backward_pass<acc_t>(p, codes, filter, tile, l, g, false);
+          if (k_needs_grad) grad_k = backward_pass<acc_t>(p, codes, filter, tile, l, g, true);
         }
       });
   // Gradients in the input dtype; unrequested ones as empty tensors (the schema returns Tensors).

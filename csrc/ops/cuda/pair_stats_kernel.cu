@@ -9,6 +9,8 @@
 // pairs that share no group are skipped, and every pass splits the other tiles' range when it
 // has fewer than two blocks per SM (the forward's partial log-sum-exps and the backward's
 // partial gradient tiles are summed in split order by small merge kernels: deterministic).
+// The test hook FASTIML_CUDA_FORCE_TILES (see min_items_for_device) forces no split or the
+// largest one, so that tests reach the multi-tile paths at small N.
 //
 // Self mode (k is None) runs the general algorithm with k = q and returns dq + dk as the single
 // gradient: the dq pass writes its result in the accumulation dtype, the dk pass adds it before
@@ -113,9 +115,15 @@ DeviceSchedule device_schedule(const at::Tensor& own_group, const at::Tensor& ot
   return d;
 }
 
-// Work items that fill the GPU: two blocks per SM.
+// Work items that fill the GPU: two blocks per SM. At every size `fastiml selftest` and the
+// tests use (<= ~600 rows: <= 10 tiles, against 264 items on a 132-SM device) that splits each
+// list into single tiles, so the multi-tile paths would only run at N >= 2 x SMs x 64. The test
+// hook FASTIML_CUDA_FORCE_TILES (forced_min_items in ops/pair_stats_host.h; never set in normal
+// use) overrides the rule: "multi" gives min_items = 1 (no split, each block walks its whole
+// list), "single" splits every list into runs of one tile.
 int64_t min_items_for_device() {
-  return 2 * static_cast<int64_t>(at::cuda::getCurrentDeviceProperties()->multiProcessorCount);
+  return forced_min_items(
+      2 * static_cast<int64_t>(at::cuda::getCurrentDeviceProperties()->multiProcessorCount));
 }
 
 // The operands of one call, ready for the kernels.
