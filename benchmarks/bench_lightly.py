@@ -15,13 +15,17 @@ each in its own subprocess:
                memory guard (with its estimate) where the logits do not fit in ``--max-gb``.
 
 The module and its bank (K D floats) exist before the measurement starts: "above inputs"
-counts what a step needs beyond the inputs and the bank.
+counts what a step needs beyond the inputs and the bank. With ``--paired N`` (default 5), each
+size where lightly fits is also timed in one process with the two providers' steps alternating
+(``speed-up, paired steps``: the median per-pair ratio): on a shared machine, runs minutes
+apart see different loads, two steps back to back nearly the same.
 
-    python -m benchmarks.bench_lightly [--sizes 512 2048 8192] [--bank 65536] [--repeat 3]
-        [--json out.json] [--max-gb 8]
+    python -m benchmarks.bench_lightly [--sizes 512 2048 8192 16384] [--bank 65536] [--repeat 3]
+        [--paired 5] [--json out.json] [--max-gb 8]
 """
 import importlib.util
 import os
+import statistics
 import sys
 from typing import List, Optional
 
@@ -32,13 +36,13 @@ from benchmarks import harness as H
 BENCHMARK = "lightly_ntxent"
 MODULE = "benchmarks.bench_lightly"
 PROVIDERS = ("fastiml", "lightly")
-DEFAULT_SIZES = (512, 2048, 8192)
+DEFAULT_SIZES = (512, 2048, 8192, 16384)
 D, K, TEMPERATURE = 128, 65536, 0.1
 
 # lightly's peak bytes per element of its B x (K + 1) logits (the product, the concatenation,
-# the division by T, log-softmax and the gradients autograd keeps): ~12 measured at B = 512,
-# K = 65,536 (+416 MB), rounded up. Memory guard only.
-_LIGHTLY_BYTES_PER_LOGIT = 16.0
+# the division by T, log-softmax and the gradients autograd keeps): 12.2 measured at B = 4096,
+# K = 65,536 (+3121 MB), rounded up. Memory guard only.
+_LIGHTLY_BYTES_PER_LOGIT = 14.0
 
 
 def lightly_available() -> bool:
@@ -69,7 +73,10 @@ def loss_module_of(provider: str, k: int, d: int):
 
 def run_case(case: dict) -> dict:
     """One provider, forward + backward (and the FIFO update), at one (B, K): time, peak
-    memory above the inputs and the bank, and the first step's loss."""
+    memory above the inputs and the bank, and the first step's loss (``run_paired_case`` for
+    a paired case)."""
+    if case.get("paired"):
+        return run_paired_case(case)
     device = H.resolve_device(case.get("device", "cpu"))
     threads = H.set_threads(case.get("threads"))
     b, k, d = int(case["b"]), int(case.get("k", K)), int(case.get("d", D))
@@ -90,6 +97,34 @@ def run_case(case: dict) -> dict:
     timing = H.time_fn(step, repeat=int(case.get("repeat", 3)), device=device,
                        slow_s=float(case.get("slow_s", 5.0)))
     return {**timing, **meter.stop(), "loss": float(first["loss"]), "threads": threads}
+
+
+def run_paired_case(case: dict) -> dict:
+    """Both providers in one process, their steps alternating (one warm-up each, then
+    ``pairs`` pairs): the median wall time of each and the median of the per-pair ratios
+    lightly / fastiml. Time only. Two steps run back to back see nearly the same load, so on a
+    shared machine this ratio moves far less than that of two processes run minutes apart."""
+    device = H.resolve_device(case.get("device", "cpu"))
+    threads = H.set_threads(case.get("threads"))
+    b, k, d = int(case["b"]), int(case.get("k", K)), int(case.get("d", D))
+    modules = [loss_module_of(p, k, d).to(device) for p in PROVIDERS]
+    g = torch.Generator().manual_seed(1)
+    out0 = torch.randn(b, d, generator=g).to(device).requires_grad_()
+    out1 = torch.randn(b, d, generator=g).to(device)
+
+    def step(loss_fn):
+        def once():
+            out0.grad = None
+            loss_fn(out0, out1).backward()
+        return H.time_fn(once, repeat=0, device=device)["time_s"]
+
+    for loss_fn in modules:
+        step(loss_fn)
+    pairs = [[step(loss_fn) for loss_fn in modules] for _ in range(int(case["pairs"]))]
+    return {"time_s": statistics.median(p[0] for p in pairs),
+            "lightly_time_s": statistics.median(p[1] for p in pairs),
+            "paired_speedup": statistics.median(p[1] / p[0] for p in pairs),
+            "pairs": len(pairs), "threads": threads}
 
 
 # -------------------------------------------------------------------------------- the run
@@ -117,7 +152,33 @@ def run(args) -> List[H.Result]:
         r = H.result_from_child(BENCHMARK, provider, params, out, keep=("loss",))
         H.progress(f"{tag}: {H.fmt_seconds(r)} s, {H.fmt_mb(r)} MB above inputs")
         results.append(r)
+    if args.paired > 0 and "lightly" in providers and lightly_available():
+        results += run_paired(args)
     _derive(results)
+    return results
+
+
+def run_paired(args) -> List[H.Result]:
+    """The paired timing (``run_paired_case``) at every size where lightly's memory fits."""
+    results = []
+    for b in sorted(set(args.sizes)):
+        params = {"B": b, "K": args.bank, "D": D, "dtype": "float32", "device": args.device,
+                  "threads": args.threads or os.cpu_count(), "temperature": TEMPERATURE,
+                  "pairs": args.paired}
+        tag = f"[{BENCHMARK}] B={b} K={args.bank} paired"
+        status = H.memory_guard(estimate_bytes("lightly", b, args.bank), args.max_gb)
+        if status is not None:
+            H.progress(f"{tag}: {status}")
+            results.append(H.Result(BENCHMARK, "paired", params, status))
+            continue
+        case = {"paired": True, "b": b, "k": args.bank, "d": D, "device": args.device,
+                "threads": args.threads, "pairs": args.paired}
+        H.progress(f"{tag} ...")
+        out = H.run_case_anywhere(MODULE, run_case, case, args.in_process, args.timeout)
+        r = H.result_from_child(BENCHMARK, "paired", params, out,
+                                keep=("lightly_time_s", "paired_speedup"))
+        H.progress(f"{tag}: {H.fmt_ratio(r.get('paired_speedup'))}")
+        results.append(r)
     return results
 
 
@@ -136,15 +197,18 @@ def _derive(results: List[H.Result]) -> None:
 
 def table(results: List[H.Result]) -> str:
     headers = ["B", "K", "fastiml s", "lightly s", "speed-up vs lightly",
-               "peak MB above inputs: fastiml", "lightly", "memory ratio (lightly / fastiml)",
-               "loss rel. diff"]
+               "speed-up, paired steps", "peak MB above inputs: fastiml", "lightly",
+               "memory ratio (lightly / fastiml)", "loss rel. diff"]
     rows = []
     for b in sorted({r.params["B"] for r in results}):
         ours, base = _find(results, "fastiml", b), _find(results, "lightly", b)
         diff = ours.get("loss_rel_diff_vs_lightly") if ours is not None else None
         k = (ours or base).params["K"]
+        paired = _find(results, "paired", b)
         rows.append([b, k, H.fmt_seconds(ours), H.fmt_seconds(base),
-                     H.fmt_ratio(H.ratio(base, ours)), H.fmt_mb(ours), H.fmt_mb(base),
+                     H.fmt_ratio(H.ratio(base, ours)),
+                     H.fmt_ratio(paired.get("paired_speedup") if paired else None),
+                     H.fmt_mb(ours), H.fmt_mb(base),
                      H.fmt_ratio(H.ratio(base, ours, "peak_above_inputs_mb")),
                      "—" if diff is None else f"{diff:.1e}"])
     return H.markdown_table(headers, rows)
@@ -154,10 +218,14 @@ def parser():
     p = H.base_parser(__doc__, repeat=3)
     p.set_defaults(max_gb=8.0)
     p.add_argument("--sizes", type=int, nargs="+", default=list(DEFAULT_SIZES),
-                   help="batch sizes B (default 512 2048 8192)")
+                   help="batch sizes B (default 512 2048 8192 16384; at 16384 lightly's "
+                        "logits exceed the default --max-gb 8)")
     p.add_argument("--bank", type=int, default=K,
                    help=f"memory bank entries K (default {K})")
     p.add_argument("--providers", nargs="+", default=list(PROVIDERS), choices=PROVIDERS)
+    p.add_argument("--paired", type=int, default=5, metavar="N",
+                   help="also time N alternating fastiml / lightly steps in one process per "
+                        "size (the shared-machine-robust speed-up; 0: off; default 5)")
     return p
 
 

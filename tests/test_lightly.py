@@ -275,6 +275,7 @@ def test_argument_errors(monkeypatch):
     for bad in (0.0, 1e-9, -5e-9, float("nan"), float("inf")):
         with pytest.raises(ValueError, match="temperature"):
             fl.NTXentLoss(temperature=bad)
+    fl.NTXentLoss(temperature=-1e-8)  # lightly's limit: abs(T) < 1e-8 is the error
     with pytest.raises(TypeError, match="temperature"):
         fl.NTXentLoss(temperature=True)
     for bad in (0.0, float("nan")):
@@ -455,10 +456,14 @@ def test_bench_lightly_case_and_guard(tmp_path, ll):
     assert harness.memory_guard(bench_lightly.estimate_bytes("fastiml", 65536, 65536), 8) is None
     assert harness.memory_guard(bench_lightly.estimate_bytes("lightly", 65536, 65536),
                                 8).startswith("skipped (needs ~")
-    argv = ["--sizes", "16", "--bank", "256", "--repeat", "1", "--threads", "1",
-            "--in-process", "--no-csv", "--json", str(tmp_path / "r.json")]
+    argv = ["--sizes", "16", "--bank", "256", "--repeat", "1", "--threads", "1", "--paired",
+            "2", "--in-process", "--no-csv", "--json", str(tmp_path / "r.json")]
     assert bench_lightly.main(argv) == 0
     payload = json.loads((tmp_path / "r.json").read_text())
-    mine = [r for r in payload["results"] if r["provider"] == "fastiml"][0]
-    assert mine["status"] == "ok" and mine["metrics"]["loss_rel_diff_vs_lightly"] < 1e-5
+    by_provider = {r["provider"]: r for r in payload["results"]}
+    assert set(by_provider) == {"fastiml", "lightly", "paired"}
+    assert all(r["status"] == "ok" for r in by_provider.values())
+    assert by_provider["fastiml"]["metrics"]["loss_rel_diff_vs_lightly"] < 1e-5
+    paired = by_provider["paired"]["metrics"]
+    assert paired["paired_speedup"] > 0 and paired["lightly_time_s"] > 0
     assert "| B | K | fastiml s | lightly s |" in payload["table_markdown"]

@@ -31,15 +31,18 @@ from torch.nn import functional as F
 from fastiml import ops
 from fastiml.losses.functional import NO_IGNORE, gather_rows, merge_stats, world
 
+__all__ = ["NTXentLoss", "DCLLoss", "DCLWLoss", "MemoryBank", "negative_mises_fisher_weights"]
+
 
 def _check_temperature(temperature, loss_name: str, minimum: float = 0.0) -> float:
-    """A finite real temperature of either sign with ``|T| > minimum`` (> 0 at least)."""
+    """A finite, non-zero real temperature of either sign with ``|T| >= minimum``."""
     if isinstance(temperature, bool) or not isinstance(temperature, numbers.Real):
         raise TypeError(f"{loss_name}: temperature must be a real number, got "
                         f"{type(temperature).__name__}")
-    if not math.isfinite(temperature) or abs(temperature) <= minimum:
-        raise ValueError(f"{loss_name}: temperature must be finite with abs(temperature) > "
-                         f"{minimum:g} (negative values are allowed), got {temperature}")
+    if not math.isfinite(temperature) or temperature == 0 or abs(temperature) < minimum:
+        raise ValueError(f"{loss_name}: temperature must be finite and non-zero with "
+                         f"abs(temperature) >= {minimum:g} (negative values are allowed), "
+                         f"got {temperature}")
     return temperature
 
 
