@@ -1,8 +1,9 @@
 """fastiml.losses.lightly (NTXentLoss with and without a memory bank, DCLLoss, DCLWLoss) against
 lightly's own classes (lightly 1.5.26, a test-only dependency): values and gradients in float64
 (lightly's memory bank is float32: both modules are moved to float64 with ``.double()``), the
-bank's initial draw and its FIFO state step by step, negative temperatures, half inputs
-against the float64 result, argument errors; and lightly's own test files
+bank's initial draw and its FIFO state step by step, negative temperatures, two gloo ranks
+with gather_distributed, half inputs against the float64 result, argument errors, the
+benchmark's cases; and lightly's own test files
 ``tests/loss/test_ntx_ent_loss.py`` and ``test_dcl_loss.py`` run with fastiml's classes standing
 in, given a lightly checkout (v1.5.26) at $FASTIML_LIGHTLY_REPO.
 """
