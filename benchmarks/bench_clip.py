@@ -63,12 +63,13 @@ def open_clip_loss_module():
         return module
 
 
-def estimate_bytes(provider: str, b: int, d: int = D) -> float:
+def estimate_bytes(provider: str, b: int, d: int = D,
+                   open_clip_bytes_per_logit: float = _OPEN_CLIP_BYTES_PER_LOGIT) -> float:
     """Rough peak memory of one provider (inputs included)."""
     inputs = 4.0 * b * d * 4
     if provider == "fastiml":
         return inputs + 4.0 * b * d * 4 + 64e6
-    return inputs + _OPEN_CLIP_BYTES_PER_LOGIT * float(b) * float(b)
+    return inputs + open_clip_bytes_per_logit * float(b) * float(b)
 
 
 def loss_module_of(provider: str):

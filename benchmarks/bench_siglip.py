@@ -38,10 +38,7 @@ _OPEN_CLIP_BYTES_PER_LOGIT = 24.0
 
 def estimate_bytes(provider: str, b: int, d: int = bench_clip.D) -> float:
     """Rough peak memory of one provider (inputs included)."""
-    inputs = 4.0 * b * d * 4
-    if provider == "fastiml":
-        return inputs + 4.0 * b * d * 4 + 64e6
-    return inputs + _OPEN_CLIP_BYTES_PER_LOGIT * float(b) * float(b)
+    return bench_clip.estimate_bytes(provider, b, d, _OPEN_CLIP_BYTES_PER_LOGIT)
 
 
 def loss_module_of(provider: str):

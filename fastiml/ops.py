@@ -594,9 +594,9 @@ def clip_lse(q: Tensor, k: Tensor, scale) -> Tuple[Tensor, Tensor, Tensor]:
     ``row_lse[i] = logsumexp_j S_ij``, ``col_lse[j] = logsumexp_i S_ij`` and ``diag[i] = S_ii``:
     both directions of CLIP's cross-entropy (``row_lse[i] - diag[i]`` image to text,
     ``col_lse[j] - diag[j]`` text to image) without the N x M logits (``diag`` comes from the
-    same tile products as the log-sum-exps: a pair alone in its row gives exactly 0). Each direction keeps its own running maximum (rows per
-    row; columns per column within each thread's rows, merged in a fixed order), so any scale
-    and any feature norms are safe.
+    same tile products as the log-sum-exps: a pair alone in its row gives exactly 0). Each
+    direction keeps its own running maximum (rows per row; columns per column within each
+    thread's rows, merged in a fixed order), so any scale and any feature norms are safe.
 
     Args:
         q: Tensor[N, D] rows (float32/float16/bfloat16/float64).

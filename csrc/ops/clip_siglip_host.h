@@ -8,6 +8,8 @@
 
 #include <algorithm>
 
+#include "ops/common.h"
+
 namespace FASTIML_NAMESPACE {
 namespace clip_siglip {
 

@@ -16,6 +16,7 @@
 #include <algorithm>
 #include <limits>
 #include <tuple>
+#include <utility>
 
 #include "ops/clip_siglip_host.h"
 
@@ -25,7 +26,47 @@ namespace {
 
 constexpr int64_t kChunkElements = int64_t(1) << 24;  // 64 MB of float32 per [rows, M] block
 
-int64_t chunk_rows(int64_t m) { return std::max<int64_t>(1, kChunkElements / std::max<int64_t>(m, 1)); }
+int64_t chunk_rows(int64_t m) {
+  return std::max<int64_t>(1, kChunkElements / std::max<int64_t>(m, 1));
+}
+
+// The backward walk of both ops: for each block of rows, P = Q_r K^T (accumulation dtype) and
+// its G = grad_block(r0, P) (dloss/dlogit), then dQ = t G K and dK = t G^T Q where asked for.
+// Returns (grad_q, grad_k), undefined where not asked for.
+template <typename GradBlock>
+std::pair<at::Tensor, at::Tensor> feature_grads(const at::Tensor& q, const at::Tensor& k,
+                                                const at::Tensor& scale, bool q_needs_grad,
+                                                bool k_needs_grad, GradBlock grad_block) {
+  const auto acc = at::toOpMathType(q.scalar_type());
+  const auto options = q.options().dtype(acc);
+  const int64_t n = q.size(0), m = k.size(0);
+  const at::Tensor ka = k.to(acc);
+  at::Tensor grad_q = q_needs_grad ? at::empty({n, q.size(1)}, options) : at::Tensor();
+  at::Tensor grad_k = k_needs_grad ? at::zeros({m, k.size(1)}, options) : at::Tensor();
+  for (int64_t r0 = 0; r0 < n; r0 += chunk_rows(m)) {
+    const int64_t rows = std::min(chunk_rows(m), n - r0);
+    const at::Tensor qa = q.narrow(0, r0, rows).to(acc);
+    const at::Tensor G = grad_block(r0, at::mm(qa, ka.t()));
+    if (q_needs_grad) {
+      at::Tensor out = grad_q.narrow(0, r0, rows);
+      at::mm_out(out, G, ka);
+    }
+    if (k_needs_grad) grad_k.addmm_(G.t(), qa);
+  }
+  if (q_needs_grad) grad_q.mul_(scale);
+  if (k_needs_grad) grad_k.mul_(scale);
+  return {grad_q, grad_k};
+}
+
+// SigLIP's x = -z * logit for the rows [r0, r0 + rows) against every column, from their
+// products P: the logit itself for negatives, its negation on the positives, which lie on the
+// block's diagonal at offset r0 + offset (`diagonal`).
+at::Tensor signed_logits(const at::Tensor& P, const at::Tensor& scale, const at::Tensor& bias,
+                         int64_t diagonal) {
+  at::Tensor x = P * scale + bias;
+  x.diagonal(diagonal).neg_();
+  return x;
+}
 
 }  // namespace
 
@@ -59,48 +100,23 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> clip_lse_backward_cuda(
     const at::Tensor& col_lse, bool q_needs_grad, bool k_needs_grad, bool scale_needs_grad) {
   check_backward_inputs(grad_row, grad_col, grad_diag, q, k, scale, row_lse, col_lse);
   const c10::cuda::CUDAGuard guard(q.device());
-  const auto acc = at::toOpMathType(q.scalar_type());
-  const int64_t n = q.size(0), m = k.size(0);
-  const at::Tensor ka = k.to(acc);
-  const auto options = q.options().dtype(acc);
   // G = g_r e^(S - r) + g_c e^(S - c) + g_d [i == j]; dQ = t G K, dK = t G^T Q, dt = sum G P.
-  at::Tensor grad_q = q_needs_grad ? at::empty({n, q.size(1)}, options) : at::Tensor();
-  at::Tensor grad_k = k_needs_grad ? at::zeros({m, k.size(1)}, options) : at::Tensor();
-  at::Tensor grad_scale = at::zeros({}, options);
-  for (int64_t r0 = 0; r0 < n; r0 += chunk_rows(m)) {
-    const int64_t rows = std::min(chunk_rows(m), n - r0);
-    const at::Tensor qa = q.narrow(0, r0, rows).to(acc);
-    const at::Tensor P = at::mm(qa, ka.t());
-    const at::Tensor S = P * scale;
-    const at::Tensor G =
-        at::exp(S - row_lse.narrow(0, r0, rows).unsqueeze(1))
-            .mul_(grad_row.narrow(0, r0, rows).unsqueeze(1))
-            .add_(at::exp(S - col_lse.unsqueeze(0)).mul_(grad_col.unsqueeze(0)));
-    at::Tensor own = G.diagonal(r0);
-    own.add_(grad_diag.narrow(0, r0, own.size(0)));
-    if (q_needs_grad) at::mm_out(grad_q.narrow(0, r0, rows), G, ka);
-    if (k_needs_grad) grad_k.addmm_(G.t(), qa);
-    if (scale_needs_grad) grad_scale.add_((G * P).sum());
-  }
-  if (q_needs_grad) grad_q.mul_(scale);
-  if (k_needs_grad) grad_k.mul_(scale);
+  at::Tensor grad_scale = at::zeros({}, scale.options());
+  const auto [grad_q, grad_k] = feature_grads(
+      q, k, scale, q_needs_grad, k_needs_grad, [&](int64_t r0, const at::Tensor& P) {
+        const int64_t rows = P.size(0);
+        const at::Tensor S = P * scale;
+        at::Tensor G = at::exp(S - row_lse.narrow(0, r0, rows).unsqueeze(1))
+                           .mul_(grad_row.narrow(0, r0, rows).unsqueeze(1))
+                           .add_(at::exp(S - col_lse.unsqueeze(0)).mul_(grad_col.unsqueeze(0)));
+        at::Tensor own = G.diagonal(r0);
+        own.add_(grad_diag.narrow(0, r0, own.size(0)));
+        if (scale_needs_grad) grad_scale.add_((G * P).sum());
+        return G;
+      });
   return {grad_or_empty(grad_q, q), grad_or_empty(grad_k, k),
           scale_needs_grad ? grad_scale : at::empty({0}, scale.options())};
 }
-
-namespace {
-
-// x = -z * logit for the rows [r0, r0 + rows) against every column, from their products P:
-// the logit itself for negatives, its negation on the positives, which lie on the block's
-// diagonal at offset r0 + offset.
-at::Tensor signed_logits(const at::Tensor& P, const at::Tensor& scale, const at::Tensor& bias,
-                         int64_t diagonal) {
-  at::Tensor x = P * scale + bias;
-  x.diagonal(diagonal).neg_();
-  return x;
-}
-
-}  // namespace
 
 at::Tensor siglip_loss_cuda(const at::Tensor& q, const at::Tensor& k, const at::Tensor& scale,
                             const at::Tensor& bias, int64_t offset) {
@@ -127,29 +143,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> siglip_loss_backward_
   check_siglip_inputs(q, k, scale, bias, offset, "siglip_loss_backward");
   check_scalar(grad, "grad", q, "siglip_loss_backward");
   const c10::cuda::CUDAGuard guard(q.device());
-  const auto acc = at::toOpMathType(q.scalar_type());
-  const int64_t n = q.size(0), m = k.size(0);
-  const at::Tensor ka = k.to(acc);
-  const auto options = q.options().dtype(acc);
-  at::Tensor grad_q = q_needs_grad ? at::empty({n, q.size(1)}, options) : at::Tensor();
-  at::Tensor grad_k = k_needs_grad ? at::zeros({m, k.size(1)}, options) : at::Tensor();
-  at::Tensor grad_scale = at::zeros({}, options), grad_bias = at::zeros({}, options);
-  for (int64_t r0 = 0; r0 < n; r0 += chunk_rows(m)) {
-    const int64_t rows = std::min(chunk_rows(m), n - r0);
-    const at::Tensor qa = q.narrow(0, r0, rows).to(acc);
-    const at::Tensor P = at::mm(qa, ka.t());
-    // G = grad * dloss/dlogit = grad * (-z) sigmoid(x)
-    at::Tensor G = at::sigmoid(signed_logits(P, scale, bias, r0 + offset)).mul_(grad);
-    G.diagonal(r0 + offset).neg_();
-    if (q_needs_grad) at::mm_out(grad_q.narrow(0, r0, rows), G, ka);
-    if (k_needs_grad) grad_k.addmm_(G.t(), qa);
-    if (scalars_need_grad) {
-      grad_scale.add_((G * P).sum());
-      grad_bias.add_(G.sum());
-    }
-  }
-  if (q_needs_grad) grad_q.mul_(scale);
-  if (k_needs_grad) grad_k.mul_(scale);
+  at::Tensor grad_scale = at::zeros({}, scale.options()), grad_bias = at::zeros({}, bias.options());
+  const auto [grad_q, grad_k] = feature_grads(
+      q, k, scale, q_needs_grad, k_needs_grad, [&](int64_t r0, const at::Tensor& P) {
+        // G = grad * dloss/dlogit = grad * (-z) sigmoid(x)
+        at::Tensor G = at::sigmoid(signed_logits(P, scale, bias, r0 + offset)).mul_(grad);
+        G.diagonal(r0 + offset).neg_();
+        if (scalars_need_grad) {
+          grad_scale.add_((G * P).sum());
+          grad_bias.add_(G.sum());
+        }
+        return G;
+      });
   return {grad_or_empty(grad_q, q), grad_or_empty(grad_k, k),
           scalars_need_grad ? grad_scale : at::empty({0}, scale.options()),
           scalars_need_grad ? grad_bias : at::empty({0}, bias.options())};
