@@ -5,15 +5,18 @@ them), a learnable ``log_scale`` initialised to log(1 / 0.07) and passed as
 ``log_scale.exp()`` (open_clip's convention), then ``backward()`` to the features and the scale.
 Providers, each in its own subprocess:
 
-* ``fastiml``    ``fastiml.losses.ClipLoss`` (``pair_stats`` tiles): O(B D) memory.
+* ``fastiml``    ``fastiml.losses.ClipLoss`` (``clip_lse``: both directions from one pass over
+                 the tiles, one recompute of each tile backward): O(B D) memory.
 * ``open_clip``  open_clip's ``ClipLoss`` (two B x B logit matrices, cross-entropy, autograd);
                  skipped if open_clip_torch is not installed, and by the memory guard (with its
                  estimate) where the B x B matrices do not fit in ``--max-gb``.
 
 Both compute the same loss: the relative difference is reported (``loss rel. diff``).
+B grows until open_clip no longer fits in ``--max-gb`` (skipped, with its estimate).
+``benchmarks/bench_siglip.py`` runs SigLIP's loss through the same loop (``run_providers``).
 
-    python -m benchmarks.bench_clip [--sizes 4096 16384] [--repeat 3] [--json out.json]
-        [--max-gb 8]
+    python -m benchmarks.bench_clip [--sizes 4096 8192 16384 65536] [--repeat 3]
+        [--json out.json] [--max-gb 8]
 """
 import importlib
 import importlib.util
@@ -30,7 +33,7 @@ from benchmarks import harness as H
 BENCHMARK = "clip"
 MODULE = "benchmarks.bench_clip"
 PROVIDERS = ("fastiml", "open_clip")
-DEFAULT_SIZES = (4096, 16384)
+DEFAULT_SIZES = (4096, 8192, 16384, 65536)
 D, INIT_TEMPERATURE = 512, 0.07
 
 # open_clip's peak bytes per element of one B x B matrix (both directions' logits, their
@@ -60,12 +63,13 @@ def open_clip_loss_module():
         return module
 
 
-def estimate_bytes(provider: str, b: int, d: int = D) -> float:
+def estimate_bytes(provider: str, b: int, d: int = D,
+                   open_clip_bytes_per_logit: float = _OPEN_CLIP_BYTES_PER_LOGIT) -> float:
     """Rough peak memory of one provider (inputs included)."""
     inputs = 4.0 * b * d * 4
     if provider == "fastiml":
         return inputs + 4.0 * b * d * 4 + 64e6
-    return inputs + _OPEN_CLIP_BYTES_PER_LOGIT * float(b) * float(b)
+    return inputs + open_clip_bytes_per_logit * float(b) * float(b)
 
 
 def loss_module_of(provider: str):
@@ -77,28 +81,31 @@ def loss_module_of(provider: str):
     raise ValueError(f"unknown provider {provider!r}; expected one of {PROVIDERS}")
 
 
-def make_inputs(b: int, d: int, device, seed: int = 0):
-    """Normalised image and text features [b, d] and the log-scale, leaves requiring grad."""
+def make_features(b: int, d: int, device, seed: int = 0):
+    """Normalised image and text features [b, d], leaves requiring grad."""
     g = torch.Generator().manual_seed(seed)
     image = F.normalize(torch.randn(b, d, generator=g), dim=1).to(device).requires_grad_()
     text = F.normalize(torch.randn(b, d, generator=g), dim=1).to(device).requires_grad_()
-    log_scale = torch.tensor(math.log(1 / INIT_TEMPERATURE), device=device).requires_grad_()
-    return image, text, log_scale
+    return image, text
 
 
-def run_case(case: dict) -> dict:
-    """One provider, forward + backward, at one batch size: time, peak memory above the inputs
-    and the loss value."""
+def time_loss(case: dict, loss_fn, make_scalars) -> dict:
+    """Times ``loss_fn(image, text, *(f(x) for x, f in scalars))`` forward + backward on
+    normalised features of the case's size, ``scalars = make_scalars(device)``: (learned leaf,
+    what the loss takes of it) pairs. Returns time, peak memory above the inputs (the
+    features and scalars) and the loss value."""
     device = H.resolve_device(case.get("device", "cpu"))
     threads = H.set_threads(case.get("threads"))
     b, d = int(case["b"]), int(case.get("d", D))
-    loss_fn = loss_module_of(case["provider"])
-    image, text, log_scale = make_inputs(b, d, device)
+    image, text = make_features(b, d, device)
+    scalars = make_scalars(device)
+    leaves = [image, text, *(x for x, _ in scalars)]
     last = {}
 
     def step():
-        image.grad = text.grad = log_scale.grad = None
-        loss = loss_fn(image, text, log_scale.exp())
+        for x in leaves:
+            x.grad = None
+        loss = loss_fn(image, text, *(f(x) for x, f in scalars))
         loss.backward()
         last["loss"] = loss.detach()
 
@@ -109,9 +116,19 @@ def run_case(case: dict) -> dict:
     return {**timing, **meter.stop(), "loss": float(last["loss"]), "threads": threads}
 
 
+def run_case(case: dict) -> dict:
+    """One provider, forward + backward, at one batch size: a learned log-scale initialised to
+    log(1 / 0.07), passed as ``log_scale.exp()``."""
+    return time_loss(case, loss_module_of(case["provider"]), lambda device: [
+        (torch.tensor(math.log(1 / INIT_TEMPERATURE), device=device).requires_grad_(),
+         torch.exp)])
+
+
 # -------------------------------------------------------------------------------- the run
 
-def run(args) -> List[H.Result]:
+def run_providers(args, benchmark: str, module: str, run_case, estimate) -> List[H.Result]:
+    """fastiml and open_clip (each in its own subprocess) at every size of ``args.sizes``;
+    ``estimate(provider, b)`` feeds the memory guard."""
     providers = [p for p in PROVIDERS if p in args.providers]
     results: List[H.Result] = []
     for b, provider in ((b, p) for b in sorted(set(args.sizes)) for p in providers):
@@ -121,20 +138,25 @@ def run(args) -> List[H.Result]:
         if provider == "open_clip" and not open_clip_available():
             status = "skipped (open_clip_torch not installed)"
         if status is None:
-            status = H.memory_guard(estimate_bytes(provider, b), args.max_gb)
+            status = H.memory_guard(estimate(provider, b), args.max_gb)
         if status is not None:
-            H.progress(f"[clip] B={b} {provider}: {status}")
-            results.append(H.Result(BENCHMARK, provider, params, status))
+            H.progress(f"[{benchmark}] B={b} {provider}: {status}")
+            results.append(H.Result(benchmark, provider, params, status))
             continue
         case = {"provider": provider, "b": b, "d": D, "device": args.device,
                 "threads": args.threads, "repeat": args.repeat}
-        H.progress(f"[clip] B={b} {provider} ...")
-        out = H.run_case_anywhere(MODULE, run_case, case, args.in_process, args.timeout)
-        r = H.result_from_child(BENCHMARK, provider, params, out, keep=("loss",))
-        H.progress(f"[clip] B={b} {provider}: {H.fmt_seconds(r)} s, {H.fmt_mb(r)} MB above inputs")
+        H.progress(f"[{benchmark}] B={b} {provider} ...")
+        out = H.run_case_anywhere(module, run_case, case, args.in_process, args.timeout)
+        r = H.result_from_child(benchmark, provider, params, out, keep=("loss",))
+        H.progress(f"[{benchmark}] B={b} {provider}: {H.fmt_seconds(r)} s, {H.fmt_mb(r)} MB "
+                   f"above inputs")
         results.append(r)
     _derive(results)
     return results
+
+
+def run(args) -> List[H.Result]:
+    return run_providers(args, BENCHMARK, MODULE, run_case, estimate_bytes)
 
 
 def _find(results, provider, b) -> Optional[H.Result]:
@@ -165,11 +187,12 @@ def table(results: List[H.Result]) -> str:
     return H.markdown_table(headers, rows)
 
 
-def parser():
-    p = H.base_parser(__doc__, repeat=3)
+def parser(doc: str = __doc__):
+    p = H.base_parser(doc, repeat=3)
     p.set_defaults(max_gb=8.0)
     p.add_argument("--sizes", type=int, nargs="+", default=list(DEFAULT_SIZES),
-                   help="batch sizes B (default 4096 16384; 65536 runs fastiml only at 8 GB)")
+                   help="batch sizes B (default 4096 8192 16384 65536; 65536 runs fastiml only "
+                        "at 8 GB)")
     p.add_argument("--providers", nargs="+", default=list(PROVIDERS), choices=PROVIDERS)
     return p
 

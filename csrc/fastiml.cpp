@@ -7,7 +7,7 @@
 #include "ops/cpu/capability.h"
 
 // Bumped whenever a schema changes: fastiml/ops.py refuses a compiled module of another version.
-#define FASTIML_ABI_VERSION 5
+#define FASTIML_ABI_VERSION 6
 
 TORCH_LIBRARY(fastiml, m) {
   // DESIGN 2.1. k, k_label and k_group are None for self-contrast (k is q): the kernels then
@@ -47,6 +47,22 @@ TORCH_LIBRARY(fastiml, m) {
         "Tensor? k_label, Tensor? q_group, Tensor? k_group, Tensor lse, float tau, "
         "bool exclude_self, int ignore_index, bool q_needs_grad, bool k_needs_grad) "
         "-> (Tensor grad_q, Tensor grad_k)");
+  // DESIGN 11 (CLIP): with S = scale * q k^T ([N, M]; scale a learned 0-dim tensor in the
+  // accumulation dtype), the log-sum-exp of every row and of every column and the diagonal
+  // S_ii (i < min(N, M)), from one tiled pass; the backward recomputes each tile once for both
+  // features' and the scale's gradients.
+  m.def("clip_lse(Tensor q, Tensor k, Tensor scale) "
+        "-> (Tensor row_lse, Tensor col_lse, Tensor diag)");
+  m.def("clip_lse_backward(Tensor grad_row, Tensor grad_col, Tensor grad_diag, Tensor q, "
+        "Tensor k, Tensor scale, Tensor row_lse, Tensor col_lse, bool q_needs_grad, "
+        "bool k_needs_grad, bool scale_needs_grad) "
+        "-> (Tensor grad_q, Tensor grad_k, Tensor grad_scale)");
+  // DESIGN 11 (SigLIP): loss = sum over all pairs of softplus(-z_ij (scale <q_i, k_j> + bias)),
+  // z = +1 on the pairs (i, i + offset), -1 elsewhere (scale, bias: 0-dim, accumulation dtype).
+  m.def("siglip_loss(Tensor q, Tensor k, Tensor scale, Tensor bias, int offset) -> Tensor");
+  m.def("siglip_loss_backward(Tensor grad, Tensor q, Tensor k, Tensor scale, Tensor bias, "
+        "int offset, bool q_needs_grad, bool k_needs_grad, bool scalars_need_grad) "
+        "-> (Tensor grad_q, Tensor grad_k, Tensor grad_scale, Tensor grad_bias)");
 }
 
 static PyObject* abi_version(PyObject*, PyObject*) { return PyLong_FromLong(FASTIML_ABI_VERSION); }

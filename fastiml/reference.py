@@ -270,3 +270,18 @@ def ntxent_loss(embeddings: Tensor, labels: Tensor, ref_emb: Optional[Tensor] = 
     terms = torch.where(has_negative, torch.logaddexp(s, neg_lse[:, None]) - s,
                         torch.zeros_like(s))
     return terms[positive].sum() / positive.sum()
+
+
+def clip_lse(q: Tensor, k: Tensor, scale) -> Tuple[Tensor, Tensor, Tensor]:
+    """Reference of :func:`fastiml.ops.clip_lse` through the materialised N x M logits."""
+    s = scale * q @ k.t()
+    return torch.logsumexp(s, 1), torch.logsumexp(s, 0), s.diagonal()
+
+
+def siglip_loss(q: Tensor, k: Tensor, scale, bias, *, offset: int = 0) -> Tensor:
+    """Reference of :func:`fastiml.ops.siglip_loss` through the materialised N x M logits:
+    the sum of ``log(1 + exp(-z_ij logit_ij))``, z = +1 on the pairs (i, i + offset)."""
+    logits = scale * q @ k.t() + bias
+    z = -torch.ones_like(logits)
+    z.diagonal(offset).fill_(1.0)
+    return torch.logaddexp(torch.zeros_like(logits), -z * logits).sum()

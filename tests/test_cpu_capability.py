@@ -105,6 +105,25 @@ def _pair_softplus_run(fn_stats, fn_softplus, dtype):
             "lse": lse.detach()}
 
 
+def _clip_siglip_run(fn_clip, fn_siglip, dtype):
+    """clip_lse (rows, columns and diagonal weighed by random upstream gradients) and
+    siglip_loss with every gradient, on a non-square problem (300 x 530: partial tiles)."""
+    stat = torch.float64 if dtype == torch.float64 else torch.float32
+    q = _features(300, 40, dtype, seed=8).requires_grad_()
+    k = _features(530, 40, dtype, seed=9).requires_grad_()
+    scale = torch.tensor(20.0, dtype=stat, requires_grad=True)
+    bias = torch.tensor(-5.0, dtype=stat, requires_grad=True)
+    g = torch.Generator().manual_seed(10)
+    weights = [torch.randn(n, generator=g, dtype=torch.float64).to(stat) for n in (300, 530, 300)]
+    out = fn_clip(q, k, scale)
+    grads = torch.autograd.grad(sum((o * w).sum() for o, w in zip(out, weights)), [q, k, scale])
+    loss = fn_siglip(q, k, scale, bias, offset=100)
+    sig_grads = torch.autograd.grad(loss, [q, k, scale, bias])
+    return {"lse": out[0].detach(), "col_lse": out[1].detach(), "diag": out[2].detach(),
+            **{f"grad{i}": t for i, t in enumerate(grads)}, "siglip": loss.detach(),
+            **{f"siglip_grad{i}": t for i, t in enumerate(sig_grads)}}
+
+
 def _contour_pivot_run(dtype):
     g = torch.Generator().manual_seed(7)
     mask = torch.rand(2, 37, 53, generator=g) > 0.6
@@ -153,6 +172,19 @@ def test_pair_softplus_matches_float64_at_each_level(at_level, level):
 
 
 @pytest.mark.parametrize("level", LEVELS)
+def test_clip_and_siglip_match_float64_at_each_level(at_level, level):
+    at_level(level)
+    got = _clip_siglip_run(ops.clip_lse, ops.siglip_loss, torch.float32)
+    want = _clip_siglip_run(
+        lambda q, k, t: reference.clip_lse(q.double(), k.double(), t.double()),
+        lambda q, k, t, b, **kw: reference.siglip_loss(q.double(), k.double(), t.double(),
+                                                       b.double(), **kw), torch.float32)
+    for name in got:
+        tol = 1e-5 * (want[name].abs().max() + 1)
+        assert (got[name].double() - want[name]).abs().max() <= tol, name
+
+
+@pytest.mark.parametrize("level", LEVELS)
 def test_contour_and_pivot_match_float64_at_each_level(at_level, level):
     at_level(level)
     got, (mask, a, b) = _contour_pivot_run(torch.float32)
@@ -176,6 +208,8 @@ def _all_outputs(dtype):
         out.update({f"{case}.{k}": v for k, v in run.items()})
     out.update({f"softplus.{k}": v for k, v in
                 _pair_softplus_run(ops.pair_stats, ops.pair_softplus, dtype).items()})
+    out.update({f"clip.{k}": v for k, v in
+                _clip_siglip_run(ops.clip_lse, ops.siglip_loss, dtype).items()})
     out.update({f"contour.{k}": v for k, v in _contour_pivot_run(dtype)[0].items()})
     return out
 

@@ -1,9 +1,13 @@
-"""CLIP / InfoNCE losses on :func:`fastiml.ops.pair_stats` (DESIGN 9): one positive per row.
+"""CLIP / InfoNCE losses without the B x B logits (DESIGN 9, 11): one positive per row.
 
-Row i of the queries meets every key; its positive is key i. With labels ``arange(B)``,
-``pair_stats`` gives ``lse_i`` over all keys and ``pos_mean_i = s_ii``, so the cross-entropy of
-row i is ``lse_i - s_ii`` -- without the B x B logits. A learned scale (open_clip's
-``logit_scale``) is folded into the queries with tau = 1, so autograd carries its gradient.
+Single process, ``ClipLoss`` takes both directions from one op, :func:`fastiml.ops.clip_lse`:
+one pass over the tiles of ``S = scale I T^T`` gives every row's and every column's
+log-sum-exp, and the cross-entropies are ``row_lse_i - S_ii`` and ``col_lse_j - S_jj``.
+One direction (``InfoNCELoss``, and ``ClipLoss`` across ranks, where the two directions are two
+different matrices: local images against all texts, local texts against all images) runs on
+:func:`fastiml.ops.pair_stats` with labels ``arange(B)``: ``lse_i`` over all keys and
+``pos_mean_i = s_ii``; there a learned scale (open_clip's ``logit_scale``) is folded into the
+queries with tau = 1, so autograd carries its gradient.
 """
 from typing import Optional, Union
 
@@ -45,6 +49,20 @@ def info_nce_per_row(query: Tensor, key: Tensor, scale: Union[float, Tensor], *,
     return lse - positive
 
 
+def clip_both_directions(image: Tensor, text: Tensor, scale: Union[float, Tensor]) -> Tensor:
+    """``(mean_i CE(S_i., i) + mean_j CE(S_.j, j)) / 2`` with ``S = scale I T^T``, from one
+    :func:`fastiml.ops.clip_lse` pass. float32 for half inputs (float64 for float64)."""
+    if not isinstance(image, Tensor) or not isinstance(text, Tensor):
+        raise TypeError("image_features and text_features must be Tensors")
+    if image.dim() != 2 or text.shape != image.shape:
+        raise ValueError(f"image_features and text_features must both be [B, D] with the same "
+                         f"shape, got {tuple(image.shape)} and {tuple(text.shape)}")
+    dtype = torch.promote_types(image.dtype, text.dtype)
+    image, text = image.to(dtype), text.to(dtype)
+    row_lse, col_lse, positive = ops.clip_lse(image, text, scale)
+    return (row_lse.mean() + col_lse.mean()) / 2 - positive.mean()
+
+
 class InfoNCELoss(nn.Module):
     """InfoNCE in one direction: ``query[i]``'s positive is ``key[i]``, every other key (of
     every rank under torch.distributed, with ``gather_across_ranks``) is a negative.
@@ -80,12 +98,16 @@ class ClipLoss(nn.Module):
 
     ``loss = (CE(scale I T_all^T, labels) + CE(scale T I_all^T, labels)) / 2`` with
     ``scale = logit_scale`` (already exponentiated, as open_clip passes it) and labels the
-    row's own pair. Single process: ``I_all = I``, ``T_all = T``. With ``world_size > 1``
-    (under torch.distributed), local rows meet every rank's columns, gathered with gradients,
-    and labels are offset by ``rank * B``: open_clip's ``local_loss=True,
-    gather_with_grad=True``, the only multi-rank mode supported (the others recompute the
-    global B x B logits on every rank). ``logit_bias`` shifts every logit of a row equally, so
-    it changes neither the loss nor any gradient; it is accepted for the call's sake.
+    row's own pair. Single process: ``I_all = I``, ``T_all = T``, and both directions come from
+    one pass over the tiles of ``scale I T^T`` (:func:`fastiml.ops.clip_lse`: row and column
+    log-sum-exps, each with its own running maximum; the backward recomputes each tile once for
+    both features' and the scale's gradients). With ``world_size > 1`` (under
+    torch.distributed), local rows meet every rank's columns, gathered with gradients, and
+    labels are offset by ``rank * B``: open_clip's ``local_loss=True, gather_with_grad=True``,
+    the only multi-rank mode supported (the others recompute the global B x B logits on every
+    rank); the two directions are then two matrices, one ``pair_stats`` call each.
+    ``logit_bias`` shifts every logit of a row equally, so it changes neither the loss nor any
+    gradient; it is accepted for the call's sake.
 
     Args of ``forward``: ``image_features``, ``text_features`` Tensor[B, D] (normalised, as
     open_clip's models return them), ``logit_scale`` scalar Tensor or float. Returns a scalar
@@ -115,10 +137,13 @@ class ClipLoss(nn.Module):
         if gather and world() != (self.rank, self.world_size):
             raise ValueError(f"rank={self.rank}, world_size={self.world_size} do not match "
                              f"torch.distributed's (rank, world size) = {world()}")
-        loss = (info_nce_per_row(image_features, text_features, logit_scale,
-                                 gather=gather).mean()
-                + info_nce_per_row(text_features, image_features, logit_scale,
-                                   gather=gather).mean()) / 2
+        if gather:
+            loss = (info_nce_per_row(image_features, text_features, logit_scale,
+                                     gather=True).mean()
+                    + info_nce_per_row(text_features, image_features, logit_scale,
+                                       gather=True).mean()) / 2
+        else:
+            loss = clip_both_directions(image_features, text_features, logit_scale)
         if logit_bias is not None:  # no effect on the value; keeps it in the graph
             loss = loss + (logit_bias * 0).sum()
         return {"contrastive_loss": loss} if output_dict else loss
