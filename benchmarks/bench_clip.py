@@ -23,7 +23,7 @@ import importlib.util
 import math
 import os
 import sys
-from typing import List, Optional
+from typing import List
 
 import torch
 import torch.nn.functional as F
@@ -159,17 +159,10 @@ def run(args) -> List[H.Result]:
     return run_providers(args, BENCHMARK, MODULE, run_case, estimate_bytes)
 
 
-def _find(results, provider, b) -> Optional[H.Result]:
-    for r in results:
-        if r.provider == provider and r.params["B"] == b:
-            return r
-    return None
-
-
 def _derive(results: List[H.Result]) -> None:
     """Speed-up, memory ratio and loss check of fastiml against open_clip, per batch size."""
     for ours in [r for r in results if r.provider == "fastiml" and r.ok]:
-        H.add_baseline_ratios(ours, _find(results, "open_clip", ours.params["B"]), "open_clip")
+        H.add_baseline_ratios(ours, H.find_result(results, "open_clip", B=ours.params["B"]), "open_clip")
 
 
 def table(results: List[H.Result]) -> str:
@@ -178,7 +171,7 @@ def table(results: List[H.Result]) -> str:
                "loss rel. diff"]
     rows = []
     for b in sorted({r.params["B"] for r in results}):
-        ours, base = _find(results, "fastiml", b), _find(results, "open_clip", b)
+        ours, base = H.find_result(results, "fastiml", B=b), H.find_result(results, "open_clip", B=b)
         diff = ours.get("loss_rel_diff_vs_open_clip") if ours is not None else None
         rows.append([b, H.fmt_seconds(ours), H.fmt_seconds(base),
                      H.fmt_ratio(H.ratio(base, ours)), H.fmt_mb(ours), H.fmt_mb(base),

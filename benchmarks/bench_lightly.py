@@ -27,7 +27,7 @@ import importlib.util
 import os
 import statistics
 import sys
-from typing import List, Optional
+from typing import List
 
 import torch
 
@@ -182,17 +182,10 @@ def run_paired(args) -> List[H.Result]:
     return results
 
 
-def _find(results, provider, b) -> Optional[H.Result]:
-    for r in results:
-        if r.provider == provider and r.params["B"] == b:
-            return r
-    return None
-
-
 def _derive(results: List[H.Result]) -> None:
     """Speed-up, memory ratio and loss check of fastiml against lightly, per batch size."""
     for ours in [r for r in results if r.provider == "fastiml" and r.ok]:
-        H.add_baseline_ratios(ours, _find(results, "lightly", ours.params["B"]), "lightly")
+        H.add_baseline_ratios(ours, H.find_result(results, "lightly", B=ours.params["B"]), "lightly")
 
 
 def table(results: List[H.Result]) -> str:
@@ -201,10 +194,10 @@ def table(results: List[H.Result]) -> str:
                "memory ratio (lightly / fastiml)", "loss rel. diff"]
     rows = []
     for b in sorted({r.params["B"] for r in results}):
-        ours, base = _find(results, "fastiml", b), _find(results, "lightly", b)
+        ours, base = H.find_result(results, "fastiml", B=b), H.find_result(results, "lightly", B=b)
         diff = ours.get("loss_rel_diff_vs_lightly") if ours is not None else None
         k = (ours or base).params["K"]
-        paired = _find(results, "paired", b)
+        paired = H.find_result(results, "paired", B=b)
         rows.append([b, k, H.fmt_seconds(ours), H.fmt_seconds(base),
                      H.fmt_ratio(H.ratio(base, ours)),
                      H.fmt_ratio(paired.get("paired_speedup") if paired else None),

@@ -13,7 +13,7 @@ grad, and masks of random blobs. Providers, each in its own subprocess:
         [--json out.json] [--max-gb 12]
 """
 import sys
-from typing import List, Optional
+from typing import List
 
 import torch
 
@@ -95,24 +95,20 @@ def run(args) -> List[H.Result]:
         r = H.result_from_child(BENCHMARK, provider, params, out, keep=("loss",))
         H.progress(f"[mpc] {provider}: {H.fmt_seconds(r)} s, {H.fmt_mb(r)} MB above inputs")
         results.append(r)
-    fused = _find(results, "fused")
+    fused = H.find_result(results, "fused")
     if fused is not None and fused.ok:
         for name in ("reference_sampled", "reference_all"):
-            s = H.ratio(_find(results, name), fused)
+            s = H.ratio(H.find_result(results, name), fused)
             if s is not None:
                 fused.metrics[f"speedup_vs_{name}"] = s
     return results
-
-
-def _find(results, provider) -> Optional[H.Result]:
-    return next((r for r in results if r.provider == provider), None)
 
 
 def table(results: List[H.Result]) -> str:
     headers = ["B×S²", "fused (all pixels) s", "reference, 5000 sampled s",
                "reference, all pixels s", "speed-up vs sampled", "peak MB above inputs: fused",
                "sampled", "all"]
-    f, smp, full = (_find(results, p) for p in PROVIDERS)
+    f, smp, full = (H.find_result(results, p) for p in PROVIDERS)
     any_r = f or smp or full
     ratio = H.ratio(smp, f)
     rows = [[f"{any_r.params['B']}×{any_r.params['S']}²", H.fmt_seconds(f), H.fmt_seconds(smp),

@@ -141,17 +141,10 @@ def run(args) -> List[H.Result]:
     return results
 
 
-def _find(results, provider, n, labels) -> Optional[H.Result]:
-    for r in results:
-        if r.provider == provider and r.params["N"] == n and r.params["labels"] == labels:
-            return r
-    return None
-
-
 def _derive(results: List[H.Result]) -> None:
     """Speed-up, memory ratio and loss check of fastiml against pml, per case."""
     for ours in [r for r in results if r.provider == "fastiml" and r.ok]:
-        base = _find(results, "pml", ours.params["N"], ours.params["labels"])
+        base = H.find_result(results, "pml", N=ours.params["N"], labels=ours.params["labels"])
         H.add_baseline_ratios(ours, base, "pml")
 
 
@@ -166,7 +159,7 @@ def table(results: List[H.Result]) -> str:
             keys.append(key)
     rows = []
     for n, labels in keys:
-        ours, base = _find(results, "fastiml", n, labels), _find(results, "pml", n, labels)
+        ours, base = H.find_result(results, "fastiml", N=n, labels=labels), H.find_result(results, "pml", N=n, labels=labels)
         diff = ours.get("loss_rel_diff_vs_pml") if ours is not None else None
         rows.append([n, labels, H.fmt_seconds(ours), H.fmt_seconds(base),
                      H.fmt_ratio(H.ratio(base, ours)), H.fmt_mb(ours), H.fmt_mb(base),

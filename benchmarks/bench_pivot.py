@@ -22,7 +22,7 @@ passes at that rate, and ``× floor = fused / (6/4 · copy)``.
         [--patch 16] [--repeat 5] [--json out.json] [--max-gb 12]
 """
 import sys
-from typing import List, Optional
+from typing import List
 
 import torch
 
@@ -139,13 +139,6 @@ def run(args) -> List[H.Result]:
     return results
 
 
-def _find(results, provider, dtype_name) -> Optional[H.Result]:
-    for r in results:
-        if r.provider == provider and r.params["dtype"] == dtype_name:
-            return r
-    return None
-
-
 def _derive(results):
     for r in results:
         if r.provider in _PASSES and r.ok:
@@ -158,10 +151,10 @@ def _derive(results):
             fused.metrics["bandwidth_floor_ratio"] = (fused.metrics["time_s"]
                                                       / fused.metrics["floor_s"])
         for base in ("plain", "reference"):
-            s = H.ratio(_find(results, base, fused.params["dtype"]), fused)
+            s = H.ratio(H.find_result(results, base, dtype=fused.params["dtype"]), fused)
             if s is not None:
                 fused.metrics[f"speedup_vs_{base}"] = s
-        ref = _find(results, "reference", fused.params["dtype"])
+        ref = H.find_result(results, "reference", dtype=fused.params["dtype"])
         if ref is not None and ref.ok:
             x = fused.metrics["loss"]
             fused.metrics["loss_rel_diff_vs_reference"] = abs(ref.metrics["loss"] - x) / max(
@@ -179,7 +172,7 @@ def table(results: List[H.Result]) -> str:
         if r.params["dtype"] not in dtypes:
             dtypes.append(r.params["dtype"])
     for dt in dtypes:
-        f, pl, ref, cl = (_find(results, p, dt) for p in PROVIDERS)
+        f, pl, ref, cl = (H.find_result(results, p, dtype=dt) for p in PROVIDERS)
         any_r = f or pl or ref or cl
         diff = f.get("loss_rel_diff_vs_reference") if f is not None else None
         gbs = lambda r: "—" if r is None or r.get("gbytes_per_s") is None else (  # noqa: E731

@@ -10,7 +10,7 @@ loader). Reported: median time per batch, images per second, and the ratio decod
     python -m benchmarks.bench_synth [--count 20] [--size 256] [--repeat 3] [--json out.json]
 """
 import sys
-from typing import List, Optional
+from typing import List
 
 import cv2
 import numpy as np
@@ -53,19 +53,15 @@ def run(args) -> List[H.Result]:
         H.progress(f"[synth] {provider} ...")
         out = H.run_case_anywhere(MODULE, run_case, case, args.in_process, args.timeout)
         results.append(H.result_from_child(BENCHMARK, provider, params, out, keep=("imgs_per_s",)))
-    proc, dec = (_find(results, p) for p in PROVIDERS)
+    proc, dec = (H.find_result(results, p) for p in PROVIDERS)
     r = H.ratio(dec, proc)
     if r is not None:
         proc.metrics["speedup_vs_decode"] = r
     return results
 
 
-def _find(results, provider) -> Optional[H.Result]:
-    return next((r for r in results if r.provider == provider), None)
-
-
 def table(results: List[H.Result]) -> str:
-    proc, dec = (_find(results, p) for p in PROVIDERS)
+    proc, dec = (H.find_result(results, p) for p in PROVIDERS)
     any_r = proc or dec
     rate = lambda r: "—" if r is None or r.get("imgs_per_s") is None else f"{r.get('imgs_per_s'):.1f}"  # noqa: E731
     return H.markdown_table(

@@ -437,6 +437,12 @@ def _sig(x: float) -> str:
     return f"{x:.2e}"
 
 
+def find_result(results: Iterable[Result], provider: str, **params) -> Optional[Result]:
+    """The first result of ``provider`` whose params hold every value given (None if none)."""
+    return next((r for r in results if r.provider == provider
+                 and all(r.params.get(k) == v for k, v in params.items())), None)
+
+
 def ratio(num: Optional[Result], den: Optional[Result], metric: str = "time_s"
           ) -> Optional[float]:
     """``num / den`` of a metric when both results are ok, else None."""
