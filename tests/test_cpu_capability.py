@@ -214,14 +214,19 @@ def _all_outputs(dtype):
     return out
 
 
+def _outputs_at_default_and(at_level, level, dtype):
+    """Every workload's outputs at the default level, then at ``level``."""
+    at_level("default")
+    base = _all_outputs(dtype)
+    at_level(level)
+    return base, _all_outputs(dtype)
+
+
 @pytest.mark.parametrize("level", LEVELS)
 def test_float64_is_bit_equal_across_levels(at_level, level):
     """Same sum order at every level, and float64 has no FMA-contracted exponential: any
     difference here is a reordered sum or a level computing something else."""
-    at_level("default")
-    base = _all_outputs(torch.float64)
-    at_level(level)
-    other = _all_outputs(torch.float64)
+    base, other = _outputs_at_default_and(at_level, level, torch.float64)
     for name in base:
         assert torch.equal(base[name], other[name]), name
 
@@ -235,10 +240,7 @@ def test_float32_differs_across_levels_only_in_the_last_bits(at_level, level):
     for gradients (against the row's norm, floored at the rows' RMS norm: rows whose terms
     cancel keep their terms' rounding). Sum order is held by the float64 test above; this one
     catches a level whose float32 arithmetic differs by more, e.g. another polynomial."""
-    at_level("default")
-    base = _all_outputs(torch.float32)
-    at_level(level)
-    other = _all_outputs(torch.float32)
+    base, other = _outputs_at_default_and(at_level, level, torch.float32)
     for name, x in base.items():
         y = other[name]
         if not x.is_floating_point():
