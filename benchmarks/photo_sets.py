@@ -11,14 +11,23 @@ logos, maps and screenshots left out):
   the photographs among ``plasma-workspace-wallpapers``; GPL / CC-BY-SA): flowers, leaves,
   landscapes, water, architecture; 1280 to 2560 px. **A training source** (``data.source_dir``),
   never evaluated on.
+- ``lomiri``: 15 photographs among Ubuntu Touch's wallpapers (``lomiri-wallpapers-16.04`` and
+  ``-20.04``; CC-BY / CC-BY-SA / CC0, one photographer each): landscapes, plants, still lifes,
+  interiors; 2056 to 6028 px, each from its own camera. **A training source.**
+- ``kphotoalbum``: 23 holiday and family snapshots of KPhotoAlbum's demo album
+  (``kphotoalbum``, GPL-2+): people, pets, canyons, beaches, a pool; 800 px, consumer cameras.
+  **A training source.**
 
-Neither holds the sample photographs of scikit-image, scikit-learn or matplotlib, which are kept
+``TRAINING_SETS`` names the training sources; the camera-trace stage (``fastiml pretrain-trace``)
+and ``data.source_dir`` read them. No set holds the sample photographs of scikit-image, scikit-learn or matplotlib, which are kept
 for an independent check and must not be trained or tuned on.
 
     python -m benchmarks.photo_sets --out photos          # both sets, forgeries of opencv
     python -m benchmarks.photo_sets --out photos --sets opencv
 
-writes ``photos/<set>/images/`` (the photographs, bytes unchanged) and, for the evaluation set,
+writes ``photos/<set>/images/`` (the photographs, bytes unchanged), ``photos/<set>/LICENSES.txt``
+(each photograph's package and that package's Debian copyright file, which names the licence of
+every file) and, for the evaluation set,
 ``photos/<set>/forgeries/list.json``: splice / copy-move / inpaint forgeries (``fastiml.data.
 synthesize`` with ``--source``) at 256, 320, 384 and 448 px plus authentic crops, each size its
 own seed; ``fastiml eval --data photos/opencv/forgeries/list.json`` scores a checkpoint on them.
@@ -63,6 +72,22 @@ PHOTO_SETS: Dict[str, List[Tuple[str, str]]] = {
             ("OneStandsOut", "1920x1080.jpg"), ("Path", "1920x1080.jpg"),
             ("summer_1am", "1920x1080.jpg"))],
 }
+_LOMIRI = "usr/share/backgrounds/"
+PHOTO_SETS["lomiri"] = [("lomiri-wallpapers-16.04", _LOMIRI + p) for p in (
+    "Bridge_by_Sander_Klootwijk.jpg", "Dragonfly_by_Bolly.jpg", "Picture_0B_by_freespace.jpg",
+    "Picture_1A_by_freespace.jpg", "Wine_by_Jakkub_Mede.jpg", "aitzgorri_by_Aitzol_Berasategi.jpg",
+    "analogpattern_by_Peter_Nerlich.jpg", "free_by_Peter_Nerlich.jpg",
+    "friends_by_Aitzol_Berasategi.jpg", "greentock_by_Peter_Nerlich.jpg",
+    "life_by_Aitzol_Berasategi.jpg", "picosdeeuropa_by_Aitzol_Berasategi.jpg",
+    "seeding_by_Clements_Engelhardt.jpg", "sunset_by_Aitzol_Berasategi.jpg")] + [
+    ("lomiri-wallpapers-20.04", _LOMIRI + "Kleiber_by_Lukas_Baubkus.jpg")]
+PHOTO_SETS["kphotoalbum"] = [("kphotoalbum", "usr/share/kphotoalbum/demo/" + p) for p in (
+    "anne_helene.jpg", "bar55.jpg", "bar55_2.jpg", "blackie.jpg", "cold_water.jpg", "donna.jpg",
+    "donna_2.jpg", "grand_canyon_1.jpg", "grand_canyon_2.jpg", "grand_canyon_3.jpg", "jesper.jpg",
+    "jesper_2.jpg", "new_wave_1.jpg", "new_wave_2.jpg", "pool.jpg", "pool_2.jpg", "skagen.jpg",
+    "skagen_2.jpg", "snow.jpg", "spiff.jpg", "spiff_2.jpg", "sunset.jpg", "wayne.jpg")]
+#: the sets training may read; ``opencv`` is for evaluation only
+TRAINING_SETS = ("wallpapers", "lomiri", "kphotoalbum")
 #: forgery sets: set name -> sizes; each size gets its own synthesize() call and seed
 FORGERY_SIZES = (256, 320, 384, 448)
 IMAGES_PER_SIZE = 30
@@ -87,13 +112,18 @@ def _package_root(package: str, files: Sequence[str], cache: Path) -> Path:
 
 
 def collect(name: str, out_dir: Path, cache: Path) -> Path:
-    """Copy the photographs of set ``name`` into ``out_dir`` (bytes unchanged); returns it."""
+    """Copy the photographs of set ``name`` into ``out_dir`` (bytes unchanged) and their
+    licences into ``out_dir/../LICENSES.txt``; returns ``out_dir``."""
     out_dir.mkdir(parents=True, exist_ok=True)
     by_package: Dict[str, List[str]] = {}
     for package, path in PHOTO_SETS[name]:
         by_package.setdefault(package, []).append(path)
+    licences = []
     for package, files in by_package.items():
-        root = _package_root(package, files, cache)
+        root = _package_root(package, files + [_copyright(package)], cache)
+        licences.append(f"# Debian package {package}: {len(files)} photograph(s)\n"
+                        + "".join(f"#   {Path(f).name}\n" for f in files)
+                        + (root / _copyright(package)).read_text(errors="replace"))
         for f in files:
             # names stay unique across folders (two butterflies, two homes)
             parts = Path(f).parts
@@ -101,7 +131,13 @@ def collect(name: str, out_dir: Path, cache: Path) -> Path:
             if package == "opencv-doc" and parts[-2] != "data":
                 stem = f"{parts[-2]}_{parts[-1]}"
             shutil.copyfile(root / f, out_dir / stem)
+    (out_dir.parent / "LICENSES.txt").write_text("\n\n".join(licences))
     return out_dir
+
+
+def _copyright(package: str) -> str:
+    """Where a Debian package keeps its copyright file (the licence of every file it ships)."""
+    return f"usr/share/doc/{package}/copyright"
 
 
 def forgeries(source: Path, out_dir: Path, sizes: Sequence[int] = FORGERY_SIZES,

@@ -127,6 +127,17 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a key of the demo's training config")
 
+    pt = sub.add_parser("pretrain-trace", help="camera-trace stage: pixel SupCon on source "
+                        "mosaics of real photographs; writes weights that train.init starts from")
+    pt.add_argument("--photos", required=True, nargs="+", metavar="DIR",
+                    help="folders of real photographs (python -m benchmarks.photo_sets makes some)")
+    pt.add_argument("--out", required=True, metavar="FILE", help="the weights file to write")
+    pt.add_argument("--minutes", type=float, default=30.0)
+    pt.add_argument("--config", help="TOML config whose method.model and data.input_filter the "
+                    "weights are for (default: the demo's, fastiml/configs/demo.toml)")
+    pt.add_argument("--seed", type=int, default=0)
+    pt.add_argument("--threads", type=int, default=2)
+
     b = sub.add_parser("bench", help="run benchmarks (python -m benchmarks.bench_NAME)")
     b.add_argument("names", nargs="*", metavar="NAME")
 
@@ -452,6 +463,22 @@ def cmd_synth(args) -> int:
     return 0
 
 
+def cmd_pretrain_trace(args) -> int:
+    if not args.minutes > 0:
+        raise CLIError(f"--minutes must be > 0, got {args.minutes}")
+    for folder in args.photos:
+        _require_path(folder, "photo folder", "dir")
+    from fastiml.engine import load_config
+    from fastiml.engine.pretrain import pretrain_trace
+
+    cfg = load_config(args.config or _demo_config_path("ncl"))
+    command = "fastiml " + " ".join(sys.argv[1:]) if sys.argv[1:2] == ["pretrain-trace"] else ""
+    pretrain_trace(args.photos, args.out, minutes=args.minutes, model=cfg["method"].get("model"),
+                   input_filter=cfg["data"]["input_filter"], seed=args.seed,
+                   threads=args.threads, command=command, log=_print)
+    return 0
+
+
 def _repo_root() -> Path:
     return Path(__file__).resolve().parents[1]
 
@@ -662,6 +689,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             return cmd_synth(args)
         if args.command == "demo":
             return cmd_demo(args)
+        if args.command == "pretrain-trace":
+            return cmd_pretrain_trace(args)
         if args.command == "bench":
             return cmd_bench(args, extra)
         raise CLIError(f"unknown command {args.command!r}")

@@ -40,6 +40,7 @@ Sections and keys (every key is optional; the defaults are in :data:`DEFAULTS`):
     batchnorm = "batch"             # "batch", "frozen" (running statistics, affine still trained), "sync" (SyncBatchNorm under DDP, CUDA)
     find_unused_parameters = true   # DDP: allow parameters a method's loss does not use
     progress = true                 # progress bar on stderr
+    init = ""                       # weights to start from: a file `fastiml pretrain-trace` wrote, or "camera-trace" (shipped)
 
     [method]                        # passed to fastiml.methods.build(train.method, **method)
     model = { encoder = "resnet18", base_width = 64 }   # the network's keyword arguments
@@ -113,6 +114,7 @@ DEFAULTS: Dict[str, Dict[str, Any]] = {
         "batchnorm": "batch",
         "find_unused_parameters": True,
         "progress": True,
+        "init": "",
     },
     "method": {},
     "eval": {

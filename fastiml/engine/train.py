@@ -68,6 +68,7 @@ from fastiml.engine.guards import (GlobalState, StopSignals, TrainingDiverged, T
                                    ignore_interrupts_in_worker, non_finite_weights,
                                    remove_stale_temp_files, skipped_files)
 from fastiml.engine.precision import autocast, resolve_amp
+from fastiml.engine.pretrain import load_init
 from fastiml.engine.progress import JsonlLog, Progress, Window, format_duration, json_safe
 
 #: The loop's clock (tests replace it with a fake one to check time budgets deterministically).
@@ -471,6 +472,12 @@ class _Run:
             raise ConfigError(f"bad [method] options for method {self.method.name!r}: {e}") from None
         if self.state is not None:
             model.load_state_dict(self.state["model"])
+        elif self.tc["init"]:
+            try:
+                self.say(load_init(model, self.tc["init"], self.method.model_options,
+                                   self.dc["input_filter"]))
+            except ValueError as e:
+                raise ConfigError(str(e)) from None
         model.to(self.device)
         if self.tc["batchnorm"] == "sync" and self.info.distributed:
             model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
