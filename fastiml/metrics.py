@@ -16,9 +16,12 @@ Conventions (IMDL-BenCo's, stated precisely; the tests hold every number to scik
   not penalise a network that localises the right region with the labels swapped.
 - ``pixel_auc``: per image, the exact ROC AUC (ties count one half, as ``roc_auc_score``); an
   image with no valid negative pixel has no AUC and is left out of that average only.
-- Image level: score = max of the probability map over valid pixels, label = tampered or not;
-  ``image_acc`` = accuracy of ``score > threshold``; ``image_auc`` = ROC AUC of the scores, None
-  when only one class is present.
+- Image level: label = tampered or not; score = one of :data:`IMAGE_SCORES` of the probability
+  map's valid pixels (``image_score``, config key ``eval.image_score``; :func:`image_scores`
+  defines each); ``image_acc`` = accuracy of ``score > threshold``; ``image_auc`` = ROC AUC of the
+  scores, None when only one class is present. ``image_auc_by_score`` holds the image AUC of every
+  score of :func:`image_scores`, all from the same pass, so one evaluation shows which separates
+  authentic from forged images best.
 - An image with no valid pixel at all is ignored.
 - A metric with nothing to average is None.
 
@@ -33,9 +36,20 @@ from typing import Dict, List, Optional
 
 import torch
 
-__all__ = ["IMLMetrics", "per_image_metrics", "roc_auc", "best_f1"]
+__all__ = ["IMLMetrics", "per_image_metrics", "image_scores", "roc_auc", "best_f1", "IMAGE_SCORES",
+           "DEFAULT_IMAGE_SCORE", "DEFAULT_IMAGE_TOPK"]
 
 _PIXEL_KEYS = ("f1", "iou", "precision", "recall", "f1_best", "f1_permuted", "auc")
+
+#: The image scores ``image_score`` may name (config key ``eval.image_score``).
+IMAGE_SCORES = ("max", "topk", "area", "mean", "weighted")
+#: The defaults of ``eval.image_score`` / ``eval.image_topk`` (the config reads them from here).
+#: 1 % of a 512 x 512 map is 2621 pixels: a mean over that many no longer follows one stray
+#: pixel, and it still lies inside a forged region of 1 % of the image or more.
+DEFAULT_IMAGE_SCORE = "max"
+DEFAULT_IMAGE_TOPK = 0.01
+#: Extra top-k fractions whose AUC ``image_auc_by_score`` reports as ``"topk@<k>"``, to choose k.
+_TOPK_SWEEP = (0.001, 0.01, 0.05, 0.2)
 
 
 def _ranked(scores: torch.Tensor, labels: torch.Tensor):
@@ -91,8 +105,60 @@ def _f1_counts(pred: torch.Tensor, y: torch.Tensor):
     return tp, fp, fn
 
 
+def _check_image_score(image_score, image_topk) -> None:
+    if image_score not in IMAGE_SCORES:
+        raise ValueError(f"image_score (config key eval.image_score) must be one of "
+                         f"{', '.join(IMAGE_SCORES)}; got {image_score!r}")
+    if (isinstance(image_topk, bool) or not isinstance(image_topk, (int, float))
+            or not 0 < image_topk <= 1):
+        raise ValueError(f"image_topk (config key eval.image_topk) must be a fraction in (0, 1], "
+                         f"got {image_topk!r}")
+
+
+def _topk_count(n: int, k: float) -> int:
+    """How many of ``n`` pixels the top ``k`` fraction holds: ceil(k * n), at least 1. The small
+    tolerance keeps an exact product from rounding up (0.07 * 100 is 7.000000000000001)."""
+    return min(n, max(1, math.ceil(k * n - 1e-9 * n)))
+
+
+def image_scores(p: torch.Tensor, threshold: float = 0.5,
+                 image_topk: float = DEFAULT_IMAGE_TOPK) -> Dict[str, float]:
+    """Every image score of one image's valid probabilities.
+
+    Args:
+        p: Tensor[N], N >= 1, the probabilities of the image's valid pixels (any float dtype).
+        threshold: a pixel counts for ``area`` when ``prob > threshold``.
+        image_topk: the fraction k of ``topk``, in (0, 1].
+
+    Returns: {name: float}:
+
+    - ``max``: the largest probability.
+    - ``topk``: the mean of the ceil(k * N) largest (at least one pixel; k = 1: the mean).
+    - ``area``: the fraction of pixels with ``prob > threshold``.
+    - ``mean``: the mean probability.
+    - ``weighted``: the map's mean weighted by itself, sum(p^2) / sum(p) (0 for an all-zero map):
+      confident pixels count most, without a fixed k.
+    - ``topk@<k>``: ``topk`` at each k of a fixed sweep (0.001, 0.01, 0.05, 0.2), to choose k.
+    """
+    p = p.reshape(-1).to(torch.float64)
+    n = p.numel()
+    desc = torch.sort(p, descending=True).values
+    csum = torch.cumsum(desc, 0)  # csum[m - 1] / m: the mean of the m largest
+    total = float(csum[-1])
+    out = {"max": float(desc[0]),
+           "topk": float(csum[_topk_count(n, image_topk) - 1]) / _topk_count(n, image_topk),
+           "area": float((p > threshold).sum()) / n,
+           "mean": total / n,
+           "weighted": float((p * p).sum()) / total if total > 0 else 0.0}
+    for k in _TOPK_SWEEP:
+        m = _topk_count(n, k)
+        out[f"topk@{k:g}"] = float(csum[m - 1]) / m
+    return out
+
+
 def per_image_metrics(prob: torch.Tensor, mask: torch.Tensor, valid: Optional[torch.Tensor] = None,
-                      threshold: float = 0.5) -> Optional[Dict[str, float]]:
+                      threshold: float = 0.5, image_score: str = DEFAULT_IMAGE_SCORE,
+                      image_topk: float = DEFAULT_IMAGE_TOPK) -> Optional[Dict[str, float]]:
     """All per-image quantities of one image.
 
     Args:
@@ -100,12 +166,15 @@ def per_image_metrics(prob: torch.Tensor, mask: torch.Tensor, valid: Optional[to
         mask: Tensor of the same shape, {0, 1} (any dtype).
         valid: optional bool Tensor of the same shape; False pixels are ignored.
         threshold: a pixel is positive when ``prob > threshold``.
+        image_score, image_topk: which of :func:`image_scores` is ``score``, and its k.
 
     Returns:
-        None if no pixel is valid; else a dict with ``score`` (max prob), ``tampered`` (bool) and,
-        for tampered images, ``f1``, ``iou``, ``precision``, ``recall``, ``f1_best``,
-        ``f1_permuted``, ``auc`` (NaN without negatives).
+        None if no pixel is valid; else a dict with ``score`` (the ``image_score``), ``scores``
+        (every score of :func:`image_scores`), ``tampered`` (bool) and, for tampered images,
+        ``f1``, ``iou``, ``precision``, ``recall``, ``f1_best``, ``f1_permuted``, ``auc`` (NaN
+        without negatives).
     """
+    _check_image_score(image_score, image_topk)
     p = prob.reshape(-1)
     y = mask.reshape(-1) > 0.5
     if valid is not None:
@@ -113,7 +182,8 @@ def per_image_metrics(prob: torch.Tensor, mask: torch.Tensor, valid: Optional[to
         p, y = p[v], y[v]
     if p.numel() == 0:
         return None
-    out: Dict[str, float] = {"score": float(p.max()), "tampered": bool(y.any())}
+    scores = image_scores(p, threshold, image_topk)
+    out: Dict = {"score": scores[image_score], "scores": scores, "tampered": bool(y.any())}
     if not out["tampered"]:
         return out
     tp, fp, fn = _f1_counts(p > threshold, y)
@@ -157,22 +227,29 @@ class IMLMetrics:
 
     Args:
         threshold: pixel / image decision threshold in [0, 1] (positive when ``prob > threshold``).
+        image_score: which of :data:`IMAGE_SCORES` is the image score of ``image_auc`` and
+            ``image_acc`` (config key ``eval.image_score``).
+        image_topk: the fraction k of the ``topk`` score, in (0, 1] (``eval.image_topk``).
 
     :meth:`compute` keys: ``pixel_f1``, ``pixel_iou``, ``pixel_precision``, ``pixel_recall``,
     ``pixel_f1_best``, ``pixel_f1_permuted``, ``pixel_auc``, ``image_auc``, ``image_acc``,
+    ``image_score`` (its name), ``image_auc_by_score`` ({score name: image AUC or None}),
     ``n_tampered``, ``n_authentic``.
     """
 
-    def __init__(self, threshold: float = 0.5):
+    def __init__(self, threshold: float = 0.5, image_score: str = DEFAULT_IMAGE_SCORE,
+                 image_topk: float = DEFAULT_IMAGE_TOPK):
         if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not 0 <= threshold <= 1:
             raise ValueError(f"threshold must be a number in [0, 1], got {threshold!r}")
+        _check_image_score(image_score, image_topk)
         self.threshold = float(threshold)
+        self.image_score, self.image_topk = image_score, float(image_topk)
         self.reset()
 
     def reset(self) -> None:
         """Forget every image seen."""
         self._pixel: Dict[str, List[float]] = {k: [] for k in _PIXEL_KEYS}
-        self._score: List[float] = []
+        self._score: List[Dict[str, float]] = []  # every image score of each image
         self._label: List[int] = []
 
     @torch.no_grad()
@@ -203,10 +280,11 @@ class IMLMetrics:
             raise ValueError("mask must hold values in {0, 1} (binarise 0/255 masks first), got "
                              f"values in [{float(mask.min())}, {float(mask.max())}]")
         for b in range(prob.shape[0]):
-            r = per_image_metrics(prob[b], mask[b], None if valid is None else valid[b], self.threshold)
+            r = per_image_metrics(prob[b], mask[b], None if valid is None else valid[b], self.threshold,
+                                  self.image_score, self.image_topk)
             if r is None:
                 continue
-            self._score.append(r["score"])
+            self._score.append(r["scores"])
             self._label.append(int(r["tampered"]))
             if r["tampered"]:
                 for k in _PIXEL_KEYS:
@@ -233,14 +311,19 @@ class IMLMetrics:
 
         out: Dict[str, Optional[float]] = {f"pixel_{k}": mean(pixel[k]) for k in _PIXEL_KEYS}
         n_tampered = sum(label)
+        labels = torch.tensor(label, dtype=torch.bool)
+        by_score: Dict[str, Optional[float]] = {}
+        for name in (score[0] if score else {}):
+            auc = roc_auc(torch.tensor([s[name] for s in score], dtype=torch.float64), labels)
+            by_score[name] = None if math.isnan(auc) else auc
         if score:
-            scores = torch.tensor(score, dtype=torch.float64)
-            labels = torch.tensor(label, dtype=torch.bool)
-            out["image_acc"] = float(((scores > self.threshold) == labels).double().mean())
-            auc = roc_auc(scores, labels)
-            out["image_auc"] = None if math.isnan(auc) else auc
+            chosen = torch.tensor([s[self.image_score] for s in score], dtype=torch.float64)
+            out["image_acc"] = float(((chosen > self.threshold) == labels).double().mean())
         else:
-            out["image_acc"] = out["image_auc"] = None
+            out["image_acc"] = None
+        out["image_auc"] = by_score.get(self.image_score)
+        out["image_score"] = self.image_score
+        out["image_auc_by_score"] = by_score
         out["n_tampered"] = n_tampered
         out["n_authentic"] = len(label) - n_tampered
         return out

@@ -51,6 +51,8 @@ Sections and keys (every key is optional; the defaults are in :data:`DEFAULTS`):
     max_pixels = 1048576            # native: images up to this many pixels in one pass ...
     tile = 768                      # ... larger ones in tile x tile tiles
     overlap = 96                    # pixels shared by neighbouring tiles (blended; see engine.inference)
+    image_score = "max"             # image score of image_auc / image_acc: max, topk, area, mean, weighted (fastiml.metrics.image_scores)
+    image_topk = 0.01               # topk: the mean of this fraction of the map's highest pixels, in (0, 1]
 
     [output]
     dir = "runs/fastiml"
@@ -71,6 +73,8 @@ import math
 import os
 import tomllib
 from typing import Any, Dict, Iterable, Optional
+
+from fastiml.metrics import DEFAULT_IMAGE_SCORE, DEFAULT_IMAGE_TOPK, IMAGE_SCORES
 
 __all__ = ["DEFAULTS", "ConfigError", "load_config", "read_toml", "apply_override", "validate", "default_config",
            "config_to_toml"]
@@ -122,6 +126,8 @@ DEFAULTS: Dict[str, Dict[str, Any]] = {
         "max_pixels": 1024 * 1024,
         "tile": 768,
         "overlap": 96,
+        "image_score": DEFAULT_IMAGE_SCORE,
+        "image_topk": DEFAULT_IMAGE_TOPK,
     },
     "output": {
         "dir": "runs/fastiml",
@@ -140,8 +146,10 @@ CHOICES = {
     ("train", "amp"): ("auto", "bf16", "fp16", "off"),
     ("train", "batchnorm"): ("batch", "frozen", "sync"),
     ("eval", "resolution"): ("native", "train"),
+    ("eval", "image_score"): IMAGE_SCORES,
 }
 POSITIVE = {("data", "size"), ("train", "batch_size"), ("eval", "max_pixels"), ("eval", "tile")}
+AT_MOST_ONE = {("eval", "image_topk")}  # fractions in (0, 1]
 NON_NEGATIVE = {("data", "num_workers"), ("data", "source_n"), ("train", "epochs"), ("train", "steps"),
                 ("train", "time_budget_s"), ("train", "lr"), ("train", "weight_decay"),
                 ("train", "warmup_steps"), ("train", "min_lr_ratio"), ("train", "seed"),
@@ -292,6 +300,8 @@ def validate(cfg: Dict[str, Any]) -> Dict[str, Any]:
                 raise ConfigError(f"config key {key} must be one of {', '.join(choices)}; got {value!r}")
             if (section, name) in POSITIVE and not value > 0:
                 raise ConfigError(f"config key {key} must be > 0, got {value!r}")
+            if (section, name) in AT_MOST_ONE and not 0 < value <= 1:
+                raise ConfigError(f"config key {key} must be in (0, 1], got {value!r}")
             if (section, name) in NON_NEGATIVE and not value >= 0:
                 raise ConfigError(f"config key {key} must be >= 0, got {value!r}")
             if isinstance(value, float) and not math.isfinite(value):

@@ -23,10 +23,10 @@ from fastiml.engine import distributed as D
 from fastiml.engine.checkpoint import unwrap
 from fastiml.engine.inference import Tiling, predict_tiled
 from fastiml.engine.precision import autocast, resolve_amp  # re-exported: the old home
-from fastiml.metrics import IMLMetrics
+from fastiml.metrics import DEFAULT_IMAGE_SCORE, DEFAULT_IMAGE_TOPK, IMLMetrics
 
 __all__ = ["evaluate", "robustness", "predict_image", "resolve_amp", "autocast", "ShardSampler",
-           "REQUIRED_KEYS", "INPUT_FILTERS", "input_filter"]
+           "REQUIRED_KEYS", "INPUT_FILTERS", "input_filter", "image_score_from_config"]
 
 #: Keys every metrics.json written by fastiml holds.
 REQUIRED_KEYS = ("pixel_f1", "pixel_iou", "pixel_auc", "image_auc", "image_acc")
@@ -61,6 +61,14 @@ def input_filter(image: torch.Tensor, kind: str = "none") -> torch.Tensor:
 # ----------------------------------------------------------------------------------------------
 # Data-set evaluation
 # ----------------------------------------------------------------------------------------------
+def image_score_from_config(eval_cfg: Dict) -> Dict:
+    """``image_score`` / ``image_topk`` keyword arguments (of :func:`evaluate` and
+    :func:`fastiml.metrics.per_image_metrics`) from a config's ``[eval]`` table; configs from
+    before the keys existed (old checkpoints) get the defaults."""
+    return {"image_score": eval_cfg.get("image_score", DEFAULT_IMAGE_SCORE),
+            "image_topk": eval_cfg.get("image_topk", DEFAULT_IMAGE_TOPK)}
+
+
 class ShardSampler(Sampler):
     """Indices ``rank, rank + world, ...`` of a data set of ``n`` items, in order, without padding."""
 
@@ -116,7 +124,8 @@ def evaluate(model: nn.Module, method, dataset: Dataset, *, batch_size: int = 8,
              device: Optional[torch.device] = None, amp: str = "off", num_workers: int = 0,
              threshold: float = 0.5, input_filter_kind: str = "none",
              on_batch: Optional[Callable[[Dict, torch.Tensor], None]] = None,
-             tiling: Optional[Tiling] = None) -> Dict:
+             tiling: Optional[Tiling] = None, image_score: str = DEFAULT_IMAGE_SCORE,
+             image_topk: float = DEFAULT_IMAGE_TOPK) -> Dict:
     """Metrics of ``method``'s predictions on ``dataset``.
 
     Args:
@@ -132,6 +141,8 @@ def evaluate(model: nn.Module, method, dataset: Dataset, *, batch_size: int = 8,
         tiling: for images at their own resolution (``ForgeryDataset(mode="native")``, batch
             size 1): large ones go through in blended tiles (:func:`fastiml.engine.inference.
             predict_tiled`). None: the whole batch in one pass.
+        image_score, image_topk: the image score of ``image_auc`` / ``image_acc`` (config keys
+            ``eval.image_score``, ``eval.image_topk``; see :class:`fastiml.metrics.IMLMetrics`).
 
     An item that cannot be read (a file removed or corrupted after the data set was listed) is a
     ValueError naming the file, whatever ``num_workers``: a ForgeryDataset's training behaviour,
@@ -142,7 +153,8 @@ def evaluate(model: nn.Module, method, dataset: Dataset, *, batch_size: int = 8,
     Returns:
         the :meth:`IMLMetrics.compute` dict (``pixel_f1``, ``pixel_iou``, ``pixel_precision``,
         ``pixel_recall``, ``pixel_f1_best``, ``pixel_f1_permuted``, ``pixel_auc``, ``image_auc``,
-        ``image_acc``, ``n_tampered``, ``n_authentic``) plus ``n_images`` and ``seconds``.
+        ``image_acc``, ``image_score``, ``image_auc_by_score``, ``n_tampered``, ``n_authentic``)
+        plus ``n_images`` and ``seconds``.
     """
     net = unwrap(model)
     if device is None:
@@ -154,7 +166,7 @@ def evaluate(model: nn.Module, method, dataset: Dataset, *, batch_size: int = 8,
     loader = DataLoader(_EachItemItself(dataset), batch_size=batch_size, num_workers=num_workers,
                         sampler=ShardSampler(len(dataset), D.rank(), D.world_size()),
                         collate_fn=_collate, pin_memory=device.type == "cuda")
-    metrics = IMLMetrics(threshold=threshold)
+    metrics = IMLMetrics(threshold=threshold, image_score=image_score, image_topk=image_topk)
     t0 = time.perf_counter()
     try:
         for batch in loader:
