@@ -178,9 +178,32 @@ def test_bench_accuracy_table():
                            "copymove": {"n": 2, "pixel_f1": 0.25, "pixel_auc": 0.6}}}
     s = bench_accuracy._summary(metrics)
     assert s["splice_f1"] == 0.6 and s["copymove_auc"] == 0.6 and "inpaint_f1" not in s
-    row = {"method": "ncl", "seed": 0, "steps": 10, "synthetic": s, "photos": s}
-    lines = bench_accuracy.table([row]).splitlines()
-    assert len(lines) == 4 and "| ncl | 0 | 10 | photos | 0.500 | 0.800 | 0.600 / 0.900 | 0.250 / 0.600 | nan / nan |" in lines
+    row = {"method": "ncl", "variant": "trace", "seed": 0, "steps": 10, "synthetic": s,
+           "photos": s, "independent": dict(s, image_auc=None)}
+    lines = bench_accuracy.table([row], {"photos": 0.25}).splitlines()
+    assert len(lines) == 7
+    assert ("| ncl | trace | 0 | 10 | photos | 0.500 | 0.800 | 0.700 | 0.600 / 0.900 | "
+            "0.250 / 0.600 | nan / nan |") in lines
+    assert "| ncl | trace | 0 | 10 | independent | 0.500 | 0.800 | n/a |" in lines[4]
+    assert lines[-1] == "all tampered (pixel F1 floor): photos 0.250"
+
+
+def test_all_tampered_floor(tmp_path):
+    """2m / (m + 1) per tampered image, authentic images left out."""
+    import cv2
+    import numpy as np
+
+    from benchmarks import bench_accuracy
+    quarter = np.zeros((4, 4), np.uint8)
+    quarter[:2, :2] = 255
+    half = np.zeros((4, 4), np.uint8)
+    half[:2] = 255
+    cv2.imwrite(str(tmp_path / "q.png"), quarter)
+    cv2.imwrite(str(tmp_path / "h.png"), half)
+    (tmp_path / "list.json").write_text('[["a.png", "q.png"], ["b.png", "h.png"], ["c.png", "Negative"]]')
+    expected = (2 * 0.25 / 1.25 + 2 * 0.5 / 1.5) / 2
+    assert bench_accuracy.all_tampered_f1(str(tmp_path / "list.json")) == pytest.approx(expected)
+
 @pytest.mark.parametrize("provider", ["procedural", "decode"])
 def test_synth_case(provider):
     from benchmarks import bench_synth

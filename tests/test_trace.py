@@ -98,11 +98,26 @@ def test_init_loads_all_but_the_segmentation_heads(weights):
             assert torch.equal(v, saved[k].float()), k
 
 
+def test_init_gives_mpc_the_encoder(weights):
+    from fastiml.models import MPCNet
+
+    out, _ = weights
+    options = dict(encoder="resnet18", base_width=8, embed_dim=8, head_channels=8, fpn_channels=8)
+    model = MPCNet(**options)
+    summary = load_init(model, str(out), options, "highpass")
+    saved = torch.load(out, weights_only=True)["state_dict"]
+    trunk = {k[len("backbone.trunk."):]: v for k, v in saved.items() if k.startswith("backbone.trunk.")}
+    own = model.state_dict()
+    assert trunk and all(torch.equal(own["backbone." + k], v.to(own["backbone." + k].dtype))
+                         for k, v in trunk.items())
+    assert f"{len(trunk)} of {len(own)} tensors" in summary
+
+
 def test_init_refuses_weights_of_another_network_or_input(weights, tmp_path):
     out, _ = weights
     model = NCLNet(**TINY)
-    with pytest.raises(ValueError, match="method.model"):
-        load_init(model, str(out), dict(TINY, proj_dim=16), "highpass")
+    with pytest.raises(ValueError, match="method.model.base_width"):
+        load_init(model, str(out), dict(TINY, base_width=16), "highpass")
     with pytest.raises(ValueError, match="input_filter"):
         load_init(model, str(out), TINY, "none")
     bad = tmp_path / "bad.pt"

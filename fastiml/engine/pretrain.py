@@ -93,10 +93,12 @@ def pretrain_trace(photos: Sequence, out: str, *, minutes: float = 20.0, model: 
 def load_init(model: nn.Module, init: str, model_options: Dict, input_filter: str) -> str:
     """Load the weights file ``init`` (a path, or a name of :data:`SHIPPED_INIT`) into ``model``.
 
-    The file's network options and input filter must be the run's: weights trained for another
-    network or on other inputs are a ValueError naming the difference, not a silent mismatch.
-    The segmentation heads are left as the model has them when the file's were never trained.
-    Returns a one-line summary."""
+    Every tensor whose name and shape the model shares is loaded: NCL's and BCE's network (the
+    one the file was trained as) take encoder, decoder and projection heads; MPC's network takes
+    the encoder (``backbone.trunk.*`` is its ``backbone.*``). The segmentation heads keep their
+    initialisation. The file's encoder (``encoder``, ``base_width``) and input filter must be
+    the run's -- weights of another encoder or trained on other inputs are a ValueError naming
+    the difference, not a silent partial load. Returns a one-line summary."""
     path = SHIPPED_INIT.get(init, Path(init))
     if not path.is_file():
         raise ValueError(f"train.init: no weights file {str(path)!r} (a path, or one of "
@@ -105,17 +107,30 @@ def load_init(model: nn.Module, init: str, model_options: Dict, input_filter: st
     if not isinstance(saved, dict) or saved.get("format") != INIT_FORMAT:
         raise ValueError(f"train.init: {str(path)!r} is not a fastiml weights file "
                          f"(format {INIT_FORMAT!r}; `fastiml pretrain-trace` writes one)")
-    if saved["model"] != dict(model_options):
-        raise ValueError(f"train.init: {str(path)!r} holds a network built with "
-                         f"{saved['model']}, the run builds {dict(model_options)}; set "
-                         f"method.model to the file's options")
+    for key in _ENCODER_KEYS:
+        if saved["model"].get(key) != model_options.get(key):
+            raise ValueError(f"train.init: {str(path)!r} holds a network with {key} = "
+                             f"{saved['model'].get(key)!r}, the run builds {key} = "
+                             f"{model_options.get(key)!r} (set method.model.{key})")
     if saved["input_filter"] != input_filter:
         raise ValueError(f"train.init: {str(path)!r} was trained with data.input_filter = "
                          f"{saved['input_filter']!r}, the run uses {input_filter!r}")
     own = model.state_dict()
-    keep = {k: v.to(own[k].dtype) for k, v in saved["state_dict"].items()
-            if k in own and ".seg." not in k and v.shape == own[k].shape}
+    keep = {}
+    for k, v in saved["state_dict"].items():
+        if ".seg." in k:
+            continue
+        for name in (k, k.replace("backbone.trunk.", "backbone.", 1)):
+            if name in own and own[name].shape == v.shape:
+                keep[name] = v.to(own[name].dtype)
+                break
+    if not keep:
+        raise ValueError(f"train.init: no tensor of {str(path)!r} fits this network")
     model.load_state_dict(keep, strict=False)
     prov = saved.get("provenance", {})
     return (f"started from {path.name}: {len(keep)} of {len(own)} tensors "
             f"({prov.get('steps', '?')} camera-trace steps on {len(prov.get('photos', []))} photographs)")
+
+
+#: network options that must agree between a weights file and the run it starts
+_ENCODER_KEYS = ("encoder", "base_width")
