@@ -42,13 +42,14 @@ __all__ = ["IMLMetrics", "per_image_metrics", "image_scores", "roc_auc", "best_f
 _PIXEL_KEYS = ("f1", "iou", "precision", "recall", "f1_best", "f1_permuted", "auc")
 
 #: The image scores ``image_score`` may name (config key ``eval.image_score``).
-IMAGE_SCORES = ("max", "topk", "area", "mean", "weighted")
+IMAGE_SCORES = ("max", "topk", "area", "mean", "weighted", "contrast")
 #: The defaults of ``eval.image_score`` / ``eval.image_topk`` (the config reads them from here).
 #: 1 % of a 512 x 512 map is 2621 pixels: a mean over that many no longer follows one stray
 #: pixel, and it still lies inside a forged region of 1 % of the image or more.
 DEFAULT_IMAGE_SCORE = "max"
 DEFAULT_IMAGE_TOPK = 0.01
-#: Extra top-k fractions whose AUC ``image_auc_by_score`` reports as ``"topk@<k>"``, to choose k.
+#: Extra fractions k whose AUC ``image_auc_by_score`` reports as ``"topk@<k>"`` and
+#: ``"contrast@<k>"``, to choose k.
 _TOPK_SWEEP = (0.001, 0.01, 0.05, 0.2)
 
 
@@ -128,7 +129,7 @@ def image_scores(p: torch.Tensor, threshold: float = 0.5,
     Args:
         p: Tensor[N], N >= 1, the probabilities of the image's valid pixels (any float dtype).
         threshold: a pixel counts for ``area`` when ``prob > threshold``.
-        image_topk: the fraction k of ``topk``, in (0, 1].
+        image_topk: the fraction k of ``topk`` and ``contrast``, in (0, 1].
 
     Returns: {name: float}:
 
@@ -138,21 +139,32 @@ def image_scores(p: torch.Tensor, threshold: float = 0.5,
     - ``mean``: the mean probability.
     - ``weighted``: the map's mean weighted by itself, sum(p^2) / sum(p) (0 for an all-zero map):
       confident pixels count most, without a fixed k.
-    - ``topk@<k>``: ``topk`` at each k of a fixed sweep (0.001, 0.01, 0.05, 0.2), to choose k.
+    - ``contrast``: ``topk`` minus the mean of the lower half (the ceil(N / 2) smallest): how far
+      the most suspect pixels stand out from the map's own baseline, so that a map that is high
+      all over (as on photographs unlike the training data) does not score as a forgery.
+    - ``topk@<k>``, ``contrast@<k>``: those at each k of a fixed sweep (0.001, 0.01, 0.05, 0.2),
+      to choose k.
     """
     p = p.reshape(-1).to(torch.float64)
     n = p.numel()
     desc = torch.sort(p, descending=True).values
     csum = torch.cumsum(desc, 0)  # csum[m - 1] / m: the mean of the m largest
     total = float(csum[-1])
-    out = {"max": float(desc[0]),
-           "topk": float(csum[_topk_count(n, image_topk) - 1]) / _topk_count(n, image_topk),
+    upper = n // 2  # the lower half is the rest: ceil(n / 2) pixels, the median among them
+    baseline = (total - (float(csum[upper - 1]) if upper else 0.0)) / (n - upper)
+
+    def top(k: float) -> float:
+        m = _topk_count(n, k)
+        return float(csum[m - 1]) / m
+
+    out = {"max": float(desc[0]), "topk": top(image_topk),
            "area": float((p > threshold).sum()) / n,
            "mean": total / n,
-           "weighted": float((p * p).sum()) / total if total > 0 else 0.0}
+           "weighted": float((p * p).sum()) / total if total > 0 else 0.0,
+           "contrast": top(image_topk) - baseline}
     for k in _TOPK_SWEEP:
-        m = _topk_count(n, k)
-        out[f"topk@{k:g}"] = float(csum[m - 1]) / m
+        out[f"topk@{k:g}"] = top(k)
+        out[f"contrast@{k:g}"] = top(k) - baseline
     return out
 
 

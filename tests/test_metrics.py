@@ -57,9 +57,12 @@ def _np_image_scores(pv, thr, topk):
     def top(k):
         return pv[:max(1, int(np.ceil(round(k * pv.size, 6))))].mean()
 
+    lower_half = pv[pv.size // 2:].mean()
     out = {"max": pv[0], "topk": top(topk), "area": np.mean(pv > thr), "mean": pv.mean(),
-           "weighted": (pv ** 2).sum() / pv.sum()}
-    out.update({f"topk@{k}": top(float(k)) for k in ("0.001", "0.01", "0.05", "0.2")})
+           "weighted": (pv ** 2).sum() / pv.sum(), "contrast": top(topk) - lower_half}
+    for k in ("0.001", "0.01", "0.05", "0.2"):
+        out[f"topk@{k}"] = top(float(k))
+        out[f"contrast@{k}"] = top(float(k)) - lower_half
     return out
 
 
@@ -260,6 +263,12 @@ def test_other_scores_by_hand():
     assert s["mean"] == pytest.approx(2.625 / 6)
     assert s["weighted"] == pytest.approx(97 / 168)  # (sum p^2 = 97/64) / (sum p = 21/8)
     assert s["topk@0.2"] == pytest.approx((0.75 + 0.625) / 2)  # ceil(1.2) = 2 pixels
+    # Top 1 % (one pixel) minus the lower half (0.5, 0.25, 0.0: a tied 0.5 on either side).
+    assert s["contrast"] == pytest.approx(0.75 - 0.75 / 3)
+    assert s["contrast@0.2"] == pytest.approx((0.75 + 0.625) / 2 - 0.75 / 3)
+    odd = image_scores(torch.tensor([0.5, 1.0, 0.0, 0.25, 0.75]), image_topk=0.2)
+    assert odd["contrast"] == pytest.approx(1.0 - 0.75 / 3)  # lower half: 0.25, 0.0 and the median 0.5
+    assert image_scores(torch.tensor([0.9]))["contrast"] == 0.0  # one pixel: nothing stands out
     assert per_image_metrics(prob[0], torch.zeros(2, 4), valid[0], 0.25)["scores"]["area"] == pytest.approx(4 / 6)
     zero = image_scores(torch.zeros(5))
     assert zero["weighted"] == 0.0 and zero["area"] == 0.0 and zero["topk"] == 0.0
@@ -299,7 +308,7 @@ def _images_max_cannot_separate():
 def test_image_auc_follows_the_chosen_score():
     prob, mask = _images_max_cannot_separate()
     got = {}
-    for name in ("max", "topk", "area", "mean", "weighted"):
+    for name in ("max", "topk", "area", "mean", "weighted", "contrast"):
         m = IMLMetrics(image_score=name, image_topk=0.1)
         m.update(prob, mask)
         got[name] = m.compute()
@@ -313,6 +322,7 @@ def test_image_auc_follows_the_chosen_score():
     # The table of every score does not depend on which one was chosen.
     assert got["max"]["image_auc_by_score"] == got["topk"]["image_auc_by_score"]
     assert got["max"]["image_auc_by_score"]["mean"] == 1.0
+    assert got["contrast"]["image_auc"] == 1.0  # lower halves all 0: contrast = topk
 
 
 def test_image_score_one_class_is_none():
@@ -324,7 +334,7 @@ def test_image_score_one_class_is_none():
 
 
 @pytest.mark.parametrize("kwargs, match", [
-    ({"image_score": "median"}, r"eval\.image_score.*max, topk, area, mean, weighted.*'median'"),
+    ({"image_score": "median"}, r"eval\.image_score.*max, topk, area, mean, weighted, contrast.*'median'"),
     ({"image_topk": 0.0}, r"eval\.image_topk.*\(0, 1\]"),
     ({"image_topk": 1.5}, r"eval\.image_topk.*\(0, 1\]"),
     ({"image_topk": True}, r"eval\.image_topk"),
@@ -343,7 +353,7 @@ def test_config_validates_image_score():
     assert cfg["eval"]["image_score"] == "topk" and cfg["eval"]["image_topk"] == 1.0
     assert load_config(None, [])["eval"]["image_score"] == "max"  # the default
     with pytest.raises(ConfigError, match=r"eval\.image_score must be one of max, topk, area, mean, "
-                                          r"weighted; got 'median'"):
+                                          r"weighted, contrast; got 'median'"):
         load_config(None, ["eval.image_score=median"])
     for bad in ("0", "-0.1", "1.01", "nan"):
         with pytest.raises(ConfigError, match=r"eval\.image_topk must be in \(0, 1\]"):

@@ -51,8 +51,8 @@ Sections and keys (every key is optional; the defaults are in :data:`DEFAULTS`):
     max_pixels = 1048576            # native: images up to this many pixels in one pass ...
     tile = 768                      # ... larger ones in tile x tile tiles
     overlap = 96                    # pixels shared by neighbouring tiles (blended; see engine.inference)
-    image_score = "max"             # image score of image_auc / image_acc: max, topk, area, mean, weighted (fastiml.metrics.image_scores)
-    image_topk = 0.01               # topk: the mean of this fraction of the map's highest pixels, in (0, 1]
+    image_score = "max"             # image score of image_auc / image_acc: max, topk, area, mean, weighted, contrast (fastiml.metrics.image_scores)
+    image_topk = 0.01               # topk / contrast: the mean of this fraction of the map's highest pixels, in (0, 1]
 
     [output]
     dir = "runs/fastiml"
