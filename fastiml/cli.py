@@ -297,6 +297,7 @@ def cmd_eval(args) -> int:
 
     from fastiml.data import ForgeryDataset
     from fastiml.engine import evaluate, robustness
+    from fastiml.engine.evaluate import image_score_from_config
     from fastiml.engine.guards import skipped_files
     from fastiml.engine.progress import json_safe
     from fastiml.metrics import per_image_metrics
@@ -314,15 +315,17 @@ def cmd_eval(args) -> int:
     tiling = _tiling(state, args)
     mode = "native" if tiling is not None else dc["mode"]  # native: images differ in size
     ds = ForgeryDataset(args.data, size=dc["size"], mode=mode)
+    score_kw = image_score_from_config(state["config"].get("eval", {}))
     kw = dict(batch_size=1 if tiling is not None else args.batch_size, device=dev, amp=amp,
               num_workers=max(0, args.workers), threshold=args.threshold,
-              input_filter_kind=dc.get("input_filter", "none"), tiling=tiling)
+              input_filter_kind=dc.get("input_filter", "none"), tiling=tiling, **score_kw)
     kinds, rows = _synth_kinds(args.data), []
 
     def per_image(batch, prob):  # the loader goes through ds in order (one process)
         for b in range(prob.shape[0]):
             img_path = ds.samples[len(rows)][0]
-            r = per_image_metrics(prob[b, 0], batch["mask"][b], batch["valid"][b], args.threshold)
+            r = per_image_metrics(prob[b, 0], batch["mask"][b], batch["valid"][b], args.threshold,
+                                  **score_kw)
             kind = kinds.get(os.path.normpath(img_path), "" if r["tampered"] else "authentic")
             rows.append([os.path.relpath(img_path, os.path.dirname(os.path.abspath(args.data))
                                          if os.path.isfile(args.data) else args.data),

@@ -221,7 +221,8 @@ def write_report(path: str, metrics: Dict, *, title: str = "fastiml report",
     if "n_tampered" in counts:
         lines += ["", f"Held-out images: {counts.get('n_tampered')} tampered, "
                   f"{counts.get('n_authentic')} authentic. Pixel metrics are averaged over tampered "
-                  "images; image-level metrics use the maximum of the map as the score."]
+                  f"images; image-level metrics score an image by the map's "
+                  f"{metrics.get('image_score', 'max')} (eval.image_score)."]
     if facts:
         lines += ["", "| | |", "|---|---|"]
         lines += [f"| {k} | {_cell(v, '.4g')} |" for k, v in facts.items()]

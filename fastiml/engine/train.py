@@ -63,7 +63,7 @@ from fastiml.data import Augment, ForgeryDataset
 from fastiml.engine import distributed as D
 from fastiml.engine.checkpoint import load_checkpoint, save_checkpoint, unwrap
 from fastiml.engine.config import ConfigError, config_to_toml
-from fastiml.engine.evaluate import evaluate, input_filter
+from fastiml.engine.evaluate import evaluate, image_score_from_config, input_filter
 from fastiml.engine.guards import (GlobalState, StopSignals, TrainingDiverged, TrainingInterrupted,
                                    ignore_interrupts_in_worker, non_finite_weights,
                                    remove_stale_temp_files, skipped_files)
@@ -818,7 +818,7 @@ class _Run:
         elif self.checkpoint_due:
             self._checkpoint(st, self._last_checkpoint_path(), required=False)
         if tc["eval_every"] > 0 and self.step % tc["eval_every"] == 0 and self.val_set is not None:
-            m = _evaluate(self.model, self.method, self.val_set, tc, self.dc, self.device)
+            m = _evaluate(self.model, self.method, self.val_set, self.cfg, self.device)
             self.jlog.write({"event": "eval", "split": "val", "step": self.step,
                              "stage": st.name, **m})
             self.say(f"val at step {self.step}: pixel_f1 {_fmt(m['pixel_f1'])} "
@@ -886,7 +886,7 @@ class _Run:
                     f"interrupted by {signal.Signals(self.signals.received).name} after training "
                     f"finished, before evaluating on data.{split}; the trained model is "
                     f"{self.last_checkpoint}", self.signals.received, self.last_checkpoint)
-            m = _evaluate(self.model, self.method, ds, self.tc, self.dc, self.device)
+            m = _evaluate(self.model, self.method, ds, self.cfg, self.device)
             files = skipped_files(ds)
             if files:
                 m["skipped"] = files
@@ -917,10 +917,11 @@ def _fmt(x) -> str:
     return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.4f}"
 
 
-def _evaluate(model, method, dataset, tc, dc, device) -> Dict:
+def _evaluate(model, method, dataset, cfg, device) -> Dict:
+    tc, dc = cfg["train"], cfg["data"]
     return evaluate(model, method, dataset, batch_size=tc["eval_batch_size"] or tc["batch_size"],
                     device=device, amp=tc["amp"], num_workers=min(dc["num_workers"], 2),
-                    input_filter_kind=dc["input_filter"])
+                    input_filter_kind=dc["input_filter"], **image_score_from_config(cfg["eval"]))
 
 
 def _mean_over_ranks(summary: Dict, device: torch.device) -> Dict:
