@@ -236,6 +236,19 @@ def _add_source_forgeries(cfg: Dict, seed: int) -> None:
     cfg["data"]["source_dir"] = ""  # done: a resumed run must not forge again
 
 
+def _demo_photos() -> Path:
+    """demo.photos: the 60 training photographs (fetched once from Debian packages)."""
+    from fastiml.data.photos import PhotoFetchError, training_photos
+
+    try:
+        return training_photos(log=_print)
+    except PhotoFetchError as e:
+        raise CLIError(f"the demo trains on real photographs fetched from Debian packages "
+                       f"(fastiml.data.photos), and this machine could not fetch them: {e}. "
+                       f"Give it a folder of your own photographs with --set data.source_dir=DIR, "
+                       f"or train on procedural images only with --set demo.photos=false") from None
+
+
 def _metric_line(m: Dict) -> str:
     keys = ("pixel_f1", "pixel_iou", "pixel_auc", "image_auc", "image_acc")
     return ", ".join(f"{k} {_fmt(m.get(k))}" for k in keys)
@@ -573,6 +586,9 @@ def cmd_demo(args) -> int:
     n_test = int(demo.pop("n_test", DEMO_N_TEST))
     n_train, n_test = args.n_train or n_train, args.n_test or n_test
     synth_options = dict(demo.pop("synth", {}))
+    photos = demo.pop("photos", False)
+    if not isinstance(photos, bool):
+        raise CLIError(f"demo.photos must be true or false, got {photos!r}")
     if demo:
         raise CLIError(f"unknown key(s) in [demo] of {path}: {', '.join(sorted(demo))}")
 
@@ -584,6 +600,8 @@ def cmd_demo(args) -> int:
     synthesize(test_dir, n_test, size=size, seed=2 * args.seed + 2, **synth_options)
     cfg["data"]["train"] = os.path.join(train_dir, "list.json")
     cfg["data"]["test"] = os.path.join(test_dir, "list.json")
+    if photos and not cfg["data"]["source_dir"]:
+        cfg["data"]["source_dir"] = str(_demo_photos())
     _add_source_forgeries(cfg, seed=args.seed)  # photographs mixed in (data.source_dir)
     t_data = time.perf_counter() - t0
     _print(f"[demo] data ready in {t_data:.1f} s")

@@ -117,7 +117,7 @@ def test_packaged_demo_configs_build(name):
     path = os.path.join(os.path.dirname(importlib.import_module("fastiml").__file__),
                         "configs", name)
     cfg = load_config(path)
-    assert set(cfg["demo"]) <= {"n_train", "n_test", "synth"}
+    assert set(cfg["demo"]) <= {"n_train", "n_test", "synth", "photos"}
     assert cfg["data"]["input_filter"] == "highpass"
     method = methods.build(cfg["train"]["method"], **cfg["method"])
     expected = name[len("demo_"):-len(".toml")] if "_" in name else "ncl"
