@@ -289,3 +289,17 @@ def test_clip_main_in_process(tmp_path):
     assert harness.memory_guard(bench_clip.estimate_bytes("fastiml", 65536), 8) is None
     assert harness.memory_guard(bench_clip.estimate_bytes("open_clip", 65536), 8).startswith(
         "skipped (needs ~")
+
+
+def test_trace_zeroshot_scores_every_tampered_image(tmp_path):
+    from benchmarks import trace_zeroshot
+    from fastiml.data import synthesize
+    from fastiml.engine.pretrain import SHIPPED_INIT
+    if not SHIPPED_INIT["camera-trace"].is_file():
+        pytest.skip("no shipped camera-trace weights in this checkout")
+    r = synthesize(tmp_path / "s", 6, size=48, seed=1, authentic_fraction=0.3)
+    out = trace_zeroshot.zero_shot(r["json"], "camera-trace")
+    tampered = sum(1 for it in r["items"] if it["mask"] != "Negative")
+    assert sum(len(v) for v in out.values()) == tampered
+    assert set(out) <= {"splice", "copymove", "inpaint"}
+    assert all(0.0 <= a <= 1.0 for v in out.values() for a in v)
