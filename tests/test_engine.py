@@ -118,7 +118,7 @@ def test_packaged_demo_configs_build(name):
                         "configs", name)
     cfg = load_config(path)
     assert set(cfg["demo"]) <= {"n_train", "n_test", "synth", "photos"}
-    assert cfg["train"]["init"] == "camera-trace" and cfg["demo"]["photos"] is True
+    assert cfg["train"]["init"] == "camera-trace" and cfg["demo"]["photos"] is False
     assert cfg["data"]["input_filter"] == "highpass"
     method = methods.build(cfg["train"]["method"], **cfg["method"])
     expected = name[len("demo_"):-len(".toml")] if "_" in name else "ncl"
