@@ -49,9 +49,10 @@ def pretrain_trace(photos: Sequence, out: str, *, minutes: float = 20.0, model: 
     if threads:
         torch.set_num_threads(threads)
     data = TraceMosaics(photos, size=size, batch_size=batch_size, seed=seed)
-    net = NCLNet(**model_options)
+    net = NCLNet(**model_options).eval()
+    with torch.no_grad():  # eval mode: a probe must not move the BatchNorm statistics
+        stride = size // net(torch.zeros(1, 3, size, size))["proj_a"].shape[-1]
     net.train()
-    stride = size // net(torch.zeros(1, 3, size, size))["proj_a"].shape[-1]
     params = [p for n, p in net.named_parameters() if ".seg." not in n]
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=1e-4)
     loss_fn = PixelSupConLoss(tau=tau)
