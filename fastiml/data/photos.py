@@ -36,10 +36,12 @@ from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import cv2
+import numpy as np
 
 from .datasets import read_image
 
-__all__ = ["PHOTO_SETS", "TRAINING_SETS", "collect", "training_photos", "PhotoFetchError"]
+__all__ = ["PHOTO_SETS", "TRAINING_SETS", "collect", "training_photos", "central_crop",
+           "PhotoFetchError"]
 
 
 class PhotoFetchError(RuntimeError):
@@ -146,6 +148,14 @@ def _copyright(package: str) -> str:
 KEEP = 1024
 
 
+def central_crop(img: np.ndarray, keep: int) -> np.ndarray:
+    """The central ``keep`` x ``keep`` square of an image (less along a shorter side): native
+    pixels, so the camera traces are untouched."""
+    h, w = img.shape[:2]
+    y, x = max(0, (h - keep) // 2), max(0, (w - keep) // 2)
+    return np.ascontiguousarray(img[y:y + keep, x:x + keep])
+
+
 def _cache_root() -> Path:
     return Path(os.environ.get("FASTIML_CACHE") or Path.home() / ".cache" / "fastiml")
 
@@ -167,10 +177,7 @@ def training_photos(root: Optional[Path] = None, cache: Optional[Path] = None, l
         for name in TRAINING_SETS:
             images = collect(name, root / name / "images", cache)
             for f in sorted(images.iterdir()):
-                img = read_image(f)
-                h, w = img.shape[:2]
-                y, x = max(0, (h - KEEP) // 2), max(0, (w - KEEP) // 2)
-                crop = img[y:y + KEEP, x:x + KEEP]
+                crop = central_crop(read_image(f), KEEP)
                 cv2.imwrite(str(flat / f"{name}_{f.stem}.png"), crop[..., ::-1])
         log(f"[data] {expected} training photographs from Debian packages in {root} "
             f"(licences: {root}/<set>/LICENSES.txt)")

@@ -23,6 +23,7 @@ import torch
 from torch.utils.data import Dataset
 
 from .datasets import IMAGE_EXTENSIONS, read_image
+from .photos import central_crop
 from .procedural import jpeg_roundtrip
 from .synth import random_region
 
@@ -47,12 +48,6 @@ def photo_files(folders: Union[str, Path, Sequence[Union[str, Path]]]) -> List[P
         raise ValueError(f"photos: need at least 2 photographs, found {len(files)} in "
                          f"{', '.join(map(str, folders))}")
     return files
-
-
-def _central(img: np.ndarray, keep: int) -> np.ndarray:
-    h, w = img.shape[:2]
-    y, x = max(0, (h - keep) // 2), max(0, (w - keep) // 2)
-    return np.ascontiguousarray(img[y:y + keep, x:x + keep])
 
 
 def _process(photo: np.ndarray, kind: str, size: int, rng: np.random.Generator) -> np.ndarray:
@@ -97,7 +92,7 @@ class TraceMosaics(Dataset):
             if not isinstance(v, int) or v < low:
                 raise ValueError(f"TraceMosaics: {name} must be an int >= {low}, got {v!r}")
         self.files = photo_files(folders)
-        self.photos = [_central(read_image(p), KEEP) for p in self.files]
+        self.photos = [central_crop(read_image(p), KEEP) for p in self.files]
         small = [str(p) for p, im in zip(self.files, self.photos) if min(im.shape[:2]) < size]
         if small:
             raise ValueError(f"TraceMosaics: photographs smaller than size={size}: {small[:3]}")
