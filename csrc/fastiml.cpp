@@ -7,7 +7,7 @@
 #include "ops/cpu/capability.h"
 
 // Bumped whenever a schema changes: fastiml/ops.py refuses a compiled module of another version.
-#define FASTIML_ABI_VERSION 6
+#define FASTIML_ABI_VERSION 7
 
 TORCH_LIBRARY(fastiml, m) {
   // DESIGN 2.1. k, k_label and k_group are None for self-contrast (k is q): the kernels then
@@ -63,6 +63,11 @@ TORCH_LIBRARY(fastiml, m) {
   m.def("siglip_loss_backward(Tensor grad, Tensor q, Tensor k, Tensor scale, Tensor bias, "
         "int offset, bool q_needs_grad, bool k_needs_grad, bool scalars_need_grad) "
         "-> (Tensor grad_q, Tensor grad_k, Tensor grad_scale, Tensor grad_bias)");
+  // DESIGN 11 (MoCo's memory bank): lse[i] = logsumexp_j S_ij of S = scale * q k^T and, with
+  // with_mean, mean[i] = sum_j softmax_j(S_i)_j k_j ([N, D]; else an empty tensor): the
+  // gradient of lse in q and in the scale is elementwise in it (fastiml/ops.py), so a bank that
+  // takes no gradient is read once per step. No backward op.
+  m.def("row_lse(Tensor q, Tensor k, Tensor scale, bool with_mean) -> (Tensor lse, Tensor mean)");
 }
 
 static PyObject* abi_version(PyObject*, PyObject*) { return PyLong_FromLong(FASTIML_ABI_VERSION); }

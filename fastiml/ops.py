@@ -19,11 +19,11 @@ import numpy as np
 import torch
 from torch import Tensor
 
-_ABI_VERSION = 6  # must match FASTIML_ABI_VERSION in csrc/fastiml.cpp
+_ABI_VERSION = 7  # must match FASTIML_ABI_VERSION in csrc/fastiml.cpp
 _OPS = ("pair_stats", "pair_stats_backward", "contour_mine", "contour_band",
         "pivot_consistency", "pivot_consistency_backward",
         "pair_softplus", "pair_softplus_backward", "clip_lse", "clip_lse_backward",
-        "siglip_loss", "siglip_loss_backward")
+        "siglip_loss", "siglip_loss_backward", "row_lse")
 _REBUILD = ("rebuild it from the repository root with "
             "`pip install --no-build-isolation -e .` (or `python setup.py build_ext --inplace`)")
 
@@ -716,3 +716,63 @@ def _siglip_loss_backward(ctx, grad):
 
 torch.library.register_autograd("fastiml::siglip_loss", _siglip_loss_backward,
                                 setup_context=_siglip_loss_setup_context)
+
+
+def row_lse(q: Tensor, k: Tensor, scale) -> Tensor:
+    """Row log-sum-exps of ``S = scale * q k^T``: ``lse[i] = logsumexp_j S_ij``, for keys that
+    are many and need no gradient (MoCo's memory bank: B = 512 rows against K = 65,536).
+
+    The forward is FlashAttention's with the keys as values: each row's online log-sum-exp
+    and, when a gradient will be needed, ``mean[i] = sum_j softmax_j(S_i)_j k_j`` -- two
+    products per tile. The gradient of ``lse`` is then elementwise: ``d lse_i / d q_i = scale
+    mean_i``, ``d lse_i / d scale = <q_i, mean_i>``, so the backward reads neither ``k`` nor a
+    product (``pair_stats`` and ``clip_lse`` recompute every tile: three products more). A
+    ``k`` that requires grad gets it through ``clip_lse``'s backward (one recompute).
+
+    Args:
+        q: Tensor[N, D] rows (float32/float16/bfloat16/float64).
+        k: Tensor[M, D] keys, same dtype and device; M = 0 gives ``-inf``.
+        scale: a real number or a one-element Tensor (learned: its gradient flows).
+
+    Returns ``lse``, Tensor[N], float32 (float64 for float64 inputs). Memory O((N + M) D)
+    plus fixed tiles and ``mean`` ([N, D], saved for the backward); never N x M. CPU:
+    deterministic for a given number of threads (the columns are split among threads when
+    the rows are few, the parts merged in a fixed order). CUDA: ATen ops on chunks of rows.
+    """
+    _check_row_column_features(q, k)
+    scale = learned_scalar("scale", scale, q)
+    return _RowLse.apply(q, k, scale)
+
+
+class _RowLse(torch.autograd.Function):
+    # An autograd.Function, not register_autograd: the forward decides from requires_grad
+    # whether to form the mean, which a custom op's autograd rule cannot see.
+    @staticmethod
+    def forward(ctx, q, k, scale):
+        with_mean = (q.requires_grad or scale.requires_grad) and not k.requires_grad
+        lse, mean = torch.ops.fastiml.row_lse(q, k, scale, with_mean)
+        ctx.save_for_backward(q, k if k.requires_grad else None, scale, lse,
+                              mean if with_mean else None)
+        return lse
+
+    @staticmethod
+    def backward(ctx, grad):
+        q, k, scale, lse, mean = ctx.saved_tensors
+        need_q, need_k, need_scale = ctx.needs_input_grad
+        if mean is None:  # k takes a gradient: clip_lse's backward, rows only
+            zeros = lambda n: lse.new_zeros(n)  # noqa: E731
+            no_columns = lse.new_full((k.shape[0],), math.inf)  # e^(S - inf) = 0
+            grads = torch.ops.fastiml.clip_lse_backward(
+                grad, zeros(k.shape[0]), zeros(min(q.shape[0], k.shape[0])), q, k, scale, lse,
+                no_columns, need_q, need_k, need_scale)
+            return tuple(g if need else None for g, need in zip(grads, ctx.needs_input_grad))
+        grad_q = (grad.unsqueeze(1) * scale * mean).to(q.dtype) if need_q else None
+        grad_scale = (grad * (q.to(mean.dtype) * mean).sum(1)).sum() if need_scale else None
+        return grad_q, None, grad_scale
+
+
+@torch.library.register_fake("fastiml::row_lse")
+def _row_lse_fake(q, k, scale, with_mean):
+    dtype = _stat_dtype(q.dtype)
+    return (q.new_empty(q.shape[0], dtype=dtype),
+            q.new_empty((q.shape[0], q.shape[1]) if with_mean else (0,), dtype=dtype))

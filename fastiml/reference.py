@@ -285,3 +285,8 @@ def siglip_loss(q: Tensor, k: Tensor, scale, bias, *, offset: int = 0) -> Tensor
     z = -torch.ones_like(logits)
     z.diagonal(offset).fill_(1.0)
     return torch.logaddexp(torch.zeros_like(logits), -z * logits).sum()
+
+
+def row_lse(q: Tensor, k: Tensor, scale) -> Tensor:
+    """Reference of :func:`fastiml.ops.row_lse` through the materialised N x M logits."""
+    return torch.logsumexp(scale * q @ k.t(), 1)

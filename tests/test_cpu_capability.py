@@ -124,6 +124,19 @@ def _clip_siglip_run(fn_clip, fn_siglip, dtype):
             **{f"siglip_grad{i}": t for i, t in enumerate(sig_grads)}}
 
 
+def _row_lse_run(fn, dtype):
+    """row_lse with q's and the scale's gradients, few rows against many keys (one row tile:
+    the columns split among threads; a partial column tile)."""
+    stat = torch.float64 if dtype == torch.float64 else torch.float32
+    q = _features(100, 40, dtype, seed=11).requires_grad_()
+    k = _features(1500, 40, dtype, seed=12)
+    scale = torch.tensor(20.0, dtype=stat, requires_grad=True)
+    w = torch.randn(100, generator=torch.Generator().manual_seed(13), dtype=torch.float64)
+    lse = fn(q, k, scale)
+    grads = torch.autograd.grad((lse * w.to(lse.dtype)).sum(), [q, scale])
+    return {"lse": lse.detach(), **{f"grad{i}": t for i, t in enumerate(grads)}}
+
+
 def _contour_pivot_run(dtype):
     g = torch.Generator().manual_seed(7)
     mask = torch.rand(2, 37, 53, generator=g) > 0.6
@@ -185,6 +198,17 @@ def test_clip_and_siglip_match_float64_at_each_level(at_level, level):
 
 
 @pytest.mark.parametrize("level", LEVELS)
+def test_row_lse_matches_float64_at_each_level(at_level, level):
+    at_level(level)
+    got = _row_lse_run(ops.row_lse, torch.float32)
+    want = _row_lse_run(lambda q, k, t: reference.row_lse(q.double(), k.double(), t.double()),
+                        torch.float32)
+    for name in got:
+        tol = 1e-5 * (want[name].abs().max() + 1)
+        assert (got[name].double() - want[name]).abs().max() <= tol, name
+
+
+@pytest.mark.parametrize("level", LEVELS)
 def test_contour_and_pivot_match_float64_at_each_level(at_level, level):
     at_level(level)
     got, (mask, a, b) = _contour_pivot_run(torch.float32)
@@ -210,6 +234,7 @@ def _all_outputs(dtype):
                 _pair_softplus_run(ops.pair_stats, ops.pair_softplus, dtype).items()})
     out.update({f"clip.{k}": v for k, v in
                 _clip_siglip_run(ops.clip_lse, ops.siglip_loss, dtype).items()})
+    out.update({f"row.{k}": v for k, v in _row_lse_run(ops.row_lse, dtype).items()})
     out.update({f"contour.{k}": v for k, v in _contour_pivot_run(dtype)[0].items()})
     return out
 

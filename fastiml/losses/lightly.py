@@ -2,7 +2,8 @@
 NTXentLoss`` (or ``DCLLoss``, ``DCLWLoss``), one import line (DESIGN 11).
 
 Same constructors, calls and values as ``lightly.loss``; fused through
-:func:`fastiml.ops.pair_stats`, so no B x B (or B x K, with a memory bank) logits are formed.
+:func:`fastiml.ops.pair_stats` (two views) and :func:`fastiml.ops.row_lse` (memory bank), so no
+B x B (or B x K) logits are formed.
 
 * Two views, no memory bank: the 2B rows ``[out0; out1]`` contrasted with each other (self
   mode, ``exclude_self``), row i's positive its other view (labels ``arange(B)`` twice), the
@@ -11,7 +12,7 @@ Same constructors, calls and values as ``lightly.loss``; fused through
   ``log(1 + e^(lse_neg - positive))``, which is 0 exactly for a row with no negative and does
   not cancel when the positive dominates (``lse_all - positive`` would do both).
 * Memory bank (MoCo): row i of ``out0`` against its positive ``out1[i]`` and the K bank
-  entries: the bank's log-sum-exp from ``pair_stats(out0, bank)``, the positive's logit
+  entries: the bank's log-sum-exp from ``row_lse(out0, bank)``, the positive's logit
   ``<out0_i, out1_i> / T`` apart, the same cross-entropy.
 * A negative temperature T (lightly allows it): ``s / T = <-q, k> / |T|``, so the rows are
   negated and ``tau = |T|`` (self mode then runs as q = -z against k = z).
@@ -19,9 +20,8 @@ Same constructors, calls and values as ``lightly.loss``; fused through
 import math
 import numbers
 import warnings
-import weakref
 from functools import partial
-from typing import Callable, List, Optional, Sequence, Tuple, Union
+from typing import Callable, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor, nn
@@ -127,23 +127,6 @@ def _bank_size(size) -> Tuple[int, ...]:
     return sizes
 
 
-class _GraphHold:
-    """Whether one autograd graph may still read the bank: until the backward of the node that
-    saved it has run, or the graph is freed."""
-
-    def __init__(self, node):
-        self.node = weakref.ref(node)
-        self.released = False
-        node.register_hook(self._release)
-
-    def _release(self, grad_inputs, grad_outputs):
-        self.released = True
-
-    @property
-    def alive(self) -> bool:
-        return not self.released and self.node() is not None
-
-
 class MemoryBank(nn.Module):
     """lightly's ``MemoryBankModule`` (as ``NTXentLoss`` uses it), without its per-step copy.
 
@@ -154,11 +137,9 @@ class MemoryBank(nn.Module):
     and the pointer returns to 0.
 
     lightly copies the whole bank every step (the loss reads the copy, the update writes the
-    bank). Here the loss reads the bank itself and the update is deferred: it is applied when
-    the bank is next read (the next forward, or ``bank`` / ``bank_ptr``), in place once the
-    backward that needed the old rows has run, on a copy only while a graph still holds them
-    (e.g. two forwards, one backward). An in-place write seen by a retained graph is caught by
-    autograd's version check: an error, never a silently wrong gradient.
+    bank). Here the update is written in place: the loss (:func:`bank_loss`, through
+    :func:`fastiml.ops.row_lse`) has read the bank by then, and its backward needs only what
+    its forward saved, never the bank.
 
     ``bank`` (Tensor[K, dim], or lightly's empty Tensor[K] before the first batch) and
     ``bank_ptr`` (int64 Tensor[1]) read and write the state as lightly's attributes do. The
@@ -172,8 +153,6 @@ class MemoryBank(nn.Module):
         self.gather_distributed = gather_distributed
         self.register_buffer("_bank", torch.empty(self.size, dtype=torch.float), persistent=False)
         self._ptr = 0  # a Python int: no device sync per step
-        self._pending: Optional[Tensor] = None
-        self._holds: List[_GraphHold] = []
         if isinstance(size, numbers.Integral) and self.size[0] > 0:
             warnings.warn(f"Memory bank size 'size={size}' does not specify feature dimension. "
                           "It is recommended to set the feature dimension with 'size=(n, dim)' "
@@ -188,25 +167,21 @@ class MemoryBank(nn.Module):
 
     @property
     def bank(self) -> Tensor:
-        self._flush()
         return self._bank
 
     @bank.setter
     def bank(self, value: Tensor) -> None:
-        self._flush()
         if not isinstance(value, Tensor) or value.dim() != 2 or value.shape[0] != self.size[0]:
             raise ValueError(f"bank must be a Tensor [{self.size[0]}, dim], got "
                              f"{tuple(value.shape) if isinstance(value, Tensor) else value!r}")
-        self._bank, self._holds = value, []
+        self._bank = value
 
     @property
     def bank_ptr(self) -> Tensor:
-        self._flush()
         return torch.tensor([self._ptr], dtype=torch.long, device=self._bank.device)
 
     @bank_ptr.setter
     def bank_ptr(self, value) -> None:
-        self._flush()
         ptr = int(value)
         if not 0 <= ptr < max(self.size[0], 1):
             raise ValueError(f"bank_ptr must be in [0, {self.size[0]}), got {ptr}")
@@ -221,7 +196,6 @@ class MemoryBank(nn.Module):
     def negatives(self, rows: Tensor) -> Tensor:
         """The bank before this step's update, Tensor[K, dim] (initialised from ``rows``'s
         dim at the first call for an int size)."""
-        self._flush()
         if self._bank.dim() == 1:
             self._init_bank((*self.size, rows.shape[1]))
         if self._bank.shape[1] != rows.shape[1]:
@@ -230,34 +204,15 @@ class MemoryBank(nn.Module):
                              f"embedding_size {rows.shape[1]}")
         return self._bank
 
-    def held_by(self, output: Tensor) -> None:
-        """Notes that the graph of ``output`` saved the bank (so the next write copies it while
-        that graph may still be backpropagated)."""
-        if output.grad_fn is not None:
-            self._holds.append(_GraphHold(output.grad_fn))
-
+    @torch.no_grad()
     def push(self, batch: Tensor) -> None:
-        """Queues ``batch`` (detached; every rank's under ``gather_distributed``) for the FIFO;
-        written now if no graph holds the bank."""
+        """Writes ``batch`` (detached; every rank's under ``gather_distributed``) into the FIFO."""
         batch = batch.detach()
         _, size = world()
         if self.gather_distributed and size > 1:  # a collective: every rank, in forward
             parts = [torch.empty_like(batch) for _ in range(size)]
             torch_dist.all_gather(parts, batch.contiguous())
             batch = torch.cat(parts)
-        self._flush()
-        self._pending = batch
-        if not any(h.alive for h in self._holds):
-            self._flush()
-
-    @torch.no_grad()
-    def _flush(self) -> None:
-        batch, self._pending = self._pending, None
-        if batch is None:
-            return
-        if any(h.alive for h in self._holds):  # a graph still reads these rows: copy on write
-            self._bank = self._bank.clone()
-        self._holds = []
         batch = batch.to(self._bank)
         k, ptr = self.size[0], self._ptr
         if ptr + batch.shape[0] >= k:
@@ -271,27 +226,23 @@ class MemoryBank(nn.Module):
         return f"size={self.size}, gather_distributed={self.gather_distributed}"
 
 
-def bank_loss(out0: Tensor, out1: Tensor, bank: Tensor,
-              temperature: float) -> Tuple[Tensor, Tensor]:
+def bank_loss(out0: Tensor, out1: Tensor, bank: Tensor, temperature: float) -> Tensor:
     """MoCo's per-row loss ``logsumexp([s_pos, s_bank]) - s_pos``, Tensor[B], with
     ``s_pos = <out0_i, out1_i> / T`` and ``s_bank = out0_i bank^T / T``: the bank's
-    log-sum-exp fused (no B x K logits), the positive apart (:func:`cross_entropy`).
+    log-sum-exp fused (:func:`fastiml.ops.row_lse`: no B x K logits, two products per tile and
+    none in the backward), the positive apart (:func:`cross_entropy`). The bank takes no
+    gradient (lightly's is a detached copy).
 
-    Returns the loss and the bank's log-sum-exp (whose graph holds the bank).
     The rows and the bank meet in their promoted dtype (a float32 bank with half rows: the rows
     are cast; a float64 run keeps the bank in float64, ``loss.double()``, to avoid a copy).
     """
     dtype = torch.promote_types(out0.dtype, bank.dtype)
     out0, out1 = out0.to(dtype), out1.to(dtype)
-    k = bank.to(device=out0.device, dtype=dtype)
+    k = bank.detach().to(device=out0.device, dtype=dtype)
     q, tau = _signed_rows(out0, temperature)
-    b, m = out0.shape[0], k.shape[0]
-    # Distinct row and column labels: every bank entry counts, none is a positive.
-    lse_bank, _, _ = ops.pair_stats(q, k, torch.zeros(b, dtype=torch.long, device=q.device),
-                                    torch.ones(m, dtype=torch.long, device=q.device), tau=tau,
-                                    ignore_index=NO_IGNORE)
+    lse_bank = ops.row_lse(q, k, 1.0 / tau)
     positive = (out0 * out1).sum(1).to(lse_bank.dtype) / temperature
-    return cross_entropy(lse_bank, positive), lse_bank
+    return cross_entropy(lse_bank, positive)
 
 
 # --------------------------------------------------------------------------------- losses
@@ -335,8 +286,7 @@ class NTXentLoss(nn.Module):
                                                gather=self.gather_distributed)
             return cross_entropy(lse_neg, positive).mean()
         bank = self.memory_bank.negatives(out1)
-        loss, lse_bank = bank_loss(out0, out1, bank, self.temperature)
-        self.memory_bank.held_by(lse_bank)
+        loss = bank_loss(out0, out1, bank, self.temperature)
         # lightly updates only when a backward will follow (out0 requires grad).
         if out0.requires_grad:
             self.memory_bank.push(out1)

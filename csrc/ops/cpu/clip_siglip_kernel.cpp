@@ -12,6 +12,11 @@
 // few MB per thread, whatever M).
 // siglip_loss: the same walk, with an O(1) epilogue per pair; its backward recomputes each tile
 // once, whose dloss/dlogit feeds the same two products as clip_lse's.
+// row_lse: rows only, FlashAttention's forward with the columns as values: each row's running
+// (max, sum) and softmax-weighted sum of k, two products per tile; no backward kernel (the
+// gradient of q and of the scale is elementwise in that mean). Few row tiles (B = 512 against a
+// 65,536-row bank) would leave threads idle, so the columns are split too, into parts merged in
+// a fixed order.
 // Results are deterministic for a given number of threads.
 #include <ATen/ATen.h>
 #include <ATen/OpMathType.h>
@@ -62,6 +67,30 @@ acc_t lane_sum(const acc_t* __restrict x, int64_t len) {
   return total;
 }
 
+// Multiplies x[0 .. len) by t in place and returns the largest product, in kLanes fixed lanes:
+// a running `m = v > m ? v : m` over one variable is a scalar loop (GCC does not turn it into a
+// vector max without -ffinite-math-only), lanes are independent selects.
+template <typename acc_t>
+acc_t scale_and_max(acc_t* __restrict x, int64_t len, acc_t t) {
+  acc_t lanes[kLanes];
+  std::fill(lanes, lanes + kLanes, neg_inf<acc_t>());
+  const int64_t whole = len - len % kLanes;
+  for (int64_t j0 = 0; j0 < whole; j0 += kLanes)
+    for (int64_t lane = 0; lane < kLanes; ++lane) {
+      const acc_t v = x[j0 + lane] * t;
+      x[j0 + lane] = v;
+      lanes[lane] = v > lanes[lane] ? v : lanes[lane];
+    }
+  for (int64_t j = whole; j < len; ++j) {
+    const acc_t v = x[j] * t;
+    x[j] = v;
+    lanes[j - whole] = v > lanes[j - whole] ? v : lanes[j - whole];
+  }
+  acc_t m = neg_inf<acc_t>();
+  for (int64_t lane = 0; lane < kLanes; ++lane) m = lanes[lane] > m ? lanes[lane] : m;
+  return m;
+}
+
 struct Problem {
   at::Tensor q, k;
   int64_t n, m, d;
@@ -79,6 +108,20 @@ Problem make_problem(const at::Tensor& q, const at::Tensor& k) {
   return p;
 }
 
+// Calls tile(c0, bc, kc, P) for each column tile in [c_first, c_last) against the rows qr
+// ([br, D], accumulation dtype), P = qr kc^T the raw products in `buffer`.
+template <typename Tile>
+void walk_columns(const Problem& p, const at::Tensor& qr, int64_t br, at::Tensor& buffer,
+                  int64_t c_first, int64_t c_last, Tile tile) {
+  for (int64_t c = c_first; c < c_last; ++c) {
+    const int64_t c0 = c * kTile, bc = std::min(kTile, p.m - c0);
+    const at::Tensor kc = tile_rows(p.k, c0, bc, p.acc);
+    at::Tensor P = buffer.narrow(0, 0, br * bc).view({br, bc});
+    at::mm_out(P, qr, kc.t());
+    tile(c0, bc, kc, P);
+  }
+}
+
 // Calls tile(r0, br, c0, bc, qr, kc, P) for each tile of chunk `chunk` with a column tile in
 // [c_first, c_last), row tile by row tile (row_done(r0, br) after each), P the raw products in
 // `buffer`. Every pass makes the same tile products (the backward's exponents rely on it).
@@ -89,13 +132,10 @@ void walk_tiles(const Problem& p, int64_t chunk, at::Tensor& buffer, int64_t c_f
   for (int64_t r = first; r < last; ++r) {
     const int64_t r0 = r * kTile, br = std::min(kTile, p.n - r0);
     const at::Tensor qr = tile_rows(p.q, r0, br, p.acc);
-    for (int64_t c = c_first; c < c_last; ++c) {
-      const int64_t c0 = c * kTile, bc = std::min(kTile, p.m - c0);
-      const at::Tensor kc = tile_rows(p.k, c0, bc, p.acc);
-      at::Tensor P = buffer.narrow(0, 0, br * bc).view({br, bc});
-      at::mm_out(P, qr, kc.t());
-      tile(r0, br, c0, bc, qr, kc, P);
-    }
+    walk_columns(p, qr, br, buffer, c_first, c_last,
+                 [&](int64_t c0, int64_t bc, const at::Tensor& kc, at::Tensor& P) {
+                   tile(r0, br, c0, bc, qr, kc, P);
+                 });
     row_done(r0, br);
   }
 }
@@ -126,13 +166,9 @@ void lse_tile(acc_t* s, int64_t r0, int64_t br, int64_t c0, int64_t bc, acc_t t,
   for (int64_t ii = 0; ii < br; ++ii) {
     acc_t* __restrict srow = s + ii * bc;
     const int64_t own = r0 + ii - c0;  // the column of S_ii in the tile, if any
-    acc_t m = neg_inf<acc_t>();
-    for (int64_t jj = 0; jj < bc; ++jj) {
-      const acc_t v = srow[jj] * t;
-      srow[jj] = v;
-      m = v > m ? v : m;
-      tile_max[jj] = v > tile_max[jj] ? v : tile_max[jj];
-    }
+    const acc_t m = scale_and_max(srow, bc, t);
+    for (int64_t jj = 0; jj < bc; ++jj)
+      tile_max[jj] = srow[jj] > tile_max[jj] ? srow[jj] : tile_max[jj];
     if (own >= 0 && own < bc) diag[r0 + ii] = srow[own];
     lse_raise_max(row_max[ii], row_sum[ii], m);
     const acc_t shift = row_max[ii];
@@ -388,6 +424,105 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> siglip_backward(
   return {grad_q, grad_k, grad_t, grad_b};
 }
 
+
+// -------------------------------------------------------------------------------- row_lse
+
+// The running state of the rows of one row tile over one part of the columns: (max, sum) per
+// row and, with the mean, W = sum_j e^(S_ij - max_i) k_j ([br, D], accumulation dtype).
+template <typename acc_t>
+struct RowState {
+  std::vector<acc_t> max, sum;
+  at::Tensor weighted;  // undefined without the mean
+};
+
+// Forward epilogue of one tile for row_lse: s (the raw products, [br, bc]) becomes
+// E_ij = e^(t s_ij - max_i) after each row's max is raised to cover the tile (its sum and its
+// row of W rescaled by e^(old max - new max), FlashAttention's rule); E's rows join the sums.
+template <typename acc_t>
+void row_lse_tile(acc_t* s, int64_t br, int64_t bc, acc_t t, int64_t d, RowState<acc_t>& st) {
+  acc_t* w = st.weighted.defined() ? st.weighted.template data_ptr<acc_t>() : nullptr;
+  for (int64_t ii = 0; ii < br; ++ii) {
+    acc_t* __restrict srow = s + ii * bc;
+    const acc_t m = scale_and_max(srow, bc, t);
+    const acc_t old_max = st.max[ii];
+    if (m > old_max) {
+      const acc_t rescale = old_max == neg_inf<acc_t>() ? acc_t(0) : exp_acc(old_max - m);
+      st.sum[ii] *= rescale;
+      if (w != nullptr)
+        for (int64_t x = 0; x < d; ++x) w[ii * d + x] *= rescale;
+      st.max[ii] = m;
+    }
+    const acc_t shift = st.max[ii];  // a local: a reference could alias srow, unvectorised
+    for (int64_t jj = 0; jj < bc; ++jj) srow[jj] = exp_acc(srow[jj] - shift);
+    st.sum[ii] += lane_sum(srow, bc);
+  }
+}
+
+// Merges the state `b` of a later column part into `a` (same rows).
+template <typename acc_t>
+void merge_row_states(RowState<acc_t>& a, const RowState<acc_t>& b, int64_t d) {
+  acc_t* wa = a.weighted.defined() ? a.weighted.template data_ptr<acc_t>() : nullptr;
+  const acc_t* wb = b.weighted.defined() ? b.weighted.template data_ptr<acc_t>() : nullptr;
+  for (size_t ii = 0; ii < a.max.size(); ++ii) {
+    if (b.sum[ii] == acc_t(0)) continue;
+    const acc_t mx = a.max[ii] > b.max[ii] ? a.max[ii] : b.max[ii];
+    const acc_t fa = a.sum[ii] == acc_t(0) ? acc_t(0) : exp_acc(a.max[ii] - mx);
+    const acc_t fb = exp_acc(b.max[ii] - mx);
+    a.sum[ii] = a.sum[ii] * fa + b.sum[ii] * fb;
+    a.max[ii] = mx;
+    if (wa != nullptr)
+      for (int64_t x = 0; x < d; ++x) wa[ii * d + x] = wa[ii * d + x] * fa + wb[ii * d + x] * fb;
+  }
+}
+
+template <typename acc_t>
+std::tuple<at::Tensor, at::Tensor> row_lse_forward(const Problem& p, acc_t t, bool with_mean) {
+  const auto options = p.q.options().dtype(p.acc);
+  at::Tensor lse = at::empty({p.n}, options);
+  at::Tensor mean = with_mean ? at::empty({p.n, p.d}, options) : at::empty({0}, options);
+  // Work items: (row tile, column part); enough parts that every thread has one.
+  const int64_t threads = at::get_num_threads();
+  const int64_t parts = std::max<int64_t>(
+      1, std::min<int64_t>(p.col_tiles, ceil_div(threads, std::max<int64_t>(p.row_tiles, 1))));
+  std::vector<RowState<acc_t>> states(p.row_tiles * parts);
+  at::parallel_for(0, p.row_tiles * parts, 1, [&](int64_t begin, int64_t end) {
+    at::Tensor buffer = at::empty({kTile * kTile}, options);
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t r = item / parts, r0 = r * kTile, br = std::min(kTile, p.n - r0);
+      const auto [c_first, c_last] = chunk_range(p.col_tiles, parts, item % parts);
+      RowState<acc_t>& st = states[item];
+      st.max.assign(br, neg_inf<acc_t>());
+      st.sum.assign(br, acc_t(0));
+      if (with_mean) st.weighted = at::zeros({br, p.d}, options);
+      walk_columns(p, tile_rows(p.q, r0, br, p.acc), br, buffer, c_first, c_last,
+                   [&](int64_t, int64_t bc, const at::Tensor& kc, at::Tensor& P) {
+                     row_lse_tile<acc_t>(P.data_ptr<acc_t>(), br, bc, t, p.d, st);
+                     if (with_mean) st.weighted.addmm_(P, kc);
+                   });
+    }
+  });
+  acc_t* lse_out = lse.data_ptr<acc_t>();
+  at::parallel_for(0, p.row_tiles, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      RowState<acc_t>& st = states[r * parts];
+      for (int64_t part = 1; part < parts; ++part)
+        merge_row_states(st, states[r * parts + part], p.d);
+      const int64_t r0 = r * kTile, br = static_cast<int64_t>(st.max.size());
+      for (int64_t ii = 0; ii < br; ++ii) lse_out[r0 + ii] = lse_finish(st.max[ii], st.sum[ii]);
+      if (!with_mean) continue;
+      // W / sum; a row without columns (M = 0) has the zero mean.
+      std::vector<acc_t> inverse(br);
+      for (int64_t ii = 0; ii < br; ++ii)
+        inverse[ii] = st.sum[ii] > acc_t(0) ? acc_t(1) / st.sum[ii] : acc_t(0);
+      const acc_t* w = st.weighted.template data_ptr<acc_t>();
+      acc_t* out = mean.template data_ptr<acc_t>() + r0 * p.d;
+      for (int64_t ii = 0; ii < br; ++ii)
+        for (int64_t x = 0; x < p.d; ++x) out[ii * p.d + x] = w[ii * p.d + x] * inverse[ii];
+    }
+  });
+  return {lse, mean};
+}
+
 }  // namespace
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> clip_lse_cpu(const at::Tensor& q,
@@ -455,6 +590,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> siglip_loss_backward_
           grad_or_empty(grad_bias, bias)};
 }
 
+std::tuple<at::Tensor, at::Tensor> row_lse_cpu(const at::Tensor& q, const at::Tensor& k,
+                                               const at::Tensor& scale, bool with_mean) {
+  check_features(q, k, "row_lse");
+  check_scalar(scale, "scale", q, "row_lse");
+  const Problem p = make_problem(q, k);
+  std::tuple<at::Tensor, at::Tensor> out;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "row_lse_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    out = row_lse_forward<acc_t>(p, scale.item<acc_t>(), with_mean);
+  });
+  return out;
+}
+
 }  // namespace clip_siglip
 }  // namespace fastiml
 
@@ -464,11 +612,13 @@ FASTIML_CPU_DECLARE_LEVELS(clip_siglip, clip_lse_cpu)
 FASTIML_CPU_DECLARE_LEVELS(clip_siglip, clip_lse_backward_cpu)
 FASTIML_CPU_DECLARE_LEVELS(clip_siglip, siglip_loss_cpu)
 FASTIML_CPU_DECLARE_LEVELS(clip_siglip, siglip_loss_backward_cpu)
+FASTIML_CPU_DECLARE_LEVELS(clip_siglip, row_lse_cpu)
 
 TORCH_LIBRARY_IMPL(fastiml, CPU, m) {
   m.impl("clip_lse", FASTIML_CPU_DISPATCH(clip_siglip, clip_lse_cpu));
   m.impl("clip_lse_backward", FASTIML_CPU_DISPATCH(clip_siglip, clip_lse_backward_cpu));
   m.impl("siglip_loss", FASTIML_CPU_DISPATCH(clip_siglip, siglip_loss_cpu));
   m.impl("siglip_loss_backward", FASTIML_CPU_DISPATCH(clip_siglip, siglip_loss_backward_cpu));
+  m.impl("row_lse", FASTIML_CPU_DISPATCH(clip_siglip, row_lse_cpu));
 }
 #endif

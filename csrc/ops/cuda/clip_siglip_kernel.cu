@@ -1,4 +1,4 @@
-// clip_lse and siglip_loss on the GPU (DESIGN 11): host code composing ATen ops (cuBLAS GEMMs,
+// clip_lse, siglip_loss and row_lse on the GPU (DESIGN 11): host code composing ATen ops (cuBLAS GEMMs,
 // ATen's reductions and pointwise kernels) on chunks of rows, not hand-written kernels. Each
 // chunk of `rows` rows forms its [rows, M] block of products in float32 (float64 for double
 // inputs), so memory is O(rows M) -- a few such blocks of at most kChunkElements -- never N x M.
@@ -160,6 +160,30 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> siglip_loss_backward_
           scalars_need_grad ? grad_bias : at::empty({0}, bias.options())};
 }
 
+std::tuple<at::Tensor, at::Tensor> row_lse_cuda(const at::Tensor& q, const at::Tensor& k,
+                                                const at::Tensor& scale, bool with_mean) {
+  check_features(q, k, "row_lse");
+  check_scalar(scale, "scale", q, "row_lse");
+  const c10::cuda::CUDAGuard guard(q.device());
+  const auto acc = at::toOpMathType(q.scalar_type());
+  const int64_t n = q.size(0), m = k.size(0);
+  const at::Tensor ka = k.to(acc);
+  at::Tensor lse = at::empty({n}, q.options().dtype(acc));
+  at::Tensor mean = with_mean ? at::empty({n, q.size(1)}, q.options().dtype(acc))
+                              : at::empty({0}, q.options().dtype(acc));
+  for (int64_t r0 = 0; r0 < n; r0 += chunk_rows(m)) {
+    const int64_t rows = std::min(chunk_rows(m), n - r0);
+    const at::Tensor S = at::mm(q.narrow(0, r0, rows).to(acc), ka.t()).mul_(scale);
+    const at::Tensor block_lse = at::logsumexp(S, {1}, /*keepdim=*/true);
+    lse.narrow(0, r0, rows).copy_(block_lse.squeeze(1));
+    if (with_mean) {  // softmax rows times k; M = 0 gives [rows, 0] x [0, D] = zeros
+      at::Tensor out = mean.narrow(0, r0, rows);
+      at::mm_out(out, at::exp(S - block_lse), ka);
+    }
+  }
+  return {lse, mean};
+}
+
 }  // namespace clip_siglip
 }  // namespace fastiml
 
@@ -168,4 +192,5 @@ TORCH_LIBRARY_IMPL(fastiml, CUDA, m) {
   m.impl("clip_lse_backward", &fastiml::clip_siglip::clip_lse_backward_cuda);
   m.impl("siglip_loss", &fastiml::clip_siglip::siglip_loss_cuda);
   m.impl("siglip_loss_backward", &fastiml::clip_siglip::siglip_loss_backward_cuda);
+  m.impl("row_lse", &fastiml::clip_siglip::row_lse_cuda);
 }
