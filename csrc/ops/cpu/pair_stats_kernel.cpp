@@ -109,13 +109,23 @@ void forward_tile_loop(acc_t* s, int64_t r0, int64_t br, int64_t c0, int64_t bc,
     const int32_t self_j = self_column(exclude_self, i, c0, bc);
     acc_t m = fixed ? shift : rows.max[i];
     if (!fixed) {
-      acc_t tile_max = neg_inf<acc_t>();
-      for (int32_t jj = 0; jj < cols_in_tile; ++jj) {
-        const int32_t den =
-            in_denominator<one_group>(li, gi, klab[jj], kgrp[jj], jj == self_j, negatives_only);
+      // The max in kLanes independent lanes: one running max is a scalar loop (GCC makes no
+      // vector max of it without -ffinite-math-only).
+      acc_t lane_max[kLanes];
+      std::fill(lane_max, lane_max + kLanes, neg_inf<acc_t>());
+      const auto raise = [&](int64_t jj, acc_t& lm) {
+        const int32_t den = in_denominator<one_group>(li, gi, klab[jj], kgrp[jj],
+                                                      int32_t(jj) == self_j, negatives_only);
         const acc_t v = srow[jj] * inv_tau;
-        tile_max = (den && v > tile_max) ? v : tile_max;
-      }
+        lm = (den && v > lm) ? v : lm;
+      };
+      const int64_t whole = bc - bc % kLanes;
+      for (int64_t j0 = 0; j0 < whole; j0 += kLanes)
+        for (int64_t lane = 0; lane < kLanes; ++lane) raise(j0 + lane, lane_max[lane]);
+      for (int64_t jj = whole; jj < bc; ++jj) raise(jj, lane_max[jj - whole]);
+      acc_t tile_max = neg_inf<acc_t>();
+      for (int64_t lane = 0; lane < kLanes; ++lane)
+        tile_max = lane_max[lane] > tile_max ? lane_max[lane] : tile_max;
       lse_raise_max(rows.max[i], rows.sum[i], tile_max);
       m = rows.max[i];
       if (m == neg_inf<acc_t>()) m = 0;  // nothing in the denominator yet: any shift works
