@@ -9,7 +9,9 @@ equal; the loss of the first step (same bank, same inputs) is the value compared
 each in its own subprocess:
 
 * ``fastiml``  ``fastiml.losses.lightly.NTXentLoss``: the bank's log-sum-exp through
-               ``ops.pair_stats`` tiles, no B x K logits, no per-step copy of the bank.
+               ``ops.row_lse`` tiles (its forward also forms the softmax-weighted bank mean,
+               so the backward makes no product), no B x K logits, no per-step copy of the
+               bank.
 * ``lightly``  ``lightly.loss.NTXentLoss`` (skipped if lightly is not installed): a copy of the
                bank per step, the B x (K + 1) logits, cross-entropy, autograd; skipped by the
                memory guard (with its estimate) where the logits do not fit in ``--max-gb``.
