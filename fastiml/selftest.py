@@ -9,6 +9,10 @@ exists, so this is where they first meet one. For each available device ("cpu", 
 * ``pair_softplus`` (NT-Xent's positive-pair sum) forward and backward in four of those modes;
 * ``contour_mine`` and ``contour_band`` (on masks of several dtypes: their outputs are exact);
 * ``pivot_consistency`` forward and backward;
+* the all-pairs ops ``clip_lse``, ``siglip_loss`` and ``row_lse`` (the latter with ``k``
+  without a gradient -- the elementwise backward from the saved mean -- and with one --
+  ``clip_lse``'s backward), every output and the gradients of the features, the scale and the
+  bias, on N = 300 rows against M = 530 columns (across the CPU kernels' 256-tiles);
 
 and compares each output with ``fastiml.reference`` computed in float64 from the *same* rounded
 inputs. float16 and bfloat16 results are judged by the test suite's low-precision rule
@@ -60,7 +64,7 @@ import shutil
 import subprocess
 import sys
 import time
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 
@@ -482,6 +486,119 @@ def pair_softplus_case(device: str, dtype: torch.dtype, mode: str,
     return checks.row(op, device, _dtype_name(dtype), x["shape"], time.perf_counter() - start)
 
 
+# ------------------------------------------------------------------------------ all-pairs ops
+
+class AllPairsCase(NamedTuple):
+    """One all-pairs row: fastiml.ops.<op> (and fastiml.reference.<op>) called as
+    ``op(q, k, *scalars, **kwargs)``."""
+    op: str
+    kernels: Tuple[str, ...]  # the other ops it calls (their kernels must exist)
+    outputs: Tuple[str, ...]
+    log_domain: Tuple[bool, ...]  # per output: a log-sum-exp / similarity, or a sum of terms
+    scalars: Tuple[str, ...]  # learned scalars, after q and k
+    k_grad: bool = True
+    kwargs: Tuple[Tuple[str, object], ...] = ()
+
+
+ALL_PAIRS_N, ALL_PAIRS_M, ALL_PAIRS_D = 300, 530, 40  # 2 x 3 of the CPU kernels' 256-tiles
+ALL_PAIRS_SCALARS = dict(scale=20.0, bias=-5.0)  # CLIP's / SigLIP's at initialisation
+SIGLIP_OFFSET = 100  # row i's positive is column i + 100
+ALL_PAIRS_CASES = {
+    "clip_lse": AllPairsCase("clip_lse", ("clip_lse_backward",),
+                             ("row_lse", "col_lse", "diag"), (True, True, True), ("scale",)),
+    "siglip_loss": AllPairsCase("siglip_loss", ("siglip_loss_backward",), ("loss",), (False,),
+                                ("scale", "bias"), kwargs=(("offset", SIGLIP_OFFSET),)),
+    # k without a gradient: the backward from the mean saved by the forward.
+    "row_lse/k-no-grad": AllPairsCase("row_lse", (), ("lse",), (True,), ("scale",),
+                                      k_grad=False),
+    # k with one: the forward forms no mean, the backward is clip_lse's.
+    "row_lse/k-grad": AllPairsCase("row_lse", ("clip_lse_backward",), ("lse",), (True,),
+                                   ("scale",)),
+}
+
+
+def _all_pairs_inputs(dtype: torch.dtype, seed: int = 7):
+    """Unit rows q [N, D] and k [M, D] rounded to `dtype`, k's rows i + SIGLIP_OFFSET close to
+    q's rows i (the positives), and the scalars (exact in every dtype)."""
+    g = torch.Generator().manual_seed(seed)
+    unit = lambda t: torch.nn.functional.normalize(t, dim=1)  # noqa: E731
+    q = unit(torch.randn(ALL_PAIRS_N, ALL_PAIRS_D, generator=g, dtype=torch.float64))
+    k = unit(torch.randn(ALL_PAIRS_M, ALL_PAIRS_D, generator=g, dtype=torch.float64))
+    noise = torch.randn(ALL_PAIRS_N, ALL_PAIRS_D, generator=g, dtype=torch.float64)
+    k[SIGLIP_OFFSET:SIGLIP_OFFSET + ALL_PAIRS_N] = unit(q + 0.5 * noise)
+    return dict(q=q.to(dtype), k=k.to(dtype), **ALL_PAIRS_SCALARS)
+
+
+def _all_pairs_run(case: AllPairsCase, fn, x, device, dtype):
+    """fn (the op or its reference) on `device` in `dtype` (the scalars in the statistics'
+    dtype); returns the outputs, then the gradients of q, k (where it takes one) and the
+    scalars of a sum of the outputs with random weights (the upstream gradients: float32
+    values, fixed by each output's shape)."""
+    stat = torch.float64 if dtype == torch.float64 else torch.float32
+    q = x["q"].to(device=device, dtype=dtype).requires_grad_()
+    k = x["k"].to(device=device, dtype=dtype).requires_grad_(case.k_grad)
+    scalars = [torch.tensor(x[name], dtype=stat, device=device).requires_grad_()
+               for name in case.scalars]
+    outputs = fn(q, k, *scalars, **dict(case.kwargs))
+    outputs = list(outputs) if isinstance(outputs, (tuple, list)) else [outputs]
+    g = torch.Generator().manual_seed(8)
+    loss = sum((o * torch.randn(o.shape, generator=g).to(device=device, dtype=o.dtype)).sum()
+               for o in outputs)
+    inputs = [q] + ([k] if case.k_grad else []) + scalars
+    return outputs + list(torch.autograd.grad(loss, inputs))
+
+
+def all_pairs_case(device: str, dtype: torch.dtype, name: str,
+                   impl: Optional[Callable] = None) -> Dict:
+    """One row: the all-pairs op of ALL_PAIRS_CASES[name] (or `impl`, same signature) against
+    its float64 reference -- every output, and the gradients of q, k and the scalars."""
+    from fastiml import reference
+    case = ALL_PAIRS_CASES[name]
+    shape = (f"N={ALL_PAIRS_N} M={ALL_PAIRS_M} D={ALL_PAIRS_D} "
+             + " ".join(f"{s}={ALL_PAIRS_SCALARS[s]:g}" for s in case.scalars)
+             + "".join(f" {key}={value}" for key, value in case.kwargs))
+    if impl is None:
+        reason = _unavailable(case.op, device, case.kernels)
+        if reason:
+            return _skip(name, device, _dtype_name(dtype), shape, reason)
+        impl = _api(case.op)
+    start = time.perf_counter()
+    half = dtype in HALF_DTYPES
+    x = _all_pairs_inputs(dtype)
+    ref = getattr(reference, case.op)
+    try:
+        got = _all_pairs_run(case, impl, x, device, dtype)
+        if device == "cuda":
+            torch.cuda.synchronize()
+        exact = _all_pairs_run(case, ref, x, "cpu", torch.float64)
+        low = None if half else _all_pairs_run(case, ref, x, device, dtype)
+        if len(got) != len(exact):
+            raise ValueError(f"{len(got)} outputs and gradients, expected {len(exact)}")
+    except Exception as e:  # noqa: BLE001 - a crash is a failed check, reported as such
+        return _error_row(name, device, _dtype_name(dtype), shape, e)
+    stat = torch.float64 if dtype == torch.float64 else torch.float32
+    features = ("q", "k") if case.k_grad else ("q",)
+    names = case.outputs + tuple(f"grad_{s}" for s in features + case.scalars)
+    # Outputs and the scalars' gradients in the statistics' dtype, the features' in theirs.
+    dtypes = [stat] * len(case.outputs) + [dtype] * len(features) + [stat] * len(case.scalars)
+    log_domain = case.log_domain + (False,) * (len(names) - len(case.outputs))
+    # float32 logits |s_ij| <= scale |q| |k| (+ |bias|), sums of M terms per row (as in
+    # tests/test_clip.py, test_row_lse.py).
+    bias = abs(x["bias"]) if "bias" in case.scalars else 0.0
+    span = similarity_span(x["q"], x["k"], 1 / x["scale"]) + bias
+    arg_error = float32_arg_error(span, ALL_PAIRS_M)
+    checks = _Checks()
+    for i, out in enumerate(names):
+        if half:
+            checks.half(out, got[i], exact[i], dtypes[i], arg_error, log_domain=log_domain[i])
+        else:
+            checks.close(out, got[i], exact[i], low[i], dtype)
+        if got[i].dtype != dtypes[i]:
+            checks.items.append(dict(name=f"{out}.dtype", error=math.inf, tolerance=0.0,
+                                     ok=False, problem=f"{got[i].dtype}, expected {dtypes[i]}"))
+    return checks.row(name, device, _dtype_name(dtype), shape, time.perf_counter() - start)
+
+
 # ------------------------------------------------------------------------------ contour ops
 
 MASK_DTYPES = (torch.bool, torch.uint8, torch.float32, torch.float16, torch.bfloat16)
@@ -638,6 +755,9 @@ def _outputs_of(device: str, dtype: torch.dtype, tiles: Optional[str] = None
     b = (3 * torch.randn(2, 1, 37, 45, generator=g)).to(dtype)
     klass = torch.randint(-1, 3, (2, 10, 12), generator=g).to(torch.int8)
     out += list(_pivot_run(ops.pivot_consistency, a, b, klass, 4, device, dtype, 0.75))
+    x = _all_pairs_inputs(dtype)
+    for case in ALL_PAIRS_CASES.values():
+        out += _all_pairs_run(case, getattr(ops, case.op), x, device, dtype)
     return out
 
 
@@ -980,6 +1100,7 @@ def run(devices: Optional[Sequence[str]] = None, verbose: bool = True, full: boo
             rows.append(contour_band_case(device, dtype))
         for dtype in DTYPES:
             rows.append(pivot_case(device, dtype))
+            rows += [all_pairs_case(device, dtype, name) for name in ALL_PAIRS_CASES]
         if full or quick:
             rows += full_rows(device, quick, sanitizer_timeout)
     if verbose:

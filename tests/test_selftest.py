@@ -28,7 +28,7 @@ def test_selftest_cpu_passes(capsys):
     _assert_all_pass(rows)
     ops_seen = {r["op"].split("/")[0] for r in rows}
     assert ops_seen == {"pair_stats", "pair_softplus", "contour_mine", "contour_band",
-                        "pivot_consistency"}
+                        "pivot_consistency", "clip_lse", "siglip_loss", "row_lse"}
     assert {r["op"] for r in rows if r["op"].startswith("pair_stats/")} == {
         f"pair_stats/{m}" for m in selftest.PAIR_MODES}
     assert {r["dtype"] for r in rows if r["op"] == "pivot_consistency"} == {
@@ -183,6 +183,93 @@ def test_multi_tile_rows_set_the_hook_only_for_their_calls(monkeypatch):
     seen.clear()
     selftest.pair_stats_case("cpu", torch.float32, "general")
     assert seen == [None]
+
+
+# What each all-pairs row must check: every output and every gradient.
+ALL_PAIRS_CHECKS = {
+    "clip_lse": {"row_lse", "col_lse", "diag", "grad_q", "grad_k", "grad_scale"},
+    "siglip_loss": {"loss", "grad_q", "grad_k", "grad_scale", "grad_bias"},
+    "row_lse/k-no-grad": {"lse", "grad_q", "grad_scale"},
+    "row_lse/k-grad": {"lse", "grad_q", "grad_k", "grad_scale"},
+}
+
+
+def test_all_pairs_rows_pass_on_the_cpu_in_every_dtype():
+    """clip_lse, siglip_loss and row_lse (k with and without a gradient) in every dtype, on
+    300 rows against 530 columns: every output and gradient against float64."""
+    rows = selftest.run(devices=["cpu"], verbose=False)
+    seen = {(r["op"], r["dtype"]): r for r in rows if r["op"] in ALL_PAIRS_CHECKS}
+    assert set(seen) == {(op, dtype) for op in ALL_PAIRS_CHECKS
+                         for dtype in ("float32", "float16", "bfloat16")}
+    for (op, dtype), r in seen.items():
+        assert r["status"] == "PASS", r
+        assert {c["name"] for c in r["checks"]} == ALL_PAIRS_CHECKS[op], r["checks"]
+        assert r["shape"].startswith("N=300 M=530 D=40 scale=20")
+    assert "bias=-5 offset=100" in seen["siglip_loss", "float32"]["shape"]
+
+
+def _clip_scale_grad_off(q, k, scale):
+    return ops.clip_lse(q, k, _ScaleGrad.apply(scale, 1 + _subtle(q.dtype)))
+
+
+def _siglip_offset_off(q, k, scale, bias, offset):
+    return ops.siglip_loss(q, k, scale, bias, offset=offset + 1)
+
+
+def _row_lse_grad_off(q, k, scale):
+    return ops.row_lse(_ScaleGrad.apply(q, 1 + _subtle(q.dtype)), k, scale)
+
+
+def _row_lse_column_dropped(q, k, scale):
+    return ops.row_lse(q, k[:-1], scale)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("name, wrong, caught", [
+    ("clip_lse", _clip_scale_grad_off, "grad_scale"),
+    ("siglip_loss", _siglip_offset_off, "loss"),
+    ("row_lse/k-no-grad", _row_lse_grad_off, "grad_q"),
+    ("row_lse/k-grad", _row_lse_column_dropped, "lse"),
+])
+def test_selftest_catches_a_wrong_all_pairs_op(name, wrong, caught, dtype):
+    row = selftest.all_pairs_case("cpu", dtype, name, impl=wrong)
+    assert row["status"] == "FAIL" and caught in row["reason"], row
+    op = selftest.ALL_PAIRS_CASES[name].op
+    right = selftest.all_pairs_case("cpu", dtype, name, impl=getattr(ops, op))
+    assert right["status"] == "PASS", right
+
+
+def test_row_lse_rows_take_both_backward_paths():
+    """row_lse's backward is elementwise from the saved mean when k takes no gradient and
+    clip_lse's when it does: the two rows hand the op a k without and with requires_grad."""
+    for name, k_grad in (("row_lse/k-no-grad", False), ("row_lse/k-grad", True)):
+        seen = []
+
+        def recording(q, k, scale):
+            seen.append((q.requires_grad, k.requires_grad, scale.requires_grad))
+            return ops.row_lse(q, k, scale)
+
+        assert selftest.all_pairs_case("cpu", torch.float32, name, impl=recording)[
+            "status"] == "PASS"
+        assert seen == [(True, k_grad, True)]
+
+
+@pytest.mark.parametrize("op", ["clip_lse", "siglip_loss", "row_lse"])
+def test_two_runs_cover_the_all_pairs_ops(monkeypatch, op):
+    """The run-twice workload calls each all-pairs op: one whose output changes from call to
+    call fails the two-runs row."""
+    calls = iter(range(1000))
+    real = getattr(ops, op)
+
+    def drifting(*args, **kwargs):
+        out = real(*args, **kwargs)
+        first = out[0] if isinstance(out, tuple) else out
+        drift = first + 1e-3 * next(calls)
+        return (drift, *out[1:]) if isinstance(out, tuple) else drift
+
+    monkeypatch.setattr(ops, op, drifting)
+    row = selftest.determinism_case("cpu", torch.float32)
+    assert row["status"] == "FAIL", row
 
 
 def test_selftest_catches_wrong_contour_and_pivot():
