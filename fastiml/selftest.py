@@ -12,7 +12,8 @@ exists, so this is where they first meet one. For each available device ("cpu", 
 * the all-pairs ops ``clip_lse``, ``siglip_loss`` and ``row_lse`` (the latter with ``k``
   without a gradient -- the elementwise backward from the saved mean -- and with one --
   ``clip_lse``'s backward), every output and the gradients of the features, the scale and the
-  bias, on N = 300 rows against M = 530 columns (across the CPU kernels' 256-tiles);
+  bias, on N = 300 rows against M = 530 columns (across the CPU kernels' 256-tiles; one row
+  chunk of the CUDA ops: ``--full`` adds rows across their chunks);
 
 and compares each output with ``fastiml.reference`` computed in float64 from the *same* rounded
 inputs. float16 and bfloat16 results are judged by the test suite's low-precision rule
@@ -37,6 +38,10 @@ minutes) adds, in the same table:
   against float64 on every row (the reference in row chunks); and float16 self mode with two
   groups whose upstream gradients differ by 10^6, the boundary inside a tile (the dk pass's
   rescale between row tiles), each group judged at its own scale, with and without the hook;
+* the all-pairs ops across the CUDA row chunks (``clip_lse/large`` ... rows): on CUDA they run
+  on chunks of 2^24 / M rows, so N = 2,100 against M = 16,400 (D = 8, float32) spans 3 chunks
+  (the shape names the count) -- every output and gradient against float64 computed on the
+  device (on the CPU and with ``--quick``: N = 600, M = 1,100, 1 chunk);
 * 64-bit offsets: q of N x 128 with N x D > 2^31 (CUDA only; the rows past 2^31 elements are
   checked against the float64 reference);
 * CPU against CUDA: ``contour_mine`` and ``contour_band`` bit-equal on every mask dtype;
@@ -500,7 +505,39 @@ class AllPairsCase(NamedTuple):
     kwargs: Tuple[Tuple[str, object], ...] = ()
 
 
-ALL_PAIRS_N, ALL_PAIRS_M, ALL_PAIRS_D = 300, 530, 40  # 2 x 3 of the CPU kernels' 256-tiles
+class AllPairsSize(NamedTuple):
+    """The rows N, columns M and features D of an all-pairs row; `label` names the row's size
+    after the op ("clip_lse/large")."""
+    n: int
+    m: int
+    d: int
+    label: str = ""
+
+
+# The CUDA all-pairs ops form their [rows, M] blocks of products in row chunks of this many
+# elements (kChunkElements and chunk_rows in csrc/ops/cuda/clip_siglip_kernel.cu).
+CUDA_CHUNK_ELEMENTS = 2 ** 24
+
+
+def cuda_chunk_rows(m: int) -> int:
+    """Rows per chunk of the CUDA clip_lse / siglip_loss / row_lse against `m` columns."""
+    return max(1, CUDA_CHUNK_ELEMENTS // max(m, 1))
+
+
+def cuda_chunks(size: AllPairsSize) -> int:
+    """The number of row chunks the CUDA all-pairs ops cut `size` into."""
+    return -(-size.n // cuda_chunk_rows(size.m))
+
+
+ALL_PAIRS_SIZE = AllPairsSize(300, 530, 40)  # 2 x 3 of the CPU kernels' 256-tiles; 1 CUDA chunk
+# --full on CUDA: 3 row chunks of 1,023 rows (1023, 1023, 54), so the chunk borders run -- each
+# chunk's diagonal offset, SigLIP's positives at r0 + offset, the per-chunk row statistics,
+# clip_lse's column log-sum-exps merged across chunks, the backward's per-chunk dQ rows and dK
+# sums. N x M = 34 M pairs (the float64 reference: 275 MB per N x M tensor, on the device).
+ALL_PAIRS_LARGE = AllPairsSize(2100, 16400, 8, "large")
+# --quick and the CPU (whose kernels have no such chunks): the same row at a size that runs in
+# a fraction of a second (1 CUDA chunk; partial 256-tiles both ways).
+ALL_PAIRS_LARGE_QUICK = AllPairsSize(600, 1100, 8, "large")
 ALL_PAIRS_SCALARS = dict(scale=20.0, bias=-5.0)  # CLIP's / SigLIP's at initialisation
 SIGLIP_OFFSET = 100  # row i's positive is column i + 100
 ALL_PAIRS_CASES = {
@@ -517,15 +554,15 @@ ALL_PAIRS_CASES = {
 }
 
 
-def _all_pairs_inputs(dtype: torch.dtype, seed: int = 7):
+def _all_pairs_inputs(dtype: torch.dtype, size: AllPairsSize = ALL_PAIRS_SIZE, seed: int = 7):
     """Unit rows q [N, D] and k [M, D] rounded to `dtype`, k's rows i + SIGLIP_OFFSET close to
     q's rows i (the positives), and the scalars (exact in every dtype)."""
     g = torch.Generator().manual_seed(seed)
     unit = lambda t: torch.nn.functional.normalize(t, dim=1)  # noqa: E731
-    q = unit(torch.randn(ALL_PAIRS_N, ALL_PAIRS_D, generator=g, dtype=torch.float64))
-    k = unit(torch.randn(ALL_PAIRS_M, ALL_PAIRS_D, generator=g, dtype=torch.float64))
-    noise = torch.randn(ALL_PAIRS_N, ALL_PAIRS_D, generator=g, dtype=torch.float64)
-    k[SIGLIP_OFFSET:SIGLIP_OFFSET + ALL_PAIRS_N] = unit(q + 0.5 * noise)
+    q = unit(torch.randn(size.n, size.d, generator=g, dtype=torch.float64))
+    k = unit(torch.randn(size.m, size.d, generator=g, dtype=torch.float64))
+    noise = torch.randn(size.n, size.d, generator=g, dtype=torch.float64)
+    k[SIGLIP_OFFSET:SIGLIP_OFFSET + size.n] = unit(q + 0.5 * noise)
     return dict(q=q.to(dtype), k=k.to(dtype), **ALL_PAIRS_SCALARS)
 
 
@@ -549,33 +586,38 @@ def _all_pairs_run(case: AllPairsCase, fn, x, device, dtype):
 
 
 def all_pairs_case(device: str, dtype: torch.dtype, name: str,
-                   impl: Optional[Callable] = None) -> Dict:
-    """One row: the all-pairs op of ALL_PAIRS_CASES[name] (or `impl`, same signature) against
-    its float64 reference -- every output, and the gradients of q, k and the scalars."""
+                   impl: Optional[Callable] = None,
+                   size: AllPairsSize = ALL_PAIRS_SIZE) -> Dict:
+    """One row: the all-pairs op of ALL_PAIRS_CASES[name] (or `impl`, same signature) on
+    `size` against its float64 reference computed on the same device -- every output, and the
+    gradients of q, k and the scalars. The shape names the CUDA row chunks `size` spans."""
     from fastiml import reference
     case = ALL_PAIRS_CASES[name]
-    shape = (f"N={ALL_PAIRS_N} M={ALL_PAIRS_M} D={ALL_PAIRS_D} "
+    op = f"{name}/{size.label}" if size.label else name
+    chunks = cuda_chunks(size)
+    shape = (f"N={size.n} M={size.m} D={size.d} "
              + " ".join(f"{s}={ALL_PAIRS_SCALARS[s]:g}" for s in case.scalars)
-             + "".join(f" {key}={value}" for key, value in case.kwargs))
+             + "".join(f" {key}={value}" for key, value in case.kwargs)
+             + f", {chunks} CUDA chunk{'s' if chunks != 1 else ''}")
     if impl is None:
         reason = _unavailable(case.op, device, case.kernels)
         if reason:
-            return _skip(name, device, _dtype_name(dtype), shape, reason)
+            return _skip(op, device, _dtype_name(dtype), shape, reason)
         impl = _api(case.op)
     start = time.perf_counter()
     half = dtype in HALF_DTYPES
-    x = _all_pairs_inputs(dtype)
+    x = _all_pairs_inputs(dtype, size)
     ref = getattr(reference, case.op)
     try:
         got = _all_pairs_run(case, impl, x, device, dtype)
         if device == "cuda":
             torch.cuda.synchronize()
-        exact = _all_pairs_run(case, ref, x, "cpu", torch.float64)
+        exact = _all_pairs_run(case, ref, x, device, torch.float64)
         low = None if half else _all_pairs_run(case, ref, x, device, dtype)
         if len(got) != len(exact):
             raise ValueError(f"{len(got)} outputs and gradients, expected {len(exact)}")
     except Exception as e:  # noqa: BLE001 - a crash is a failed check, reported as such
-        return _error_row(name, device, _dtype_name(dtype), shape, e)
+        return _error_row(op, device, _dtype_name(dtype), shape, e)
     stat = torch.float64 if dtype == torch.float64 else torch.float32
     features = ("q", "k") if case.k_grad else ("q",)
     names = case.outputs + tuple(f"grad_{s}" for s in features + case.scalars)
@@ -586,7 +628,7 @@ def all_pairs_case(device: str, dtype: torch.dtype, name: str,
     # tests/test_clip.py, test_row_lse.py).
     bias = abs(x["bias"]) if "bias" in case.scalars else 0.0
     span = similarity_span(x["q"], x["k"], 1 / x["scale"]) + bias
-    arg_error = float32_arg_error(span, ALL_PAIRS_M)
+    arg_error = float32_arg_error(span, size.m)
     checks = _Checks()
     for i, out in enumerate(names):
         if half:
@@ -596,7 +638,7 @@ def all_pairs_case(device: str, dtype: torch.dtype, name: str,
         if got[i].dtype != dtypes[i]:
             checks.items.append(dict(name=f"{out}.dtype", error=math.inf, tolerance=0.0,
                                      ok=False, problem=f"{got[i].dtype}, expected {dtypes[i]}"))
-    return checks.row(name, device, _dtype_name(dtype), shape, time.perf_counter() - start)
+    return checks.row(op, device, _dtype_name(dtype), shape, time.perf_counter() - start)
 
 
 # ------------------------------------------------------------------------------ contour ops
@@ -1019,6 +1061,9 @@ def full_rows(device: str, quick: bool,
             for mode in SOFTPLUS_MODES:
                 rows.append(pair_softplus_case(device, dtype, mode, tiles="multi"))
     rows.append(large_case(device, quick))
+    # The all-pairs ops across the CUDA kernels' row-chunk borders (one chunk at --quick sizes).
+    size = ALL_PAIRS_LARGE if device == "cuda" and not quick else ALL_PAIRS_LARGE_QUICK
+    rows += [all_pairs_case(device, torch.float32, name, size=size) for name in ALL_PAIRS_CASES]
     for dtype in ((torch.float32,) if quick else (torch.float32, torch.bfloat16)):
         rows.append(determinism_case(device, dtype))
         if device == "cuda":

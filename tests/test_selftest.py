@@ -7,7 +7,9 @@ skipped where none exists (there, the selftest is the users' first command).
 import json
 import math
 import os
+import re
 import subprocess
+from pathlib import Path
 
 import pytest
 import torch
@@ -270,6 +272,62 @@ def test_two_runs_cover_the_all_pairs_ops(monkeypatch, op):
     monkeypatch.setattr(ops, op, drifting)
     row = selftest.determinism_case("cpu", torch.float32)
     assert row["status"] == "FAIL", row
+
+
+def test_cuda_chunk_rows_follow_the_kernel_constant():
+    """The selftest's model of the CUDA all-pairs ops' row chunks uses the .cu file's constant,
+    and the --full size spans three chunks of 1,023 rows (2^24 // 16,400)."""
+    source = (Path(__file__).resolve().parents[1] / "csrc" / "ops" / "cuda"
+              / "clip_siglip_kernel.cu").read_text()
+    shift = re.search(r"kChunkElements = int64_t\(1\) << (\d+);", source)
+    assert shift, "kChunkElements not found in clip_siglip_kernel.cu"
+    assert selftest.CUDA_CHUNK_ELEMENTS == 1 << int(shift.group(1))
+    assert selftest.cuda_chunk_rows(16400) == 1023
+    assert selftest.cuda_chunks(selftest.ALL_PAIRS_LARGE) == 3
+    assert selftest.cuda_chunks(selftest.ALL_PAIRS_LARGE_QUICK) == 1
+
+
+def test_full_rows_check_the_all_pairs_ops_across_cuda_chunks():
+    """--full has one float32 row per all-pairs op at the chunk-crossing size (the --quick size
+    on the CPU), every output and gradient checked, and the shape names the chunk count."""
+    rows = selftest.full_rows("cpu", quick=True)
+    large = {r["op"]: r for r in rows if r["op"].endswith("/large")
+             and not r["op"].startswith("pair_stats")}
+    assert set(large) == {f"{name}/large" for name in ALL_PAIRS_CHECKS}
+    for op, r in large.items():
+        assert r["status"] == "PASS" and r["dtype"] == "float32", r
+        assert {c["name"] for c in r["checks"]} == ALL_PAIRS_CHECKS[op[:-len("/large")]]
+        assert r["shape"].startswith("N=600 M=1100 D=8") and r["shape"].endswith(
+            ", 1 CUDA chunk"), r["shape"]
+
+
+def _row_lse_off_past_the_first_chunk(q, k, scale):
+    """row_lse whose rows past the first CUDA chunk are 1e-3 too large."""
+    lse = ops.row_lse(q, k, scale)
+    past = torch.arange(len(q), device=q.device) >= selftest.cuda_chunk_rows(len(k))
+    return lse + 1e-3 * past
+
+
+def _siglip_positives_at_chunk_offset(q, k, scale, bias, offset):
+    """siglip_loss summed over the CUDA chunks with each chunk's positives at its local row
+    + offset (the r0 of S.diagonal(r0 + offset) forgotten): right in the first chunk only."""
+    rows = selftest.cuda_chunk_rows(len(k))
+    return sum(ops.siglip_loss(q[r0:r0 + rows], k, scale, bias, offset=offset)
+               for r0 in range(0, len(q), rows))
+
+
+@pytest.mark.parametrize("name, wrong, caught", [
+    ("row_lse/k-no-grad", _row_lse_off_past_the_first_chunk, "lse"),
+    ("siglip_loss", _siglip_positives_at_chunk_offset, "loss"),
+])
+def test_large_all_pairs_row_catches_errors_past_the_first_cuda_chunk(name, wrong, caught):
+    """At its --full size (run on the CPU here: 2-4 s) the row fails on an op that is right
+    in the first CUDA chunk and wrong after it."""
+    row = selftest.all_pairs_case("cpu", torch.float32, name, impl=wrong,
+                                  size=selftest.ALL_PAIRS_LARGE)
+    assert row["op"] == f"{name}/large"
+    assert row["shape"].startswith("N=2100 M=16400 D=8") and "3 CUDA chunks" in row["shape"]
+    assert row["status"] == "FAIL" and caught in row["reason"], row
 
 
 def test_selftest_catches_wrong_contour_and_pivot():
