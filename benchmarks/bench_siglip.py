@@ -1,8 +1,9 @@
 """SigLIP loss forward + backward: fastiml's fused ``SigLipLoss`` against open_clip's
 ``SigLipLoss``.
 
-Setting: B image and B text features, D = 512, L2-normalised, a learnable ``log_scale``
-initialised to log(10) and passed as ``log_scale.exp()`` and a learnable ``logit_bias``
+Setting: B image and B text features, D = 512, L2-normalised in float32 and cast to each of
+``--dtypes`` (default float32; bfloat16 and float16 allowed), a learnable float32 ``log_scale``
+initialised to log(10) and passed as ``log_scale.exp()`` and a learnable float32 ``logit_bias``
 initialised to -10 (SigLIP's initialisation), then ``backward()`` to the features and both
 scalars. Providers, each in its own subprocess:
 
@@ -12,10 +13,11 @@ scalars. Providers, each in its own subprocess:
                  skipped if open_clip_torch is not installed, and by the memory guard (with its
                  estimate) where its B x B matrices do not fit in ``--max-gb``.
 
-The loop, the options and the table are bench_clip's (``run_providers``).
+The loop, the options (``--dtypes`` included) and the table are bench_clip's
+(``run_providers``).
 
-    python -m benchmarks.bench_siglip [--sizes 4096 8192 16384 65536] [--repeat 3]
-        [--json out.json] [--max-gb 8]
+    python -m benchmarks.bench_siglip [--sizes 4096 8192 16384 65536]
+        [--dtypes float32 bfloat16] [--repeat 3] [--json out.json] [--max-gb 8]
 """
 import math
 import sys
@@ -30,15 +32,16 @@ BENCHMARK = "siglip"
 MODULE = "benchmarks.bench_siglip"
 INIT_LOG_SCALE, INIT_BIAS = math.log(10.0), -10.0
 
-# open_clip's peak bytes per element of the B x B logits (logits, labels, their product, the
-# log-sigmoid and autograd's gradients): measured 20 at B = 8192 (1.3 GB above the inputs),
-# rounded up. Memory guard only.
+# open_clip's peak bytes per element of the B x B logits in float32 (logits, labels, their
+# product, the log-sigmoid and autograd's gradients): measured 20 at B = 8192 (1.3 GB above the
+# inputs), rounded up; scaled to the dtype by bench_clip.estimate_bytes. Memory guard only.
 _OPEN_CLIP_BYTES_PER_LOGIT = 24.0
 
 
-def estimate_bytes(provider: str, b: int, d: int = bench_clip.D) -> float:
+def estimate_bytes(provider: str, b: int, d: int = bench_clip.D,
+                   dtype: torch.dtype = torch.float32) -> float:
     """Rough peak memory of one provider (inputs included)."""
-    return bench_clip.estimate_bytes(provider, b, d, _OPEN_CLIP_BYTES_PER_LOGIT)
+    return bench_clip.estimate_bytes(provider, b, d, _OPEN_CLIP_BYTES_PER_LOGIT, dtype)
 
 
 def loss_module_of(provider: str):

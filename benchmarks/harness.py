@@ -59,6 +59,18 @@ def dtype_of(name: str) -> torch.dtype:
         raise ValueError(f"unknown dtype {name!r}; expected one of {sorted(_DTYPES)}") from None
 
 
+# The input dtypes a benchmark's ``--dtypes`` accepts (float64 is for references, not timings).
+BENCH_DTYPES = ("float32", "float16", "bfloat16")
+
+
+def add_dtypes_option(p: argparse.ArgumentParser, default: Sequence[str] = ("float32",),
+                      what: str = "the inputs") -> None:
+    """``--dtypes`` on a benchmark's parser: the run repeats per dtype, ``params["dtype"]``
+    names it in every result (CSV, JSON, table); ``dtype_of`` turns a name into the dtype."""
+    p.add_argument("--dtypes", nargs="+", default=list(default), choices=BENCH_DTYPES,
+                   help=f"dtype of {what}, one run each (default {' '.join(default)})")
+
+
 # ------------------------------------------------------------------------------ environment
 
 def git_commit() -> str:

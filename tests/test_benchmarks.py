@@ -3,6 +3,7 @@ in this process and returns the fields the tables and the CSV need. No timing as
 import csv
 import importlib.util
 import json
+import math
 
 import pytest
 import torch
@@ -303,3 +304,69 @@ def test_trace_zeroshot_scores_every_tampered_image(tmp_path):
     assert sum(len(v) for v in out.values()) == tampered
     assert set(out) <= {"splice", "copymove", "inpaint"}
     assert all(0.0 <= a <= 1.0 for v in out.values() for a in v)
+
+
+# ---------------------------------------------------- --dtypes of bench_clip / bench_siglip
+
+def _clip_loss64(image, text, scale=1 / bench_clip.INIT_TEMPERATURE):
+    """open_clip's CLIP loss in float64: cross-entropy both ways over the scaled logits."""
+    logits = scale * image.double() @ text.double().T
+    target = torch.arange(len(image))
+    return float(torch.nn.functional.cross_entropy(logits, target)
+                 + torch.nn.functional.cross_entropy(logits.T, target)) / 2
+
+
+def _siglip_loss64(image, text, scale=10.0, bias=-10.0):
+    """SigLIP's loss in float64: -log sigmoid(z (t s + b)) summed over pairs, over B."""
+    logits = scale * image.double() @ text.double().T + bias
+    z = 2 * torch.eye(len(image), dtype=torch.float64) - 1
+    return float(-torch.nn.functional.logsigmoid(z * logits).sum()) / len(image)
+
+
+@pytest.mark.parametrize("name,loss64,rel", [("clip", _clip_loss64, 1e-5),
+                                             ("siglip", _siglip_loss64, 1e-6)])
+def test_clip_siglip_dtypes_cast_the_features(tmp_path, name, loss64, rel):
+    """--dtypes bfloat16: every provider gets the features in bf16, the rows (JSON, CSV,
+    table) say so, and fastiml's loss is the float64 loss of the bf16-rounded features, not
+    of the float32 ones (the two differ by 8e-5 / 5e-6 at B = 16)."""
+    from benchmarks import bench_siglip
+    bench = {"clip": bench_clip, "siglip": bench_siglip}[name]
+    b = 16
+    image, text = (x.detach() for x in bench_clip.make_features(b, bench_clip.D, "cpu"))
+    rounded = loss64(image.bfloat16(), text.bfloat16())
+    assert abs(rounded - loss64(image, text)) > 5 * rel * rounded  # the test can tell them apart
+    csv_path, json_path = tmp_path / "r.csv", tmp_path / "r.json"
+    argv = ["--sizes", str(b), "--dtypes", "bfloat16", "--repeat", "1", "--threads", "1",
+            "--in-process", "--csv", str(csv_path), "--json", str(json_path)]
+    if not HAS_OPEN_CLIP:
+        argv += ["--providers", "fastiml"]
+    assert bench.main(argv) == 0
+    payload = json.loads(json_path.read_text())
+    assert {r["params"]["dtype"] for r in payload["results"]} == {"bfloat16"}
+    by = {r["provider"]: r for r in payload["results"]}
+    assert all(r["status"] == "ok" for r in by.values()), by
+    ours = by["fastiml"]["metrics"]["loss"]
+    assert math.isfinite(ours) and ours == pytest.approx(rounded, rel=rel)
+    if HAS_OPEN_CLIP:  # its logits are bf16: equal to bf16 rounding
+        assert by["open_clip"]["metrics"]["loss"] == pytest.approx(rounded, rel=1e-2)
+        assert "speedup_vs_open_clip" in by["fastiml"]["metrics"]
+    assert f"| bfloat16 | {b} |" in payload["table_markdown"]
+    with open(csv_path, newline="") as f:
+        assert {json.loads(r["params"])["dtype"] for r in csv.DictReader(f)} == {"bfloat16"}
+
+
+def test_clip_dtypes_default_choices_and_estimate():
+    args = bench_clip.parser().parse_args([])
+    assert args.dtypes == ["float32"]
+    assert bench_clip.parser().parse_args(["--dtypes", "float16", "bfloat16"]).dtypes == [
+        "float16", "bfloat16"]
+    with pytest.raises(SystemExit):  # argparse: "argument --dtypes: invalid choice: 'int8'"
+        bench_clip.parser().parse_args(["--dtypes", "int8"])
+    # open_clip's B x B matrices are in the features' dtype: at B = 65536 they need ~100 GB in
+    # float32 and ~50 GB in bf16 (measured 9.6 bytes per logit at B = 4096), which fits in 90 %
+    # of an H100 (gpu_check's share for clip / siglip).
+    f32, bf16 = (bench_clip.estimate_bytes("open_clip", 65536, dtype=dt)
+                 for dt in (torch.float32, torch.bfloat16))
+    assert 90e9 < f32 < 120e9 and 40e9 < bf16 < 60e9
+    assert harness.memory_guard(bf16, 0.9 * 85) is None
+    assert harness.memory_guard(f32, 0.9 * 85).startswith("skipped (needs ~")

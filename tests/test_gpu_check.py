@@ -174,19 +174,28 @@ def _probe(**kw):
                      gpu_memory_gb=4.0, pair_bound_s=None, mpc_ratio_target=4.5), **kw)
 
 
-def test_the_pair_stats_part_reads_the_benchmark_and_applies_twice_the_bound(tmp_path,
-                                                                              monkeypatch):
-    """The real bench_pair_stats command line and JSON (on the CPU at N = 256: the same
-    harness and fields as on CUDA), judged against 2x the bound."""
+def _run_one_part(tmp_path, monkeypatch, name, probe, **sizes):
+    """Runs timing part `name` alone through the driver, its benchmark on the CPU with the
+    module's size constants set to `sizes` (the same command line, harness and JSON fields
+    as on CUDA); returns the Check and the part."""
     monkeypatch.setattr(gpu_check, "BENCH_DEVICE", "cpu")
-    monkeypatch.setattr(gpu_check, "PAIR_N", 256)
-    monkeypatch.setattr(gpu_check, "PAIR_REPEAT", 2)
-    monkeypatch.setattr(gpu_check, "TIMING_PARTS", (("pair_stats", 120.0, 5.0),))
+    for constant, value in sizes.items():
+        monkeypatch.setattr(gpu_check, constant, value)
+    monkeypatch.setattr(gpu_check, "TIMING_PARTS", ((name, 120.0, 5.0),))
     check = gpu_check.Check(tmp_path, sys.executable, budget=200.0, build_timeout=1.0,
                             no_build=True)
-    check.probe = _probe(pair_bound_s=10.0)
+    check.probe = probe
     check.timing_parts(None)
     part, = check.parts
+    return check, part
+
+
+def test_the_pair_stats_part_reads_the_benchmark_and_applies_twice_the_bound(tmp_path,
+                                                                              monkeypatch):
+    """The real bench_pair_stats command line and JSON (on the CPU at N = 256), judged
+    against 2x the bound."""
+    check, part = _run_one_part(tmp_path, monkeypatch, "pair_stats", _probe(pair_bound_s=10.0),
+                                PAIR_N=256, PAIR_REPEAT=2)
     assert part["status"] == "PASS", part
     assert "--sizes 256 --dtypes bfloat16 --providers fused" in part["command"]
     timing, = check.timings
@@ -216,3 +225,120 @@ def test_the_mpc_batch_ratio_against_its_target(tmp_path):
     assert (over["shown"], over["status"]) == ("5.00", "FAIL")
     # A batch not measured is its own part's failure (or skip), not the ratio's.
     assert missing["value"] is None and missing["status"] == "INFO"
+
+
+def test_the_clip_and_siglip_parts_are_listed_and_skipped_with_the_reason(tmp_path):
+    assert GPU_PARTS == ["pair_stats", "mpc_b4", "mpc_b16", "clip", "siglip", "ntxent"]
+    check = gpu_check.Check(tmp_path, sys.executable, budget=480.0, build_timeout=1.0,
+                            no_build=True)
+    check.timing_parts(NO_GPU)
+    parts = _parts({"parts": check.parts})
+    assert [p["name"] for p in check.parts] == GPU_PARTS
+    for name, loss in (("clip", "ClipLoss"), ("siglip", "SigLipLoss")):
+        assert parts[name]["status"] == "SKIP" and parts[name]["reason"] == NO_GPU
+        assert parts[name]["what"].startswith(f"{loss} fwd+bwd B=65536 D=512 bfloat16")
+    assert check.timings == [] and not check.failed()
+    assert "| siglip | SigLipLoss fwd+bwd B=65536 D=512 bfloat16" in check.summary()
+
+
+def _result(provider, status="ok", time_s=None, mib=None, loss=1.0):
+    metrics = {} if status != "ok" else {"time_s": time_s, "peak_above_inputs_mb": mib,
+                                         "loss": loss}
+    return dict(provider=provider, params={"B": 65536, "dtype": "bfloat16"}, status=status,
+                metrics=metrics)
+
+
+def _part(name):
+    return dict(name=name, what="", status="PASS", reason="", seconds=1.0, timeout_s=45.0,
+                command="", log="")
+
+
+def test_the_clip_verdicts_memory_against_736_mb_and_time_against_open_clip(tmp_path):
+    check = gpu_check.Check(tmp_path, sys.executable, budget=10.0, build_timeout=1.0,
+                            no_build=True)
+
+    def verdict(ours, base):
+        speed, *memory = check.clip_timings("ClipLoss B=65536", [ours, base])
+        return speed, (memory[0] if memory else None)
+
+    fast_small = _result("fastiml", time_s=0.1, mib=500.0)
+    speed, memory = verdict(fast_small, _result("open_clip", time_s=0.25, mib=40000.0))
+    assert (speed["status"], speed["target"], speed["shown"]) == ("PASS", 0.25, "0.100 s")
+    assert speed["note"].startswith("2.50 × open_clip's speed")
+    assert (memory["status"], memory["shown"]) == ("PASS", "524 MB")  # 500 MiB
+    assert "open_clip 41943 MB (80 × more)" in memory["note"]
+    # Slower than open_clip: FAIL, and the part fails saying why.
+    speed, memory = verdict(fast_small, _result("open_clip", time_s=0.05, mib=40000.0))
+    assert speed["status"] == "FAIL" and memory["status"] == "PASS"
+    part = _part("clip")
+    check.finish_bench(part, [speed, memory])
+    assert part["status"] == "FAIL" and part["reason"] == (
+        "ClipLoss B=65536: 0.100 s above its target < 0.050 s (open_clip)")
+    # The memory target is 736e6 bytes: 700 MiB (734 MB) passes, 705 MiB (739 MB) fails.
+    for mib, status in ((700.0, "PASS"), (705.0, "FAIL"), (800.0, "FAIL")):
+        _, memory = verdict(_result("fastiml", time_s=0.1, mib=mib),
+                            _result("open_clip", time_s=0.2, mib=4e4))
+        assert memory["status"] == status, (mib, memory)
+    part = _part("siglip")
+    check.finish_bench(part, list(verdict(_result("fastiml", time_s=0.1, mib=800.0),
+                                          _result("open_clip", time_s=0.2, mib=4e4))))
+    assert part["status"] == "FAIL" and part["reason"] == (
+        "ClipLoss B=65536 peak memory: 839 MB above its target ≤ 736 MB (siglip-kernel)")
+    # open_clip skipped for memory: the speed is INFO with its estimate; memory still judged.
+    speed, memory = verdict(fast_small, _result("open_clip", "skipped (needs ~52 GB)"))
+    assert speed["status"] == "INFO" and "open_clip: skipped (needs ~52 GB)" in speed["note"]
+    assert memory["status"] == "PASS" and "open_clip" not in memory["note"]
+    # fastiml itself failed: one FAIL row, and the part fails as not measured.
+    rows = check.clip_timings("ClipLoss B=65536", [
+        _result("fastiml", "failed (RuntimeError: boom)"), _result("open_clip", time_s=0.2,
+                                                                   mib=4e4)])
+    assert [r["status"] for r in rows] == ["FAIL"] and rows[0]["note"].startswith("failed (")
+    part = _part("clip")
+    check.finish_bench(part, rows)
+    assert part["status"] == "FAIL" and part["reason"].startswith("not measured: ClipLoss")
+
+
+def test_the_siglip_part_runs_bench_siglip_in_bf16_and_judges_it(tmp_path, monkeypatch):
+    """The real bench_siglip command line and JSON (on the CPU at B = 32): bf16 features,
+    open_clip's share of the GPU, both timing rows."""
+    check, part = _run_one_part(tmp_path, monkeypatch, "siglip", _probe(gpu_memory_gb=10.0),
+                                CONTRAST_B=32, CONTRAST_REPEAT=1)
+    assert "benchmarks.bench_siglip" in part["command"]
+    assert "--sizes 32 --repeat 1 --dtypes bfloat16" in part["command"]
+    assert "--max-gb 9 " in part["command"]  # 90 % of the GPU for open_clip (half: 5)
+    results = check.bench_json["siglip"]["results"]
+    assert results and {r["params"]["dtype"] for r in results} == {"bfloat16"}
+    ours = next(r for r in results if r["provider"] == "fastiml")
+    assert ours["status"] == "ok" and ours["metrics"]["loss"] > 0
+    speed, memory = check.timings
+    assert speed["name"] == "SigLipLoss B=32" and speed["shape"] == "D=512 bfloat16"
+    assert speed["value"] == ours["metrics"]["time_s"]
+    assert memory["value"] == pytest.approx(ours["metrics"]["peak_above_inputs_mb"] * 1.048576)
+    assert memory["status"] == "PASS"  # a few MB at B = 32
+    base = next((r for r in results if r["provider"] == "open_clip"), None)
+    if base is not None and base["status"] == "ok":
+        assert speed["status"] == ("PASS" if speed["value"] < base["metrics"]["time_s"]
+                                   else "FAIL")
+        assert part["status"] == ("PASS" if speed["status"] == "PASS" else "FAIL")
+    else:
+        assert speed["status"] == "INFO" and part["status"] == "PASS"
+
+
+def test_a_part_cut_at_its_timeout_leaves_the_next_its_minimum(tmp_path, monkeypatch):
+    """The reserve counts each later part's minimum and the grace its own kill may take: a
+    selftest that hangs to its timeout still leaves the first timing part its minimum."""
+    env = _fake_selftest(tmp_path, '''
+        def run(devices=None, verbose=True, full=False, quick=False):
+            time.sleep(600)
+    ''')
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.setattr(gpu_check, "SELFTEST_MIN_S", 1.0)
+    parts = (("pair_stats", 60.0, 2.0),)
+    check = gpu_check.Check(tmp_path / "out", sys.executable, budget=10.0, build_timeout=1.0,
+                            no_build=True)
+    check.budget_t0 = time.monotonic()
+    check.selftest(gpu=False, reserve=gpu_check.reserve_s(parts))
+    assert "timed out" in check.parts[-1]["reason"]
+    timeout, reason = check.timeout_for(*parts[0][1:], gpu_check.reserve_s(()))
+    assert reason is None and timeout >= 2.0
