@@ -30,6 +30,17 @@ int64_t chunk_rows(int64_t m) {
   return std::max<int64_t>(1, kChunkElements / std::max<int64_t>(m, 1));
 }
 
+// Calls block(r0, qa, P) for each chunk of rows of q: qa the chunk's rows and P = qa ka^T
+// ([rows, M]), both in ka's dtype (the accumulation dtype).
+template <typename Block>
+void for_each_row_chunk(const at::Tensor& q, const at::Tensor& ka, Block block) {
+  const int64_t n = q.size(0), m = ka.size(0);
+  for (int64_t r0 = 0; r0 < n; r0 += chunk_rows(m)) {
+    const at::Tensor qa = q.narrow(0, r0, std::min(chunk_rows(m), n - r0)).to(ka.scalar_type());
+    block(r0, qa, at::mm(qa, ka.t()));
+  }
+}
+
 // The backward walk of both ops: for each block of rows, P = Q_r K^T (accumulation dtype) and
 // its G = grad_block(r0, P) (dloss/dlogit), then dQ = t G K and dK = t G^T Q where asked for.
 // Returns (grad_q, grad_k), undefined where not asked for.
@@ -43,16 +54,14 @@ std::pair<at::Tensor, at::Tensor> feature_grads(const at::Tensor& q, const at::T
   const at::Tensor ka = k.to(acc);
   at::Tensor grad_q = q_needs_grad ? at::empty({n, q.size(1)}, options) : at::Tensor();
   at::Tensor grad_k = k_needs_grad ? at::zeros({m, k.size(1)}, options) : at::Tensor();
-  for (int64_t r0 = 0; r0 < n; r0 += chunk_rows(m)) {
-    const int64_t rows = std::min(chunk_rows(m), n - r0);
-    const at::Tensor qa = q.narrow(0, r0, rows).to(acc);
-    const at::Tensor G = grad_block(r0, at::mm(qa, ka.t()));
+  for_each_row_chunk(q, ka, [&](int64_t r0, const at::Tensor& qa, const at::Tensor& P) {
+    const at::Tensor G = grad_block(r0, P);
     if (q_needs_grad) {
-      at::Tensor out = grad_q.narrow(0, r0, rows);
+      at::Tensor out = grad_q.narrow(0, r0, qa.size(0));
       at::mm_out(out, G, ka);
     }
     if (k_needs_grad) grad_k.addmm_(G.t(), qa);
-  }
+  });
   if (q_needs_grad) grad_q.mul_(scale);
   if (k_needs_grad) grad_k.mul_(scale);
   return {grad_q, grad_k};
@@ -83,14 +92,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> clip_lse_cuda(const at::Tensor& q
   at::Tensor col_lse = at::full({m}, -std::numeric_limits<double>::infinity(),
                                 q.options().dtype(acc));
   at::Tensor diag = at::empty({std::min(n, m)}, q.options().dtype(acc));
-  for (int64_t r0 = 0; r0 < n; r0 += chunk_rows(m)) {
-    const int64_t rows = std::min(chunk_rows(m), n - r0);
-    const at::Tensor S = at::mm(q.narrow(0, r0, rows).to(acc), ka.t()).mul_(scale);
-    row_lse.narrow(0, r0, rows).copy_(at::logsumexp(S, {1}));
+  for_each_row_chunk(q, ka, [&](int64_t r0, const at::Tensor& qa, const at::Tensor& P) {
+    const at::Tensor& S = P.mul_(scale);  // in place: one [rows, M] block alive
+    row_lse.narrow(0, r0, qa.size(0)).copy_(at::logsumexp(S, {1}));
     col_lse = at::logaddexp(col_lse, at::logsumexp(S, {0}));
     const at::Tensor own = S.diagonal(r0);  // S_ii of the block's rows (i < M)
     diag.narrow(0, r0, own.size(0)).copy_(own);
-  }
+  });
   return {row_lse, col_lse, diag};
 }
 
@@ -123,16 +131,13 @@ at::Tensor siglip_loss_cuda(const at::Tensor& q, const at::Tensor& k, const at::
   check_siglip_inputs(q, k, scale, bias, offset, "siglip_loss");
   const c10::cuda::CUDAGuard guard(q.device());
   const auto acc = at::toOpMathType(q.scalar_type());
-  const int64_t n = q.size(0), m = k.size(0);
   const at::Tensor ka = k.to(acc);
   at::Tensor loss = at::zeros({}, q.options().dtype(acc));
-  for (int64_t r0 = 0; r0 < n; r0 += chunk_rows(m)) {
-    const int64_t rows = std::min(chunk_rows(m), n - r0);
-    const at::Tensor x =
-        signed_logits(at::mm(q.narrow(0, r0, rows).to(acc), ka.t()), scale, bias, r0 + offset);
+  for_each_row_chunk(q, ka, [&](int64_t r0, const at::Tensor&, const at::Tensor& P) {
+    const at::Tensor x = signed_logits(P, scale, bias, r0 + offset);
     // softplus(x) = max(x, 0) + log1p(e^-|x|), exact (at::softplus returns x beyond x = 20).
     loss.add_((at::relu(x) + at::log1p(at::exp(-at::abs(x)))).sum());
-  }
+  });
   return loss;
 }
 
@@ -166,21 +171,20 @@ std::tuple<at::Tensor, at::Tensor> row_lse_cuda(const at::Tensor& q, const at::T
   check_scalar(scale, "scale", q, "row_lse");
   const c10::cuda::CUDAGuard guard(q.device());
   const auto acc = at::toOpMathType(q.scalar_type());
-  const int64_t n = q.size(0), m = k.size(0);
+  const int64_t n = q.size(0);
   const at::Tensor ka = k.to(acc);
   at::Tensor lse = at::empty({n}, q.options().dtype(acc));
   at::Tensor mean = with_mean ? at::empty({n, q.size(1)}, q.options().dtype(acc))
                               : at::empty({0}, q.options().dtype(acc));
-  for (int64_t r0 = 0; r0 < n; r0 += chunk_rows(m)) {
-    const int64_t rows = std::min(chunk_rows(m), n - r0);
-    const at::Tensor S = at::mm(q.narrow(0, r0, rows).to(acc), ka.t()).mul_(scale);
+  for_each_row_chunk(q, ka, [&](int64_t r0, const at::Tensor& qa, const at::Tensor& P) {
+    const at::Tensor& S = P.mul_(scale);  // in place: one [rows, M] block alive
     const at::Tensor block_lse = at::logsumexp(S, {1}, /*keepdim=*/true);
-    lse.narrow(0, r0, rows).copy_(block_lse.squeeze(1));
+    lse.narrow(0, r0, qa.size(0)).copy_(block_lse.squeeze(1));
     if (with_mean) {  // softmax rows times k; M = 0 gives [rows, 0] x [0, D] = zeros
-      at::Tensor out = mean.narrow(0, r0, rows);
+      at::Tensor out = mean.narrow(0, r0, qa.size(0));
       at::mm_out(out, at::exp(S - block_lse), ka);
     }
-  }
+  });
   return {lse, mean};
 }
 
