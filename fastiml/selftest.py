@@ -38,6 +38,9 @@ minutes) adds, in the same table:
   against float64 on every row (the reference in row chunks); and float16 self mode with two
   groups whose upstream gradients differ by 10^6, the boundary inside a tile (the dk pass's
   rescale between row tiles), each group judged at its own scale, with and without the hook;
+* ``pair_softplus`` in float32 with ``torch.backends.cuda.matmul.allow_tf32`` on (CUDA, rows
+  ``... (TF32 on)``): its tile products must stay full float32 (each s_ij meets an exact lse)
+  and the user's setting must be back on after the call;
 * the all-pairs ops across the CUDA row chunks (``clip_lse/large`` ... rows): on CUDA they run
   on chunks of 2^24 / M rows, so N = 2,100 against M = 16,400 (D = 8, float32) spans 3 chunks
   (the shape names the count) -- every output and gradient against float64 computed on the
@@ -315,6 +318,25 @@ def forced_tiles(value: Optional[str]):
             os.environ[FORCE_TILES_ENV] = before
 
 
+@contextlib.contextmanager
+def tf32_matmuls(on: bool):
+    """``torch.backends.cuda.matmul.allow_tf32 = on`` for the block (False: leaves it as it
+    is); restores the previous value after. Yields a list that receives the flag's value as
+    the block left it (before the restore)."""
+    seen: List[bool] = []
+    if not on:
+        yield seen
+        return
+    flags = torch.backends.cuda.matmul
+    before = flags.allow_tf32
+    flags.allow_tf32 = True
+    try:
+        yield seen
+        seen.append(flags.allow_tf32)
+    finally:
+        flags.allow_tf32 = before
+
+
 def _sm_count(device: str) -> int:
     if device == "cuda":
         return torch.cuda.get_device_properties(torch.cuda.current_device()).multi_processor_count
@@ -449,13 +471,16 @@ def _softplus_run(fn, x, lse, device, dtype):
 
 
 def pair_softplus_case(device: str, dtype: torch.dtype, mode: str,
-                       tiles: Optional[str] = None) -> Dict:
+                       tiles: Optional[str] = None, tf32: bool = False) -> Dict:
     """One row: ops.pair_softplus (NT-Xent's positive-pair sum) in `mode` against the reference,
     with the negatives' log-sum-exp of the float64 reference (rounded to the statistics' dtype)
     as its input; `tiles`: the CUDA tile test hook's value for the op's calls ("multi": tiles of
-    64, the row named "... (unsplit)")."""
+    64, the row named "... (unsplit)"); `tf32`: the op called with
+    ``torch.backends.cuda.matmul.allow_tf32`` on (row "... (TF32 on)"): its products must stay
+    full float32 (they meet an exact lse), and the flag must be on again after the call."""
     from fastiml import reference
-    op = f"pair_softplus/{mode}" + (" (unsplit)" if tiles == "multi" else "")
+    op = (f"pair_softplus/{mode}" + (" (unsplit)" if tiles == "multi" else "")
+          + (" (TF32 on)" if tf32 else ""))
     x = _pair_inputs(mode, dtype, device)
     reason = _unavailable("pair_softplus", device, ["pair_softplus_backward"])
     if reason:
@@ -469,10 +494,12 @@ def pair_softplus_case(device: str, dtype: torch.dtype, mode: str,
                                    x["k_group"], tau=TAU, exclude_self=x["kwargs"]["exclude_self"],
                                    denominator="negatives")[0]
         lse = lse.to(torch.float64 if dtype == torch.float64 else torch.float32).double()
-        with forced_tiles(tiles):
+        with forced_tiles(tiles), tf32_matmuls(tf32) as flag_after:
             got = _softplus_run(_api("pair_softplus"), x, lse, device, dtype)
             if device == "cuda":
                 torch.cuda.synchronize()
+        if tf32 and flag_after != [True]:
+            raise RuntimeError("pair_softplus left torch.backends.cuda.matmul.allow_tf32 off")
         exact = _softplus_run(reference.pair_softplus, dict(x, to_dev=lambda t: t), lse, "cpu",
                               torch.float64)
         low = None if half else _softplus_run(reference.pair_softplus, x, lse, device, dtype)
@@ -1060,6 +1087,9 @@ def full_rows(device: str, quick: bool,
                 rows.append(pair_stats_case(device, dtype, mode, tiles="multi"))
             for mode in SOFTPLUS_MODES:
                 rows.append(pair_softplus_case(device, dtype, mode, tiles="multi"))
+        # TF32 on (torch.backends.cuda.matmul.allow_tf32): pair_softplus must keep full float32.
+        for mode in SOFTPLUS_MODES:
+            rows.append(pair_softplus_case(device, torch.float32, mode, tf32=True))
     rows.append(large_case(device, quick))
     # The all-pairs ops across the CUDA kernels' row-chunk borders (one chunk at --quick sizes).
     size = ALL_PAIRS_LARGE if device == "cuda" and not quick else ALL_PAIRS_LARGE_QUICK

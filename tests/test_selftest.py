@@ -187,6 +187,40 @@ def test_multi_tile_rows_set_the_hook_only_for_their_calls(monkeypatch):
     assert seen == [None]
 
 
+def test_tf32_rows_call_pair_softplus_with_tf32_on_and_need_it_on_after(monkeypatch):
+    """pair_softplus_case(tf32=True) runs the op with torch.backends.cuda.matmul.allow_tf32 on
+    (row "(TF32 on)"), restores the user's setting after, and fails a row whose op left the
+    flag off (the CUDA kernel turns it off for its own products only)."""
+    flags = torch.backends.cuda.matmul
+    seen = []
+    real = ops.pair_softplus
+
+    def recording(*args, **kw):
+        seen.append(flags.allow_tf32)
+        return real(*args, **kw)
+
+    def leaves_tf32_off(*args, **kw):
+        flags.allow_tf32 = False
+        return real(*args, **kw)
+
+    before = flags.allow_tf32  # a module attribute behind __getattr__: set and restore by hand
+    flags.allow_tf32 = False
+    try:
+        monkeypatch.setattr(ops, "pair_softplus", recording)
+        row = selftest.pair_softplus_case("cpu", torch.float32, "general", tf32=True)
+        assert row["op"] == "pair_softplus/general (TF32 on)" and row["status"] == "PASS", row
+        assert seen and set(seen) == {True} and flags.allow_tf32 is False
+        seen.clear()
+        selftest.pair_softplus_case("cpu", torch.float32, "general")
+        assert seen == [False]
+        monkeypatch.setattr(ops, "pair_softplus", leaves_tf32_off)
+        row = selftest.pair_softplus_case("cpu", torch.float32, "general", tf32=True)
+        assert row["status"] == "FAIL" and "allow_tf32" in row["reason"], row
+        assert flags.allow_tf32 is False
+    finally:
+        flags.allow_tf32 = before
+
+
 # What each all-pairs row must check: every output and every gradient.
 ALL_PAIRS_CHECKS = {
     "clip_lse": {"row_lse", "col_lse", "diag", "grad_q", "grad_k", "grad_scale"},

@@ -3,6 +3,7 @@
 // epilogues as CUDA kernels. The same tile filter as the CPU's skips tiles that cannot hold a
 // positive pair (a SimCLR batch computes about one column tile per row tile).
 //
+// TF32: off for the call (FullFloat32Products), so s_ij matches pair_stats' lse.
 // Host synchronisation: make_codes compacts labels with at::_unique2 (one sync), and the tile
 // filter reads the codes on the host (one copy of n + m int32 codes); nothing else syncs.
 // Deterministic: tiles run in a fixed order on one stream, each row's sum over a tile is a
@@ -40,6 +41,25 @@ int64_t tile_size() {
   return pair_stats::forced_tiles() == pair_stats::ForcedTiles::kMulti ? kTestTile : kTile;
 }
 constexpr int kThreads = 256;    // epilogue block size (a power of two for the reduction)
+
+// The tile products in full float32 whatever torch.backends.cuda.matmul.allow_tf32 says (set
+// for the call, restored after): each s_ij meets the lse that pair_stats computed from its own
+// float32 products, and a TF32 s_ij (~1e-3 relative) would not cancel against it. The flag is
+// process-wide, so a matmul on another host thread during the call also runs without TF32.
+class FullFloat32Products {
+ public:
+  FullFloat32Products() : tf32_(at::globalContext().allowTF32CuBLAS()) {
+    if (tf32_) at::globalContext().setAllowTF32CuBLAS(false);
+  }
+  ~FullFloat32Products() {
+    if (tf32_) at::globalContext().setAllowTF32CuBLAS(true);
+  }
+  FullFloat32Products(const FullFloat32Products&) = delete;
+  FullFloat32Products& operator=(const FullFloat32Products&) = delete;
+
+ private:
+  bool tf32_;
+};
 
 // The positive pair (i, j) of an active row: L_i - s_ij, or nothing.
 template <typename acc_t>
@@ -187,6 +207,7 @@ std::tuple<at::Tensor, at::Tensor> pair_softplus_cuda(
                                       exclude_self);
   check_row_statistic(lse, "lse", q, "pair_softplus");
   const c10::cuda::CUDAGuard guard(q.device());
+  const FullFloat32Products full_float32;
   const Problem p = make_problem(q, k, tau, exclude_self);
   const CodeTensors codes = pair_stats::make_codes(q_label, k_label, q_group, k_group,
                                                    ignore_index);
@@ -210,6 +231,7 @@ std::tuple<at::Tensor, at::Tensor> pair_softplus_backward_cuda(
   check_row_statistic(lse, "lse", q, "pair_softplus_backward");
   check_row_statistic(grad_total, "grad_total", q, "pair_softplus_backward");
   const c10::cuda::CUDAGuard guard(q.device());
+  const FullFloat32Products full_float32;
   const Problem p = make_problem(q, k, tau, exclude_self);
   const CodeTensors codes = pair_stats::make_codes(q_label, k_label, q_group, k_group,
                                                    ignore_index);
