@@ -8,7 +8,8 @@
 // filter reads the codes on the host (one copy of n + m int32 codes); nothing else syncs.
 // Deterministic: tiles run in a fixed order on one stream, each row's sum over a tile is a
 // fixed-order block reduction, and the gradients come from GEMMs without atomics.
-// Memory: O((N + M)·D) plus one kTile x kTile float tile, never N x M.
+// Memory: O((N + M)·D) (the operands in float32 for half inputs) plus one kTile x kTile float
+// tile, never N x M.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -129,6 +130,14 @@ CodeTensors codes_on_host(const CodeTensors& c) {
   return {c.row_label.cpu(), c.row_group.cpu(), c.col_label.cpu(), c.col_group.cpu()};
 }
 
+// The operands in the accumulation dtype, converted once per call (O((N + M) D) more memory
+// for half inputs) rather than once per tile pair that reads them; tile_rows then takes views.
+Problem in_accumulation_dtype(Problem p) {
+  p.q = p.q.to(p.acc);
+  p.k = p.self ? p.q : p.k.to(p.acc);
+  return p;
+}
+
 template <typename acc_t>
 std::tuple<at::Tensor, at::Tensor> forward_impl(const Problem& p, const CodeTensors& codes,
                                                 const at::Tensor& lse_in) {
@@ -144,7 +153,7 @@ std::tuple<at::Tensor, at::Tensor> forward_impl(const Problem& p, const CodeTens
   at::Tensor buffer = at::empty({std::min(tile, p.n) * std::min(tile, p.m)}, options);
   for (int64_t r = 0; r < ceil_div(p.n, tile); ++r) {
     const int64_t r0 = r * tile, br = std::min(tile, p.n - r0);
-    at::Tensor qr;  // converted on first use: most tiles of a SimCLR batch are skipped
+    at::Tensor qr;  // taken on first use: most tiles of a SimCLR batch are skipped
     for (int64_t c = 0; c < ceil_div(p.m, tile); ++c) {
       if (!filter.may_have_positive(r, c)) continue;
       const int64_t c0 = c * tile, bc = std::min(tile, p.m - c0);
@@ -208,7 +217,7 @@ std::tuple<at::Tensor, at::Tensor> pair_softplus_cuda(
   check_row_statistic(lse, "lse", q, "pair_softplus");
   const c10::cuda::CUDAGuard guard(q.device());
   const FullFloat32Products full_float32;
-  const Problem p = make_problem(q, k, tau, exclude_self);
+  const Problem p = in_accumulation_dtype(make_problem(q, k, tau, exclude_self));
   const CodeTensors codes = pair_stats::make_codes(q_label, k_label, q_group, k_group,
                                                    ignore_index);
   std::tuple<at::Tensor, at::Tensor> out;
@@ -232,7 +241,7 @@ std::tuple<at::Tensor, at::Tensor> pair_softplus_backward_cuda(
   check_row_statistic(grad_total, "grad_total", q, "pair_softplus_backward");
   const c10::cuda::CUDAGuard guard(q.device());
   const FullFloat32Products full_float32;
-  const Problem p = make_problem(q, k, tau, exclude_self);
+  const Problem p = in_accumulation_dtype(make_problem(q, k, tau, exclude_self));
   const CodeTensors codes = pair_stats::make_codes(q_label, k_label, q_group, k_group,
                                                    ignore_index);
   const CodeTensors host = codes_on_host(codes);
