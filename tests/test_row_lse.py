@@ -15,7 +15,8 @@ from fastiml import ops, reference
 
 
 def features(n, d, dtype, g, norm=1.0):
-    return (norm * F.normalize(torch.randn(n, d, generator=g, dtype=torch.float64), dim=1)).to(dtype)
+    x = F.normalize(torch.randn(n, d, generator=g, dtype=torch.float64), dim=1)
+    return (norm * x).to(dtype)
 
 
 def value_and_grads(fn, q, k, scale, weights, k_grad=False):

@@ -1,5 +1,5 @@
-// clip_lse, siglip_loss and row_lse on the GPU (DESIGN 11): host code composing ATen ops (cuBLAS GEMMs,
-// ATen's reductions and pointwise kernels) on chunks of rows, not hand-written kernels. Each
+// clip_lse, siglip_loss and row_lse on the GPU (DESIGN 11): host code composing ATen ops (cuBLAS
+// GEMMs, ATen's reductions and pointwise kernels) on chunks of rows, not hand-written kernels. Each
 // chunk of `rows` rows forms its [rows, M] block of products in float32 (float64 for double
 // inputs), so memory is O(rows M) -- a few such blocks of at most kChunkElements -- never N x M.
 // The CPU kernels (ops/cpu/clip_siglip_kernel.cpp) compute the same sums tile by tile; this file

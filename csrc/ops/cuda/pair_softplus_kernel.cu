@@ -1,15 +1,16 @@
 // pair_softplus on the GPU (DESIGN 9, NT-Xent's positive-pair sum): the CPU kernel's algorithm
-// with the tile products on cuBLAS (at::mm_out into one reused tile buffer) and the per-tile
-// epilogues as CUDA kernels. The same tile filter as the CPU's skips tiles that cannot hold a
-// positive pair (a SimCLR batch computes about one column tile per row tile).
+// with the tile products on cuBLAS (at::mm_out into one reused float32 tile buffer; half inputs
+// on tensor cores with float32 accumulation) and the per-tile epilogues as CUDA kernels. The
+// same tile filter as the CPU's skips tiles that cannot hold a positive pair (a SimCLR batch
+// computes about one column tile per row tile).
 //
 // TF32: off for the call (FullFloat32Products), so s_ij matches pair_stats' lse.
 // Host synchronisation: make_codes compacts labels with at::_unique2 (one sync), and the tile
 // filter reads the codes on the host (one copy of n + m int32 codes); nothing else syncs.
 // Deterministic: tiles run in a fixed order on one stream, each row's sum over a tile is a
 // fixed-order block reduction, and the gradients come from GEMMs without atomics.
-// Memory: O((N + M)·D) (the operands in float32 for half inputs) plus one kTile x kTile float
-// tile, never N x M.
+// Memory: O((N + M)·D) (the backward's operands in float32 for half inputs) plus one kTile x
+// kTile float tile, never N x M.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -130,12 +131,22 @@ CodeTensors codes_on_host(const CodeTensors& c) {
   return {c.row_label.cpu(), c.row_group.cpu(), c.col_label.cpu(), c.col_group.cpu()};
 }
 
-// The operands in the accumulation dtype, converted once per call (O((N + M) D) more memory
-// for half inputs) rather than once per tile pair that reads them; tile_rows then takes views.
+// The operands in the accumulation dtype for the backward's gradient products, converted once
+// per call (O((N + M) D) more memory for half inputs) rather than once per tile pair.
 Problem in_accumulation_dtype(Problem p) {
   p.q = p.q.to(p.acc);
   p.k = p.self ? p.q : p.k.to(p.acc);
   return p;
+}
+
+// S = qr kc^T in S's dtype (the accumulation dtype): half inputs on tensor cores with float32
+// accumulation and output (aten::mm.dtype, as pair_stats' own half products), float32 /
+// float64 inputs as they are (full float32: FullFloat32Products).
+void tile_products(at::Tensor& S, const at::Tensor& qr, const at::Tensor& kc) {
+  if (qr.scalar_type() == S.scalar_type())
+    at::mm_out(S, qr, kc.t());
+  else
+    at::mm_out(S, qr, kc.t(), S.scalar_type());
 }
 
 template <typename acc_t>
@@ -157,9 +168,9 @@ std::tuple<at::Tensor, at::Tensor> forward_impl(const Problem& p, const CodeTens
     for (int64_t c = 0; c < ceil_div(p.m, tile); ++c) {
       if (!filter.may_have_positive(r, c)) continue;
       const int64_t c0 = c * tile, bc = std::min(tile, p.m - c0);
-      if (!qr.defined()) qr = tile_rows(p.q, r0, br, p.acc);
+      if (!qr.defined()) qr = p.q.narrow(0, r0, br);
       at::Tensor S = buffer.narrow(0, 0, br * bc).view({br, bc});
-      at::mm_out(S, qr, tile_rows(p.k, c0, bc, p.acc).t());
+      tile_products(S, qr, p.k.narrow(0, c0, bc));
       forward_epilogue<acc_t><<<br, kThreads, 0, stream>>>(
           S.data_ptr<acc_t>(), r0, c0, bc, codes.view(), lse.data_ptr<acc_t>(), inv_tau,
           p.exclude_self, total.data_ptr<acc_t>(), weight.data_ptr<acc_t>());
@@ -170,11 +181,12 @@ std::tuple<at::Tensor, at::Tensor> forward_impl(const Problem& p, const CodeTens
 }
 
 // dq (for_k false) or dk (for_k true), before the self-contrast sum: grad = G K / tau or
-// G^T Q / tau, one tile product after another.
+// G^T Q / tau, one tile product after another; S from p's operands (the input dtype), the
+// gradient products from pa's (the accumulation dtype).
 template <typename acc_t>
-at::Tensor backward_pass(const Problem& p, const CodeTensors& codes, const TileFilter& filter,
-                         int64_t tile, const at::Tensor& lse, const at::Tensor& grad_total,
-                         bool for_k) {
+at::Tensor backward_pass(const Problem& p, const Problem& pa, const CodeTensors& codes,
+                         const TileFilter& filter, int64_t tile, const at::Tensor& lse,
+                         const at::Tensor& grad_total, bool for_k) {
   const auto options = p.q.options().dtype(p.acc);
   const int64_t own_len = for_k ? p.m : p.n, other_len = for_k ? p.n : p.m;
   at::Tensor grad = at::zeros({own_len, p.d}, options);
@@ -190,9 +202,9 @@ at::Tensor backward_pass(const Problem& p, const CodeTensors& codes, const TileF
       const int64_t x0 = u * tile, bx = std::min(tile, other_len - x0);
       const int64_t r0 = for_k ? x0 : o0, br = for_k ? bx : bo;
       const int64_t c0 = for_k ? o0 : x0, bc = for_k ? bo : bx;
-      at::Tensor qr = tile_rows(p.q, r0, br, p.acc), kc = tile_rows(p.k, c0, bc, p.acc);
       at::Tensor S = buffer.narrow(0, 0, br * bc).view({br, bc});
-      at::mm_out(S, qr, kc.t());
+      tile_products(S, p.q.narrow(0, r0, br), p.k.narrow(0, c0, bc));
+      const at::Tensor qr = pa.q.narrow(0, r0, br), kc = pa.k.narrow(0, c0, bc);
       const int64_t blocks = ceil_div(br * bc, kThreads);
       backward_epilogue<acc_t><<<blocks, kThreads, 0, stream>>>(
           S.data_ptr<acc_t>(), r0, br, c0, bc, codes.view(), lse.data_ptr<acc_t>(),
@@ -217,7 +229,7 @@ std::tuple<at::Tensor, at::Tensor> pair_softplus_cuda(
   check_row_statistic(lse, "lse", q, "pair_softplus");
   const c10::cuda::CUDAGuard guard(q.device());
   const FullFloat32Products full_float32;
-  const Problem p = in_accumulation_dtype(make_problem(q, k, tau, exclude_self));
+  const Problem p = make_problem(q, k, tau, exclude_self);
   const CodeTensors codes = pair_stats::make_codes(q_label, k_label, q_group, k_group,
                                                    ignore_index);
   std::tuple<at::Tensor, at::Tensor> out;
@@ -241,7 +253,7 @@ std::tuple<at::Tensor, at::Tensor> pair_softplus_backward_cuda(
   check_row_statistic(grad_total, "grad_total", q, "pair_softplus_backward");
   const c10::cuda::CUDAGuard guard(q.device());
   const FullFloat32Products full_float32;
-  const Problem p = in_accumulation_dtype(make_problem(q, k, tau, exclude_self));
+  const Problem p = make_problem(q, k, tau, exclude_self), pa = in_accumulation_dtype(p);
   const CodeTensors codes = pair_stats::make_codes(q_label, k_label, q_group, k_group,
                                                    ignore_index);
   const CodeTensors host = codes_on_host(codes);
@@ -254,11 +266,13 @@ std::tuple<at::Tensor, at::Tensor> pair_softplus_backward_cuda(
         using acc_t = at::opmath_type<scalar_t>;
         if (p.self) {  // one set: q's gradient is dq + dk
           if (q_needs_grad)
-            grad_q = backward_pass<acc_t>(p, codes, filter, tile, l, g, false)
-                         .add_(backward_pass<acc_t>(p, codes, filter, tile, l, g, true));
+            grad_q = backward_pass<acc_t>(p, pa, codes, filter, tile, l, g, false)
+                         .add_(backward_pass<acc_t>(p, pa, codes, filter, tile, l, g, true));
         } else {
-          if (q_needs_grad) grad_q = backward_pass<acc_t>(p, codes, filter, tile, l, g, false);
-          if (k_needs_grad) grad_k = backward_pass<acc_t>(p, codes, filter, tile, l, g, true);
+          if (q_needs_grad)
+            grad_q = backward_pass<acc_t>(p, pa, codes, filter, tile, l, g, false);
+          if (k_needs_grad)
+            grad_k = backward_pass<acc_t>(p, pa, codes, filter, tile, l, g, true);
         }
       });
   // Gradients in the input dtype; unrequested ones as empty tensors (the schema returns Tensors).
