@@ -162,3 +162,24 @@ def test_row_lse_bad_arguments():
         ops.row_lse(q, q, float("nan"))
     with pytest.raises(RuntimeError, match="scale must be a 0-dim Float"):  # the op's own check
         torch.ops.fastiml.row_lse(q, q, torch.tensor(1.0, dtype=torch.float64), True)
+
+
+def test_row_lse_and_the_bank_loss_compile_fullgraph():
+    """ops.row_lse (an autograd.Function around the custom op) and lightly's bank loss on it
+    under torch.compile(fullgraph=True): the values and the gradients of eager mode."""
+    from fastiml.losses.lightly import bank_loss
+    torch._dynamo.reset()
+    g = generator(66)
+    q0, k = features(40, 6, torch.float32, g), features(300, 6, torch.float32, g)
+    out1 = features(40, 6, torch.float32, g)
+
+    def step(q, scale):
+        return ops.row_lse(q, k, scale).sum() + bank_loss(q, out1, k, 0.2).mean()
+
+    results = []
+    for fn in (step, torch.compile(step, fullgraph=True, backend="aot_eager")):
+        q, scale = q0.clone().requires_grad_(), torch.tensor(7.0, requires_grad=True)
+        value = fn(q, scale)
+        results.append((value.detach(), *torch.autograd.grad(value, [q, scale])))
+    for a, b in zip(*results):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
