@@ -183,3 +183,25 @@ def test_row_lse_and_the_bank_loss_compile_fullgraph():
         results.append((value.detach(), *torch.autograd.grad(value, [q, scale])))
     for a, b in zip(*results):
         torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
+
+
+def test_row_lse_forms_the_mean_only_when_a_gradient_will_need_it(monkeypatch):
+    """Inference (no_grad, or no input requiring grad) and a k that takes the gradient skip
+    the mean's product; q or the scale requiring grad (k not) forms it."""
+    calls = []
+    real = torch.ops.fastiml.row_lse
+
+    class Recorder:
+        def __call__(self, q, k, scale, with_mean):
+            calls.append(with_mean)
+            return real(q, k, scale, with_mean)
+
+    monkeypatch.setattr(torch.ops.fastiml, "row_lse", Recorder())
+    q, k = torch.randn(5, 3), torch.randn(7, 3)
+    ops.row_lse(q, k, 2.0)
+    with torch.no_grad():
+        ops.row_lse(q.requires_grad_(), k, 2.0)
+    ops.row_lse(q.detach(), k.requires_grad_(), 2.0)
+    ops.row_lse(q.detach().requires_grad_(), k.detach(), 2.0)
+    ops.row_lse(q.detach(), k.detach(), torch.tensor(2.0, requires_grad=True))
+    assert calls == [False, False, False, True, True]
