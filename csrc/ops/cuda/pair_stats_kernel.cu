@@ -21,7 +21,8 @@
 // Host synchronisation: make_codes compacts labels and groups with at::_unique2, which on CUDA
 // synchronises once per call (it must learn the number of distinct values), and the tile
 // schedule is built on the host from the group codes (one copy of n + m int32 codes to the host,
-// one copy of the schedule back); nothing else syncs.
+// one copy of the schedule back): once in the forward, once per backward pass in general mode,
+// once for both backward passes in self mode (their schedules are equal); nothing else syncs.
 // Deterministic: every output element is written by exactly one thread, in a fixed order.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
@@ -213,24 +214,34 @@ struct Stats {
   at::Tensor q_max;  // dk pass on tensor cores only: max_ij |q_ij| (0-dim float32), its scale
 };
 
-// One backward pass. kForK = false: dq (blocks own rows); true: dk (blocks own columns).
+// The schedule of one backward pass. kForK = false: dq (blocks own row tiles); true: dk
+// (blocks own column tiles); each walks the other tiles that share a group. grid.y covers D in
+// kDV columns, so the schedule needs that many times fewer items. In self mode (the column
+// codes are the row codes, kBM == kBN) both passes have the same schedule: built once.
 template <typename scalar_t, bool kWmma, bool kForK>
-void launch_backward(const Problem& p, const CodeTensors& codes, const Stats& st,
-                     const at::Tensor* add_in, at::Tensor* out_acc, at::Tensor* out) {
+DeviceSchedule backward_schedule(const Problem& p, const CodeTensors& codes) {
   using C = gpu::Config<scalar_t, kWmma>;
-  using acc_t = typename C::acc_t;
-  // Blocks own row tiles (dq) or column tiles (dk) and walk the other tiles that share a group;
-  // grid.y covers D in kDV columns, so the schedule needs that many times fewer items.
-  const int64_t own = kForK ? p.m : p.n;
   const int64_t column_blocks = ceil_div(p.d, C::kDV);
   TORCH_CHECK(column_blocks <= 65535, "pair_stats_backward: D = ", p.d, " is too large for the "
               "CUDA kernel (at most ", 65535 * C::kDV, ")");
   const int64_t min_items = ceil_div(min_items_for_device(), column_blocks);
-  const DeviceSchedule schedule =
-      kForK ? device_schedule(codes.col_group, codes.row_group, min_items)
-            : device_schedule(codes.row_group, codes.col_group, min_items);
+  DeviceSchedule schedule = kForK ? device_schedule(codes.col_group, codes.row_group, min_items)
+                                  : device_schedule(codes.row_group, codes.col_group, min_items);
   TORCH_CHECK(schedule.items <= std::numeric_limits<int32_t>::max(),
               "pair_stats_backward: too many tiles");
+  return schedule;
+}
+
+// One backward pass over `schedule` (backward_schedule<..., kForK>). kForK = false: dq;
+// true: dk.
+template <typename scalar_t, bool kWmma, bool kForK>
+void launch_backward(const Problem& p, const CodeTensors& codes, const Stats& st,
+                     const DeviceSchedule& schedule, const at::Tensor* add_in,
+                     at::Tensor* out_acc, at::Tensor* out) {
+  using C = gpu::Config<scalar_t, kWmma>;
+  using acc_t = typename C::acc_t;
+  const int64_t own = kForK ? p.m : p.n;
+  const int64_t column_blocks = ceil_div(p.d, C::kDV);
   // Split items write partial gradient tiles, summed in split order after the kernel. At most
   // (min_items + own tiles) x 64 x d floats: ~17 MB at d = 128 on a 132-SM device.
   at::Tensor part;
@@ -359,17 +370,22 @@ std::tuple<at::Tensor, at::Tensor> pair_stats_backward_cuda(
       // accumulation dtype, the dk pass adds it and rounds once.
       at::Tensor partial = at::empty({n, d}, q.options().dtype(acc));
       grad_q = at::empty({n, d}, q.options());
-      launch_backward<scalar_t, kWmma, false>(p, codes, st, nullptr, &partial, nullptr);
-      launch_backward<scalar_t, kWmma, true>(p, codes, st, &partial, nullptr, &grad_q);
+      const DeviceSchedule both = backward_schedule<scalar_t, kWmma, false>(p, codes);
+      launch_backward<scalar_t, kWmma, false>(p, codes, st, both, nullptr, &partial, nullptr);
+      launch_backward<scalar_t, kWmma, true>(p, codes, st, both, &partial, nullptr, &grad_q);
       return;
     }
     if (want_q) {
       grad_q = at::empty({n, d}, q.options());
-      launch_backward<scalar_t, kWmma, false>(p, codes, st, nullptr, nullptr, &grad_q);
+      launch_backward<scalar_t, kWmma, false>(p, codes, st,
+                                              backward_schedule<scalar_t, kWmma, false>(p, codes),
+                                              nullptr, nullptr, &grad_q);
     }
     if (want_k) {
       grad_k = at::empty({m, d}, q.options());
-      launch_backward<scalar_t, kWmma, true>(p, codes, st, nullptr, nullptr, &grad_k);
+      launch_backward<scalar_t, kWmma, true>(p, codes, st,
+                                             backward_schedule<scalar_t, kWmma, true>(p, codes),
+                                             nullptr, nullptr, &grad_k);
     }
   });
   return {grad_q, grad_k};
