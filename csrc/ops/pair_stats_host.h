@@ -162,15 +162,17 @@ struct TileSchedule {
   int64_t splits = 1;
   std::vector<int64_t> begin;   // [items + 1]: item w's pairs are [begin[w], begin[w + 1])
   std::vector<int32_t> others;  // other tile of each pair, item by item
-  std::vector<int32_t> owner;   // own tile of each pair (the flattened list, for the CPU chunks)
+  std::vector<int32_t> owner;   // own tile of each pair (for the CPU chunks; empty on CUDA)
 
   int64_t items() const { return own_tiles * splits; }
   int64_t pairs() const { return static_cast<int64_t>(others.size()); }
 };
 
+// with_owner false leaves `owner` empty (the CUDA kernels read begin and others only).
 inline TileSchedule make_tile_schedule(const std::vector<GroupRange>& own_ranges,
                                        const std::vector<GroupRange>& other_ranges,
-                                       bool upper_only, int64_t min_items) {
+                                       bool upper_only, int64_t min_items,
+                                       bool with_owner = true) {
   TileSchedule s;
   s.own_tiles = static_cast<int64_t>(own_ranges.size());
   const int64_t other_tiles = static_cast<int64_t>(other_ranges.size());
@@ -190,7 +192,7 @@ inline TileSchedule make_tile_schedule(const std::vector<GroupRange>& own_ranges
     for (int64_t part = 0; part < s.splits; ++part) {
       for (int64_t i = len * part / s.splits; i < len * (part + 1) / s.splits; ++i) {
         s.others.push_back(lists[r][i]);
-        s.owner.push_back(static_cast<int32_t>(r));
+        if (with_owner) s.owner.push_back(static_cast<int32_t>(r));
       }
       s.begin.push_back(s.pairs());
     }

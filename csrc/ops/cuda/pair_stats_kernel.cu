@@ -102,7 +102,7 @@ DeviceSchedule device_schedule(const at::Tensor& own_group, const at::Tensor& ot
   const TileSchedule s = make_tile_schedule(
       tile_group_ranges(own.const_data_ptr<int32_t>(), own.numel(), gpu::kBM),
       tile_group_ranges(other.const_data_ptr<int32_t>(), other.numel(), gpu::kBN), false,
-      min_items);
+      min_items, /*with_owner=*/false);
   DeviceSchedule d;
   d.splits = s.splits;
   d.items = s.items();
