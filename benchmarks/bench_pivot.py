@@ -110,6 +110,11 @@ def run_case(case: dict) -> dict:
         copy = H.time_fn(lambda: (a1.copy_(a0), b1.copy_(b0)), repeat=int(case.get("repeat", 5)),
                          device=device)
         out["floor_s"] = _PASSES["fused"] / _PASSES["clone"] * copy["time_s"]
+        # The same traffic at the rate of clone() -- which, like the op's own gradients, writes
+        # into fresh allocations -- timed here too: the yardstick, printed beside.
+        clone = H.time_fn(lambda: (a0.clone(), b0.clone()), repeat=int(case.get("repeat", 5)),
+                          device=device)
+        out["clone_floor_s"] = _PASSES["fused"] / _PASSES["clone"] * clone["time_s"]
     return out
 
 
@@ -131,7 +136,8 @@ def run(args) -> List[H.Result]:
                     "threads": args.threads, "repeat": args.repeat}
             H.progress(f"[pivot] {dtype_name} {provider} ...")
             out = H.run_case_anywhere(MODULE, run_case, case, args.in_process, args.timeout)
-            r = H.result_from_child(BENCHMARK, provider, params, out, keep=("loss", "floor_s"))
+            r = H.result_from_child(BENCHMARK, provider, params, out,
+                                    keep=("loss", "floor_s", "clone_floor_s"))
             H.progress(f"[pivot] {dtype_name} {provider}: {H.fmt_seconds(r)} s, "
                        f"{H.fmt_mb(r)} MB above inputs")
             results.append(r)
@@ -150,6 +156,9 @@ def _derive(results):
         if fused.metrics.get("floor_s"):
             fused.metrics["bandwidth_floor_ratio"] = (fused.metrics["time_s"]
                                                       / fused.metrics["floor_s"])
+        if fused.metrics.get("clone_floor_s"):
+            fused.metrics["clone_floor_ratio"] = (fused.metrics["time_s"]
+                                                  / fused.metrics["clone_floor_s"])
         for base in ("plain", "reference"):
             s = H.ratio(H.find_result(results, base, dtype=fused.params["dtype"]), fused)
             if s is not None:
@@ -164,7 +173,7 @@ def _derive(results):
 def table(results: List[H.Result]) -> str:
     headers = ["B×1×H×W", "patch", "dtype", "fused s", "plain s", "reference s",
                "speed-up vs plain", "vs reference", "fused GB/s", "clone GB/s", "floor s",
-               "× floor",
+               "× floor", "× clone floor",
                "peak MB above inputs: fused", "plain", "reference", "loss rel. diff"]
     rows = []
     dtypes = []
@@ -184,13 +193,16 @@ def table(results: List[H.Result]) -> str:
                      "—" if f is None or f.get("floor_s") is None else f"{f.get('floor_s'):.4f}",
                      "—" if f is None or f.get("bandwidth_floor_ratio") is None
                      else f"{f.get('bandwidth_floor_ratio'):.2f}×",
+                     "—" if f is None or f.get("clone_floor_ratio") is None
+                     else f"{f.get('clone_floor_ratio'):.2f}×",
                      H.fmt_mb(f), H.fmt_mb(pl),
                      H.fmt_mb(ref), "—" if diff is None else f"{diff:.1e}"])
     return H.markdown_table(headers, rows) + (
         "\n\nGB/s: bytes the op must move (fused: 6 passes over a logit map -- a, b read twice, "
         "two gradients written; clone: 4) per second. floor: those 6 passes at the rate of "
         "copying a and b into preallocated buffers, timed in the fused case's process; "
-        "× floor = fused / floor.")
+        "× floor = fused / floor; × clone floor: the same with a.clone(), b.clone() timed in "
+        "that process (fresh allocations, as the op's gradients).")
 
 
 def parser():

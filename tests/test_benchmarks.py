@@ -84,6 +84,8 @@ def test_pivot_cases():
                                     "dtype": "float32", "repeat": 1, "threads": 1})
         _check_case(out)
         losses[provider] = out["loss"]
+        if provider == "fused":  # both floors, timed in the fused case's own process
+            assert out["floor_s"] > 0 and out["clone_floor_s"] > 0
     assert losses["fused"] > 0
     assert losses["fused"] == pytest.approx(losses["plain"], rel=1e-4)
     assert losses["fused"] == pytest.approx(losses["reference"], rel=1e-4)
