@@ -148,6 +148,12 @@ def _floor(exact: torch.Tensor, dtype: torch.dtype) -> float:
     return FLOOR_ULPS[dtype] * torch.finfo(dtype).eps * max(scale, torch.finfo(dtype).tiny)
 
 
+def _stat_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype of the ops' statistics for inputs of `dtype`: float64 for float64, else
+    float32 (fastiml.ops' rule)."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
 class _Checks:
     """The checks of one row: each output's error and tolerance; the row fails on any."""
 
@@ -181,6 +187,13 @@ class _Checks:
         rule = half_rule(actual, exact, result_dtype, arg_error=arg_error, log_domain=log_domain)
         self.items.append(dict(name=name, error=rule.error, tolerance=rule.bound,
                                problem=rule.message or None, ok=rule.ok))
+
+    def dtype(self, name: str, actual: torch.Tensor, want: torch.dtype) -> None:
+        """A failed check named `name` when `actual` is not of dtype `want` (nothing when it
+        is: the value checks already cover the output)."""
+        if actual.dtype != want:
+            self.items.append(dict(name=name, error=math.inf, tolerance=0.0, ok=False,
+                                   problem=f"{actual.dtype}, expected {want}"))
 
     def exact(self, name: str, actual: torch.Tensor, expected: torch.Tensor) -> None:
         """Integer / boolean outputs: equal; the error is the number of mismatches."""
@@ -441,11 +454,8 @@ def pair_stats_case(device: str, dtype: torch.dtype, mode: str,
     checks.exact("pos_count", got[2], exact[2])
     if walks is not None:
         _check_walks(checks, walks, tiles)
-    stat_dtype = torch.float64 if dtype == torch.float64 else torch.float32
-    for i, name, want in ((0, "lse.dtype", stat_dtype), (3, "grad_q.dtype", dtype)):
-        if got[i].dtype != want:
-            checks.items.append(dict(name=name, error=math.inf, tolerance=0.0, ok=False,
-                                     problem=f"{got[i].dtype}, expected {want}"))
+    for i, name, want in ((0, "lse.dtype", _stat_dtype(dtype)), (3, "grad_q.dtype", dtype)):
+        checks.dtype(name, got[i], want)
     return checks.row(op, device, _dtype_name(dtype), x["shape"], time.perf_counter() - start)
 
 
@@ -458,8 +468,7 @@ def _softplus_run(fn, x, lse, device, dtype):
     dev = x["to_dev"]
     q = dev(x["q"]).to(dtype).requires_grad_()
     k = None if x["k"] is None else dev(x["k"]).to(dtype).requires_grad_()
-    stat = torch.float64 if dtype == torch.float64 else torch.float32
-    lse = dev(lse).to(stat).requires_grad_()
+    lse = dev(lse).to(_stat_dtype(dtype)).requires_grad_()
     kw = dict(tau=TAU, exclude_self=x["kwargs"]["exclude_self"])
     total, _ = fn(q, k, dev(x["q_label"]), dev(x["k_label"]), dev(x["q_group"]),
                   dev(x["k_group"]), lse=lse, **kw)
@@ -493,7 +502,7 @@ def pair_softplus_case(device: str, dtype: torch.dtype, mode: str,
         lse = reference.pair_stats(q64, k64, x["q_label"], x["k_label"], x["q_group"],
                                    x["k_group"], tau=TAU, exclude_self=x["kwargs"]["exclude_self"],
                                    denominator="negatives")[0]
-        lse = lse.to(torch.float64 if dtype == torch.float64 else torch.float32).double()
+        lse = lse.to(_stat_dtype(dtype)).double()
         with forced_tiles(tiles), tf32_matmuls(tf32) as flag_after:
             got = _softplus_run(_api("pair_softplus"), x, lse, device, dtype)
             if device == "cuda":
@@ -598,7 +607,7 @@ def _all_pairs_run(case: AllPairsCase, fn, x, device, dtype):
     dtype); returns the outputs, then the gradients of q, k (where it takes one) and the
     scalars of a sum of the outputs with random weights (the upstream gradients: float32
     values, fixed by each output's shape)."""
-    stat = torch.float64 if dtype == torch.float64 else torch.float32
+    stat = _stat_dtype(dtype)
     q = x["q"].to(device=device, dtype=dtype).requires_grad_()
     k = x["k"].to(device=device, dtype=dtype).requires_grad_(case.k_grad)
     scalars = [torch.tensor(x[name], dtype=stat, device=device).requires_grad_()
@@ -645,7 +654,7 @@ def all_pairs_case(device: str, dtype: torch.dtype, name: str,
             raise ValueError(f"{len(got)} outputs and gradients, expected {len(exact)}")
     except Exception as e:  # noqa: BLE001 - a crash is a failed check, reported as such
         return _error_row(op, device, _dtype_name(dtype), shape, e)
-    stat = torch.float64 if dtype == torch.float64 else torch.float32
+    stat = _stat_dtype(dtype)
     features = ("q", "k") if case.k_grad else ("q",)
     names = case.outputs + tuple(f"grad_{s}" for s in features + case.scalars)
     # Outputs and the scalars' gradients in the statistics' dtype, the features' in theirs.
@@ -662,9 +671,7 @@ def all_pairs_case(device: str, dtype: torch.dtype, name: str,
             checks.half(out, got[i], exact[i], dtypes[i], arg_error, log_domain=log_domain[i])
         else:
             checks.close(out, got[i], exact[i], low[i], dtype)
-        if got[i].dtype != dtypes[i]:
-            checks.items.append(dict(name=f"{out}.dtype", error=math.inf, tolerance=0.0,
-                                     ok=False, problem=f"{got[i].dtype}, expected {dtypes[i]}"))
+        checks.dtype(f"{out}.dtype", got[i], dtypes[i])
     return checks.row(op, device, _dtype_name(dtype), shape, time.perf_counter() - start)
 
 

@@ -527,3 +527,14 @@ def test_timing_rows_hold_their_targets():
 
 def test_cli_quick_exit_status():
     assert selftest.main(["--device", "cpu", "--quick", "--quiet"]) == 0
+
+
+def test_a_result_in_the_wrong_dtype_fails_its_row():
+    """row_lse's lse must come back in float32 for float32 inputs: an op returning float64
+    (values right) fails the row on the dtype check, naming it."""
+    def float64_lse(q, k, scale):
+        return ops.row_lse(q, k, scale).double()
+
+    row = selftest.all_pairs_case("cpu", torch.float32, "row_lse/k-no-grad", impl=float64_lse)
+    assert row["status"] == "FAIL" and "lse.dtype (torch.float64, expected torch.float32)" in (
+        row["reason"]), row
