@@ -304,8 +304,7 @@ def parser():
     p.add_argument("--sizes", type=int, nargs="+", default=list(DEFAULT_SIZES),
                    help="numbers of embeddings N (default 4096 16384 65536)")
     p.add_argument("--large", action="store_true", help=f"also N = {LARGE_SIZE}")
-    p.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"],
-                   choices=("float32", "float16", "bfloat16"))
+    H.add_dtypes_option(p, default=("float32", "bfloat16"), what="the embeddings")
     p.add_argument("--providers", nargs="+", default=list(PROVIDERS), choices=PROVIDERS)
     p.add_argument("--modes", nargs="+", default=["self"], choices=MODES,
                    help="self-contrast (default) and/or general mode (q, k distinct)")

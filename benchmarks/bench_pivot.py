@@ -207,8 +207,7 @@ def table(results: List[H.Result]) -> str:
 
 def parser():
     p = H.base_parser(__doc__, repeat=5)
-    p.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"],
-                   choices=("float32", "float16", "bfloat16"))
+    H.add_dtypes_option(p, default=("float32", "bfloat16"), what="the logits")
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--size", type=int, default=512, help="H = W of the logits (default 512)")
     p.add_argument("--patch", type=int, default=16, help="klass grid cell (default 16)")
