@@ -50,6 +50,9 @@ minutes) adds, in the same table:
 * CPU against CUDA: ``contour_mine`` and ``contour_band`` bit-equal on every mask dtype;
 * two runs bit-equal: every op's outputs and gradients, run twice (on CUDA also under the
   hook);
+* no host synchronisation (CUDA): ``pair_stats`` forward and backward in self mode and with
+  groups (bfloat16) under ``torch.cuda.set_sync_debug_mode("warn")``, rows ``... (syncs)``: each
+  synchronising call is counted, and any fails the row;
 * ``compute-sanitizer`` memcheck / racecheck / synccheck on small calls of every op (when the
   tool is on PATH), in all four dtypes under the hook and in float32 / bfloat16 without it;
 * timings, against targets: ``pair_stats`` bf16 N = 65,536 D = 128 self mode forward + backward
@@ -72,6 +75,7 @@ import shutil
 import subprocess
 import sys
 import time
+import warnings
 from typing import Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
@@ -837,6 +841,71 @@ def _outputs_of(device: str, dtype: torch.dtype, tiles: Optional[str] = None
     return out
 
 
+# pair_stats modes whose forward and backward must not synchronise with the host on CUDA.
+SYNC_MODES = ("self", "groups")
+
+
+@contextlib.contextmanager
+def _sync_warnings(device: str):
+    """Records the block's warnings in the yielded list; on CUDA with
+    ``torch.cuda.set_sync_debug_mode("warn")``, so that every synchronising call adds one (the
+    previous mode is restored after)."""
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        before = torch.cuda.get_sync_debug_mode() if device == "cuda" else None
+        if device == "cuda":
+            torch.cuda.set_sync_debug_mode("warn")
+        try:
+            yield seen
+        finally:
+            if device == "cuda":
+                torch.cuda.set_sync_debug_mode(before)
+
+
+def _sync_count(seen) -> int:
+    return sum("synchroniz" in str(w.message) for w in seen)
+
+
+def sync_case(device: str, mode: str, impl: Optional[Callable] = None) -> Dict:
+    """One row: ops.pair_stats (or `impl`, same signature) in `mode`, bfloat16, must not
+    synchronise with the host -- neither the forward (with the loss it feeds) nor the backward
+    -- counted by ``torch.cuda.set_sync_debug_mode("warn")``. The inputs and the upstream
+    weights are on the device before counting starts. A CUDA matter: SKIP elsewhere unless
+    `impl` is given (the tests' seeded syncs)."""
+    op = f"pair_stats/{mode} (syncs)"
+    dtype = torch.bfloat16
+    x = _pair_inputs(mode, dtype, device)
+    if impl is None:
+        reason = ("host synchronisation is a CUDA matter" if device != "cuda" else
+                  _unavailable("pair_stats", device, ["pair_stats_backward"]))
+        if reason:
+            return _skip(op, device, _dtype_name(dtype), x["shape"], reason)
+        impl = _api("pair_stats")
+    start = time.perf_counter()
+    try:
+        dev = x["to_dev"]
+        q = dev(x["q"]).requires_grad_()
+        k = None if x["k"] is None else dev(x["k"]).requires_grad_()
+        sets = [dev(x[name]) for name in ("q_label", "k_label", "q_group", "k_group")]
+        w_lse, w_pos = dev(x["w_lse"]), dev(x["w_pos"])
+        if device == "cuda":
+            torch.cuda.synchronize()
+        with _sync_warnings(device) as seen:
+            lse, pos_mean, _ = impl(q, k, *sets, **x["kwargs"])
+            loss = _pair_loss(lse, pos_mean, w_lse, w_pos)
+        forward = _sync_count(seen)
+        with _sync_warnings(device) as seen:
+            torch.autograd.grad(loss, [t for t in (q, k) if t is not None])
+        backward = _sync_count(seen)
+    except Exception as e:  # noqa: BLE001 - a crash is a failed check, reported as such
+        return _error_row(op, device, _dtype_name(dtype), x["shape"], e)
+    checks = _Checks()
+    for name, count in (("forward syncs", forward), ("backward syncs", backward)):
+        checks.items.append(dict(name=name, error=float(count), tolerance=0.0, ok=count == 0,
+                                 problem=f"{count} host synchronisation(s)" if count else None))
+    return checks.row(op, device, _dtype_name(dtype), x["shape"], time.perf_counter() - start)
+
+
 def determinism_case(device: str, dtype: torch.dtype, tiles: Optional[str] = None) -> Dict:
     """Two runs of every op, outputs and gradients bit-equal (`tiles`: the CUDA tile test
     hook's value)."""
@@ -1112,6 +1181,8 @@ def full_rows(device: str, quick: bool,
             rows.append(crosscheck_case(dtype))
         for tool in ("memcheck", "racecheck", "synccheck"):
             rows.append(sanitizer_case(tool, sanitizer_timeout))
+        for mode in SYNC_MODES:
+            rows.append(sync_case(device, mode))
     rows.append(pair_timing_case(device, quick))
     rows.append(mpc_timing_case(device, quick))
     return rows

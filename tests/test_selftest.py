@@ -538,3 +538,69 @@ def test_a_result_in_the_wrong_dtype_fails_its_row():
     row = selftest.all_pairs_case("cpu", torch.float32, "row_lse/k-no-grad", impl=float64_lse)
     assert row["status"] == "FAIL" and "lse.dtype (torch.float64, expected torch.float32)" in (
         row["reason"]), row
+
+
+# ------------------------------------------------------- no host synchronisation (CUDA rows)
+
+def _seeding_a_sync(where):
+    """ops.pair_stats with one synchronising call -- a warning as set_sync_debug_mode("warn")
+    gives -- in its forward or its backward."""
+    class SyncInBackward(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, lse):
+            return lse.view_as(lse)
+
+        @staticmethod
+        def backward(ctx, grad):
+            import warnings
+            warnings.warn("called a synchronizing CUDA operation")
+            return grad
+
+    def impl(*args, **kwargs):
+        lse, pos_mean, pos_count = ops.pair_stats(*args, **kwargs)
+        if where == "forward":
+            import warnings
+            warnings.warn("called a synchronizing CUDA operation")
+            return lse, pos_mean, pos_count
+        return SyncInBackward.apply(lse), pos_mean, pos_count
+    return impl
+
+
+def test_sync_rows_are_cuda_rows():
+    row = selftest.sync_case("cpu", "self")
+    assert row["status"] == "SKIP" and "CUDA" in row["reason"]
+
+
+@pytest.mark.parametrize("mode", selftest.SYNC_MODES)
+def test_sync_rows_pass_an_op_that_does_not_sync(mode):
+    row = selftest.sync_case("cpu", mode, impl=ops.pair_stats)
+    assert row["status"] == "PASS", row["reason"]
+    assert [c["name"] for c in row["checks"]] == ["forward syncs", "backward syncs"]
+
+
+@pytest.mark.parametrize("where", ["forward", "backward"])
+def test_sync_rows_count_a_seeded_sync(where):
+    row = selftest.sync_case("cpu", "groups", impl=_seeding_a_sync(where))
+    assert row["status"] == "FAIL"
+    assert row["reason"] == f"failed: {where} syncs (1 host synchronisation(s))"
+
+
+@pytest.mark.skipif(_CUDA_SKIP is not None, reason=_CUDA_SKIP or "")
+@pytest.mark.parametrize("mode", selftest.SYNC_MODES)
+def test_pair_stats_does_not_sync_on_cuda(mode):
+    row = selftest.sync_case("cuda", mode)
+    assert row["status"] == "PASS", row["reason"]
+
+
+def test_full_rows_include_the_sync_rows_on_cuda(monkeypatch):
+    """The CUDA part of --full runs every SYNC_MODES row (the cases stubbed: no GPU here)."""
+    seen = []
+    monkeypatch.setattr(selftest, "sync_case", lambda device, mode: seen.append((device, mode))
+                        or selftest._skip("s", device, "-", "-", "stub"))
+    for name in ("pair_stats_case", "pair_softplus_case", "large_case", "all_pairs_case",
+                 "determinism_case", "offsets64_case", "crosscheck_case", "sanitizer_case",
+                 "pair_timing_case", "mpc_timing_case"):
+        monkeypatch.setattr(selftest, name,
+                            lambda *a, **k: selftest._skip("x", "cuda", "-", "-", "stub"))
+    selftest.full_rows("cuda", quick=False)
+    assert seen == [("cuda", mode) for mode in selftest.SYNC_MODES]

@@ -123,6 +123,25 @@ def test_splits_cover_each_list_once_in_order(own_len, other_len, tile, min_item
         assert max(lengths) - min(lengths) <= 1
 
 
+def test_splits_depend_on_tile_counts_only():
+    """The split count comes from the tile counts alone (the CUDA grid size must be known
+    without reading the groups back from the GPU): with image-major groups each row tile meets
+    few column tiles, so most runs are empty, and each list is still covered once, in order,
+    in runs that differ by at most one tile."""
+    own = sorted_codes([100, 37, 250, 64, 1, 90])
+    other = sorted_codes([40, 0, 300, 64, 20, 130])
+    splits, lists = schedule(own, other, 16, min_items=2000)
+    own_tiles, other_tiles = math.ceil(len(own) / 16), math.ceil(len(other) / 16)
+    assert splits == min(math.ceil(2000 / own_tiles), other_tiles)
+    want = full_lists(schedule(own, other, 16)[1], 1)
+    assert max(len(v) for v in want.values()) < splits  # lists shorter than the split count
+    for r in range(own_tiles):
+        runs = [lists[(r, s)] for s in range(splits)]
+        assert sum(runs, []) == want[r]
+        lengths = [len(run) for run in runs]
+        assert max(lengths) - min(lengths) <= 1
+
+
 def test_bad_input_is_named():
     with pytest.raises(RuntimeError, match="tile must be > 0"):
         torch.ops.fastiml.pair_stats_tile_schedule(torch.zeros(3, dtype=torch.long),

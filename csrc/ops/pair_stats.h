@@ -28,6 +28,76 @@ FASTIML_HD PairMask pair_mask(int32_t row_label, int32_t row_group, int32_t col_
   return {counted & (int32_t(!negatives_only) | (same ^ 1)), counted & same};
 }
 
+// [lo, hi] of the non-negative group codes of a tile; empty (lo > hi) for a tile with no
+// counted entry. Tiles whose ranges do not meet share no pair that counts: the tile schedule
+// skips their product.
+struct GroupRange {
+  int32_t lo = INT32_MAX, hi = -1;
+  FASTIML_HD void add(int32_t group) {
+    if (group < 0) return;
+    lo = group < lo ? group : lo;
+    hi = group > hi ? group : hi;
+  }
+  FASTIML_HD bool meets(const GroupRange& o) const { return lo <= o.hi && o.lo <= hi; }
+};
+
+// The tile schedule of one pass, the same on both backends: which (own tile, other tile)
+// products run, grouped into work items (the CPU's chunks walk them; each CUDA block is one).
+//  * a pair whose tiles' group ranges do not meet is left out: with image-major groups,
+//    within-image contrast over a batch of B images costs B images' work, not B^2;
+//  * upper_only (the CPU's symmetric self-mode schedule): only pairs with other >= own;
+//  * splits: with fewer than min_items own tiles (CUDA: ~2 blocks per SM) each own tile's list
+//    is cut into `splits` contiguous runs of near-equal length, one work item each (item
+//    own * splits + split; some may be empty, so every row still gets its statistics written);
+//    partial results are merged in split order 0, 1, ...: deterministic.
+// The rule needs the per-tile group ranges and nothing else: the CUDA kernels run it on the
+// device (no schedule list, no host round trip); the CPU materialises it (make_tile_schedule).
+FASTIML_HD int64_t schedule_splits(int64_t own_tiles, int64_t other_tiles, int64_t min_items) {
+  if (own_tiles == 0 || own_tiles >= min_items) return 1;
+  const int64_t want = (min_items + own_tiles - 1) / own_tiles;
+  // At most one run per other tile: more would only add empty items.
+  const int64_t splits = want < other_tiles ? want : other_tiles;
+  return splits > 1 ? splits : 1;
+}
+
+// Walks work item `item`'s other tiles in column order: the entries [len * split / splits,
+// len * (split + 1) / splits) of own tile item / splits' list of meeting tiles (length len).
+// O(other tiles) range tests per item, twice when split (one pass counts len).
+class TileCursor {
+ public:
+  FASTIML_HD TileCursor(const GroupRange* own_ranges, const GroupRange* other_ranges,
+                        int64_t other_tiles, int64_t item, int64_t splits, bool upper_only)
+      : other_(other_ranges), other_tiles_(other_tiles) {
+    const int64_t own_tile = item / splits, split = item % splits;
+    own_ = own_ranges[own_tile];
+    tile_ = upper_only ? own_tile : 0;
+    if (splits > 1) {
+      int64_t len = 0;
+      for (int64_t c = tile_; c < other_tiles; ++c) len += own_.meets(other_[c]) ? 1 : 0;
+      begin_ = len * split / splits;
+      end_ = len * (split + 1) / splits;
+    }
+  }
+
+  // The next other tile of the run into `tile`; false when the run is done.
+  FASTIML_HD bool next(int64_t& tile) {
+    for (; tile_ < other_tiles_ && index_ < end_; ++tile_) {
+      if (!own_.meets(other_[tile_])) continue;
+      if (index_++ >= begin_) {
+        tile = tile_++;
+        return true;
+      }
+    }
+    return false;
+  }
+
+ private:
+  const GroupRange* other_;
+  int64_t other_tiles_;
+  GroupRange own_;
+  int64_t tile_ = 0, index_ = 0, begin_ = 0, end_ = INT64_MAX;
+};
+
 // Online log-sum-exp (FlashAttention): raise the running max m to `tile_max`, rescaling the
 // running sum l so that l * exp(m) is unchanged.
 template <typename T>

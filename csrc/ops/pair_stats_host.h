@@ -97,12 +97,20 @@ inline CodeTensors make_codes(const at::Tensor& q_label, const std::optional<at:
   const bool self = !k_label.has_value();
   const at::Tensor labels = self ? q_label : at::cat({q_label, *k_label});
   // Sorted codes keep the order of the values: rows sorted by group (image-major pixel sets)
-  // give tiles with narrow code ranges, which the kernels use to skip cross-group tiles.
+  // give tiles with narrow code ranges, which the kernels use to skip cross-group tiles. The
+  // codes are the ranks of the distinct values (at::_unique2's inverse) from a sort, a mark
+  // where the sorted value changes and a running count: unlike unique, nothing here waits for
+  // the GPU (it needs no count of distinct values on the host).
   const auto compact = [](const at::Tensor& values) {
-    if (values.numel() == 0) return values.to(at::kInt);
-    return std::get<1>(at::_unique2(values, /*sorted=*/true, /*return_inverse=*/true,
-                                    /*return_counts=*/false))
-        .to(at::kInt);
+    const int64_t count = values.numel();
+    if (count == 0) return values.to(at::kInt);
+    const auto [sorted, order] = values.sort();
+    at::Tensor changes = at::ones({count}, values.options().dtype(at::kInt));
+    if (count > 1)
+      changes.narrow(0, 1, count - 1)
+          .copy_(sorted.narrow(0, 1, count - 1) != sorted.narrow(0, 0, count - 1));
+    const at::Tensor ranks = changes.cumsum(0, at::kInt).sub_(1);
+    return at::empty_like(ranks).scatter_(0, order, ranks);
   };
   at::Tensor label_codes = compact(labels);
   at::Tensor group_codes;
@@ -126,76 +134,43 @@ inline int32_t self_column(bool exclude_self, int64_t i, int64_t c0, int64_t bc)
   return (exclude_self && i >= c0 && i < c0 + bc) ? int32_t(i - c0) : -1;
 }
 
-// [min, max] of the non-negative group codes of each tile of `tile` entries; an empty range
-// (min > max) for a tile with no counted entry. Tiles whose ranges do not intersect share no
-// pair that counts, so their product can be skipped.
-struct GroupRange {
-  int32_t lo, hi;
-  bool meets(const GroupRange& o) const { return lo <= o.hi && o.lo <= hi; }
-};
-
+// The GroupRange (ops/pair_stats.h) of each tile of `tile` entries.
 inline std::vector<GroupRange> tile_group_ranges(const int32_t* groups, int64_t n, int64_t tile) {
-  std::vector<GroupRange> ranges((n + tile - 1) / tile,
-                                 {std::numeric_limits<int32_t>::max(), -1});
-  for (int64_t i = 0; i < n; ++i) {
-    if (groups[i] < 0) continue;
-    GroupRange& r = ranges[i / tile];
-    r.lo = std::min(r.lo, groups[i]);
-    r.hi = std::max(r.hi, groups[i]);
-  }
+  std::vector<GroupRange> ranges((n + tile - 1) / tile);
+  for (int64_t i = 0; i < n; ++i) ranges[i / tile].add(groups[i]);
   return ranges;
 }
 
-// The tile schedule of one pass, shared by the CPU and CUDA kernels: which (own tile, other
-// tile) products run, grouped into work items. The CPU's forward and backward walk it; the CUDA
-// kernels launch one block per item. Rules, in this one place:
-//  * a pair whose tiles share no group (tile_group_ranges) is left out: with image-major groups,
-//    within-image contrast over a batch of B images costs B images' work, not B^2;
-//  * upper_only (self mode's symmetric schedule): only pairs with other >= own;
-//  * splits: when there are fewer than min_items own tiles (CUDA: ~2 blocks per SM), each own
-//    tile's list is cut into `splits` contiguous runs of near-equal length, one item each, so
-//    that more blocks share the work. Every own tile has exactly `splits` items (item
-//    own * splits + split; some may be empty, so every row still gets its statistics written),
-//    and partial results are merged in split order 0, 1, ...: deterministic.
+// The tile schedule of ops/pair_stats.h (schedule_splits, TileCursor) as lists, for the CPU
+// kernel and the pair_stats_tile_schedule op; the CUDA kernels walk it on the device instead.
 struct TileSchedule {
   int64_t own_tiles = 0;
   int64_t splits = 1;
   std::vector<int64_t> begin;   // [items + 1]: item w's pairs are [begin[w], begin[w + 1])
   std::vector<int32_t> others;  // other tile of each pair, item by item
-  std::vector<int32_t> owner;   // own tile of each pair (for the CPU chunks; empty on CUDA)
+  std::vector<int32_t> owner;   // own tile of each pair (for the CPU chunks)
 
   int64_t items() const { return own_tiles * splits; }
   int64_t pairs() const { return static_cast<int64_t>(others.size()); }
 };
 
-// with_owner false leaves `owner` empty (the CUDA kernels read begin and others only).
 inline TileSchedule make_tile_schedule(const std::vector<GroupRange>& own_ranges,
                                        const std::vector<GroupRange>& other_ranges,
-                                       bool upper_only, int64_t min_items,
-                                       bool with_owner = true) {
+                                       bool upper_only, int64_t min_items) {
   TileSchedule s;
   s.own_tiles = static_cast<int64_t>(own_ranges.size());
   const int64_t other_tiles = static_cast<int64_t>(other_ranges.size());
-  std::vector<std::vector<int32_t>> lists(s.own_tiles);
-  int64_t longest = 0;
-  for (int64_t r = 0; r < s.own_tiles; ++r) {
-    for (int64_t c = upper_only ? r : 0; c < other_tiles; ++c)
-      if (own_ranges[r].meets(other_ranges[c])) lists[r].push_back(static_cast<int32_t>(c));
-    longest = std::max<int64_t>(longest, static_cast<int64_t>(lists[r].size()));
-  }
-  if (s.own_tiles > 0 && s.own_tiles < min_items)
-    s.splits = std::max<int64_t>(1, std::min((min_items + s.own_tiles - 1) / s.own_tiles, longest));
+  s.splits = schedule_splits(s.own_tiles, other_tiles, min_items);
   s.begin.reserve(s.items() + 1);
   s.begin.push_back(0);
-  for (int64_t r = 0; r < s.own_tiles; ++r) {
-    const int64_t len = static_cast<int64_t>(lists[r].size());
-    for (int64_t part = 0; part < s.splits; ++part) {
-      for (int64_t i = len * part / s.splits; i < len * (part + 1) / s.splits; ++i) {
-        s.others.push_back(lists[r][i]);
-        if (with_owner) s.owner.push_back(static_cast<int32_t>(r));
-      }
-      s.begin.push_back(s.pairs());
+  for (int64_t item = 0; item < s.items(); ++item) {
+    TileCursor cursor(own_ranges.data(), other_ranges.data(), other_tiles, item, s.splits,
+                      upper_only);
+    for (int64_t tile; cursor.next(tile);) {
+      s.others.push_back(static_cast<int32_t>(tile));
+      s.owner.push_back(static_cast<int32_t>(item / s.splits));
     }
+    s.begin.push_back(s.pairs());
   }
   return s;
 }
@@ -224,9 +199,9 @@ inline ForcedTiles forced_tiles() {
   return ForcedTiles::kSingle;
 }
 
-// min_items under the hook: 1 for "multi"; for "single" more items than any list has pairs
-// (make_tile_schedule then splits each list into runs of one), int32-sized so that its sums
-// cannot overflow.
+// min_items under the hook: 1 for "multi"; for "single" more items than there are other tiles
+// (schedule_splits then gives one run per other tile: runs of at most one), int32-sized so
+// that its sums cannot overflow.
 inline int64_t forced_min_items(int64_t min_items) {
   switch (forced_tiles()) {
     case ForcedTiles::kMulti: return 1;
@@ -237,7 +212,7 @@ inline int64_t forced_min_items(int64_t min_items) {
 
 // The op pair_stats_tile_schedule (both backends register it): make_tile_schedule as int64 CPU
 // tensors, with min_items under the CUDA test hook (forced_min_items), as the CUDA kernels
-// build it -- so that the suite can replay the hooked schedule without a GPU. The group codes
+// walk it -- so that the suite can replay the hooked schedule without a GPU. The group codes
 // are read on the host (a copy from the GPU).
 inline std::tuple<at::Tensor, at::Tensor, at::Tensor> tile_schedule_op(
     const at::Tensor& own_group, const at::Tensor& other_group, int64_t tile, bool upper_only,

@@ -18,11 +18,11 @@
 // kernel, which computes only the tiles on or above the diagonal (on the GPU that needs atomics
 // or a second buffer per column tile: not done yet).
 //
-// Host synchronisation: make_codes compacts labels and groups with at::_unique2, which on CUDA
-// synchronises once per call (it must learn the number of distinct values), and the tile
-// schedule is built on the host from the group codes (one copy of n + m int32 codes to the host,
-// one copy of the schedule back): once in the forward, once per backward pass in general mode,
-// once for both backward passes in self mode (their schedules are equal); nothing else syncs.
+// Host synchronisation: none. make_codes compacts labels and groups by a sort (not unique,
+// which must learn its count on the host), and the tile schedule is walked by each block from
+// the per-tile group ranges (TileCursor in ops/pair_stats.h), which a small kernel computes on
+// the device; the grid size depends only on the tile counts. `fastiml selftest` checks that
+// the forward and the backward run under torch.cuda.set_sync_debug_mode without a sync.
 // Deterministic: every output element is written by exactly one thread, in a fixed order.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
@@ -86,33 +86,54 @@ bool bf16_tensor_cores_compiled() {
   return forward.ptxVersion >= 80 && backward.ptxVersion >= 80;
 }
 
-// A pass's tile schedule (ops/pair_stats_host.h) on the device. The group codes are read on the
-// host (n + m int32), the schedule copied back.
+// The group ranges of the row tiles and of the column tiles (GroupRange, ops/pair_stats.h),
+// computed on the device from the group codes: all a pass's tile schedule needs. kBM == kBN, so
+// the dk pass (blocks own column tiles) uses the same two tensors with their roles swapped.
+static_assert(gpu::kBM == gpu::kBN, "the backward passes share the tile ranges");
+static_assert(sizeof(GroupRange) == 2 * sizeof(int32_t), "GroupRange is stored as int32 pairs");
+
+struct TileRanges {
+  at::Tensor rows, cols;  // int32 [tiles, 2] on the device; cols is rows in self mode
+};
+
+at::Tensor device_group_ranges(const at::Tensor& groups) {
+  const int64_t n = groups.size(0), tiles = ceil_div(n, gpu::kBM);
+  at::Tensor ranges = at::empty({tiles, 2}, groups.options());
+  if (tiles == 0) return ranges;
+  const unsigned blocks = static_cast<unsigned>(std::min<int64_t>(ceil_div(tiles, 256), 4096));
+  gpu::tile_group_ranges_kernel<<<blocks, 256, 0, at::cuda::getCurrentCUDAStream()>>>(
+      groups.const_data_ptr<int32_t>(), n, gpu::kBM, tiles,
+      reinterpret_cast<GroupRange*>(ranges.data_ptr<int32_t>()));
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return ranges;
+}
+
+TileRanges tile_ranges(const CodeTensors& codes, bool self) {
+  TileRanges r;
+  r.rows = device_group_ranges(codes.row_group);
+  r.cols = self ? r.rows : device_group_ranges(codes.col_group);
+  return r;
+}
+
+// A pass's schedule: the own and other tiles' ranges, and the split, which depends only on the
+// tile counts (schedule_splits): the grid size is known on the host without reading the GPU.
 struct DeviceSchedule {
-  at::Tensor item_begin, others;  // int64 [items + 1], int32 [pairs]
+  at::Tensor own, other;
   int64_t splits = 1, items = 0;
   gpu::ScheduleView view() const {
-    return {item_begin.const_data_ptr<int64_t>(), others.const_data_ptr<int32_t>(), splits};
+    return {reinterpret_cast<const GroupRange*>(own.const_data_ptr<int32_t>()),
+            reinterpret_cast<const GroupRange*>(other.const_data_ptr<int32_t>()), other.size(0),
+            splits};
   }
 };
 
-DeviceSchedule device_schedule(const at::Tensor& own_group, const at::Tensor& other_group,
+DeviceSchedule device_schedule(const at::Tensor& own, const at::Tensor& other,
                                int64_t min_items) {
-  const at::Tensor own = own_group.cpu().contiguous(), other = other_group.cpu().contiguous();
-  const TileSchedule s = make_tile_schedule(
-      tile_group_ranges(own.const_data_ptr<int32_t>(), own.numel(), gpu::kBM),
-      tile_group_ranges(other.const_data_ptr<int32_t>(), other.numel(), gpu::kBN), false,
-      min_items, /*with_owner=*/false);
   DeviceSchedule d;
-  d.splits = s.splits;
-  d.items = s.items();
-  const auto to_device = [&](const auto& v, at::ScalarType type) {
-    at::Tensor host = at::empty({static_cast<int64_t>(v.size())}, at::TensorOptions(type));
-    if (!v.empty()) std::memcpy(host.data_ptr(), v.data(), v.size() * sizeof(v[0]));
-    return host.to(own_group.device());
-  };
-  d.item_begin = to_device(s.begin, at::kLong);
-  d.others = to_device(s.others, at::kInt);
+  d.own = own;
+  d.other = other;
+  d.splits = schedule_splits(own.size(0), other.size(0), min_items);
+  d.items = own.size(0) * d.splits;
   return d;
 }
 
@@ -171,11 +192,10 @@ void fill_common(gpu::PairInputs<scalar_t, acc_t>& params, const Problem& p, con
 }
 
 template <typename scalar_t, bool kWmma>
-void launch_forward(const Problem& p, const CodeTensors& codes, at::Tensor& lse,
-                    at::Tensor& pos_mean, at::Tensor& pos_count) {
+void launch_forward(const Problem& p, const CodeTensors& codes, const TileRanges& ranges,
+                    at::Tensor& lse, at::Tensor& pos_mean, at::Tensor& pos_count) {
   using acc_t = typename gpu::Config<scalar_t, kWmma>::acc_t;
-  const DeviceSchedule schedule =
-      device_schedule(codes.row_group, codes.col_group, min_items_for_device());
+  const DeviceSchedule schedule = device_schedule(ranges.rows, ranges.cols, min_items_for_device());
   const auto part_options = lse.options();
   const at::Tensor part_max = at::empty({schedule.splits, p.n}, part_options);
   const at::Tensor part_sum = at::empty({schedule.splits, p.n}, part_options);
@@ -217,16 +237,16 @@ struct Stats {
 // The schedule of one backward pass. kForK = false: dq (blocks own row tiles); true: dk
 // (blocks own column tiles); each walks the other tiles that share a group. grid.y covers D in
 // kDV columns, so the schedule needs that many times fewer items. In self mode (the column
-// codes are the row codes, kBM == kBN) both passes have the same schedule: built once.
+// ranges are the row ranges) both passes have the same schedule.
 template <typename scalar_t, bool kWmma, bool kForK>
-DeviceSchedule backward_schedule(const Problem& p, const CodeTensors& codes) {
+DeviceSchedule backward_schedule(const Problem& p, const TileRanges& ranges) {
   using C = gpu::Config<scalar_t, kWmma>;
   const int64_t column_blocks = ceil_div(p.d, C::kDV);
   TORCH_CHECK(column_blocks <= 65535, "pair_stats_backward: D = ", p.d, " is too large for the "
               "CUDA kernel (at most ", 65535 * C::kDV, ")");
   const int64_t min_items = ceil_div(min_items_for_device(), column_blocks);
-  DeviceSchedule schedule = kForK ? device_schedule(codes.col_group, codes.row_group, min_items)
-                                  : device_schedule(codes.row_group, codes.col_group, min_items);
+  DeviceSchedule schedule = kForK ? device_schedule(ranges.cols, ranges.rows, min_items)
+                                  : device_schedule(ranges.rows, ranges.cols, min_items);
   TORCH_CHECK(schedule.items <= std::numeric_limits<int32_t>::max(),
               "pair_stats_backward: too many tiles");
   return schedule;
@@ -316,8 +336,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> pair_stats_cuda(
   }
   const Problem p = make_problem(q, k, tau, exclude_self, negatives_only);
   const CodeTensors codes = make_codes(q_label, k_label, q_group, k_group, ignore_index);
+  const TileRanges ranges = tile_ranges(codes, p.self);
   dispatch(q.scalar_type(), [&]<typename scalar_t, bool kWmma>() {
-    launch_forward<scalar_t, kWmma>(p, codes, lse, pos_mean, pos_count);
+    launch_forward<scalar_t, kWmma>(p, codes, ranges, lse, pos_mean, pos_count);
   });
   return {lse, pos_mean, pos_count};
 }
@@ -350,6 +371,7 @@ std::tuple<at::Tensor, at::Tensor> pair_stats_backward_cuda(
 
   const Problem p = make_problem(q, k, tau, exclude_self, negatives_only);
   const CodeTensors codes = make_codes(q_label, k_label, q_group, k_group, ignore_index);
+  const TileRanges ranges = tile_ranges(codes, self);
   const at::ScalarType acc = at::toOpMathType(q.scalar_type());
   Stats st;
   st.grad_lse = contiguous_if_needed(grad_lse.to(acc));
@@ -370,7 +392,7 @@ std::tuple<at::Tensor, at::Tensor> pair_stats_backward_cuda(
       // accumulation dtype, the dk pass adds it and rounds once.
       at::Tensor partial = at::empty({n, d}, q.options().dtype(acc));
       grad_q = at::empty({n, d}, q.options());
-      const DeviceSchedule both = backward_schedule<scalar_t, kWmma, false>(p, codes);
+      const DeviceSchedule both = backward_schedule<scalar_t, kWmma, false>(p, ranges);
       launch_backward<scalar_t, kWmma, false>(p, codes, st, both, nullptr, &partial, nullptr);
       launch_backward<scalar_t, kWmma, true>(p, codes, st, both, &partial, nullptr, &grad_q);
       return;
@@ -378,13 +400,13 @@ std::tuple<at::Tensor, at::Tensor> pair_stats_backward_cuda(
     if (want_q) {
       grad_q = at::empty({n, d}, q.options());
       launch_backward<scalar_t, kWmma, false>(p, codes, st,
-                                              backward_schedule<scalar_t, kWmma, false>(p, codes),
+                                              backward_schedule<scalar_t, kWmma, false>(p, ranges),
                                               nullptr, nullptr, &grad_q);
     }
     if (want_k) {
       grad_k = at::empty({m, d}, q.options());
       launch_backward<scalar_t, kWmma, true>(p, codes, st,
-                                             backward_schedule<scalar_t, kWmma, true>(p, codes),
+                                             backward_schedule<scalar_t, kWmma, true>(p, ranges),
                                              nullptr, nullptr, &grad_k);
     }
   });

@@ -4,7 +4,7 @@
 // --------------------------------
 // A thread block of 128 threads (4 warps) owns a tile of kBM = 64 rows and walks column tiles of
 // kBN = 64 (the backward's second pass swaps the roles): those its work item lists in the tile
-// schedule of ops/pair_stats_host.h -- only tiles that share a group with its rows, and, when
+// schedule of ops/pair_stats.h -- only tiles that share a group with its rows, and, when
 // a pass would have fewer than ~2 blocks per SM, one of `splits` runs of them (the forward
 // writes a partial log-sum-exp state per split, merged in split order by
 // pair_stats_merge_kernel; the backward a partial gradient tile per split, summed in split
@@ -151,14 +151,29 @@ struct PairInputs {
   bool vec;  // 16-byte loads: d % 8 == 0 and q, k 16-byte aligned (16-bit inputs only)
 };
 
-// A pass's tile schedule (make_tile_schedule in ops/pair_stats_host.h), on the device: block b
-// is work item b; it owns tile b / splits and walks the other tiles
-// others[item_begin[b], item_begin[b + 1]).
+// A pass's tile schedule (schedule_splits and TileCursor in ops/pair_stats.h), on the device:
+// block b is work item b; it owns tile b / splits and walks the other tiles its TileCursor
+// yields, found from the per-tile group ranges alone (O(tiles) memory, no list of pairs).
 struct ScheduleView {
-  const int64_t* item_begin;  // [items + 1]
-  const int32_t* others;      // [pairs]
-  int64_t splits;
+  const GroupRange* own;    // [own tiles]
+  const GroupRange* other;  // [other tiles]
+  int64_t other_tiles, splits;
+  __device__ __forceinline__ TileCursor cursor(int64_t item) const {
+    return TileCursor(own, other, other_tiles, item, splits, /*upper_only=*/false);
+  }
 };
+
+// The GroupRange of each tile of `tile` entries of groups[0, n): one thread per tile.
+__global__ void tile_group_ranges_kernel(const int32_t* groups, int64_t n, int64_t tile,
+                                         int64_t tiles, GroupRange* ranges) {
+  for (int64_t t = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; t < tiles;
+       t += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    GroupRange range;
+    const int64_t end = (t + 1) * tile < n ? (t + 1) * tile : n;
+    for (int64_t i = t * tile; i < end; ++i) range.add(groups[i]);
+    ranges[t] = range;
+  }
+}
 
 template <typename scalar_t, typename acc_t>
 struct ForwardParams : PairInputs<scalar_t, acc_t> {
@@ -380,8 +395,9 @@ __global__ void __launch_bounds__(kThreads)
 
   acc_t m_run = neg_inf<acc_t>(), l_run = acc_t(0), pos_sum = acc_t(0);
   int64_t pos_count = 0;
-  for (int64_t t = p.schedule.item_begin[item]; t < p.schedule.item_begin[item + 1]; ++t) {
-    const int64_t c0 = static_cast<int64_t>(p.schedule.others[t]) * kBN;
+  TileCursor cursor = p.schedule.cursor(item);
+  for (int64_t tile; cursor.next(tile);) {
+    const int64_t c0 = tile * kBN;
     load_column_codes(cl, cg, p.col_label, p.col_group, c0, p.m);
     similarity_tile<scalar_t, kWmma>(S, u, p.q, r0, p.n, p.k, c0, p.m, p.d, p.vec);
     __syncthreads();
@@ -563,8 +579,9 @@ __global__ void __launch_bounds__(kThreads) pair_stats_backward_kernel(
       for (int j = 0; j < 4; ++j) wmma::fill_fragment(facc[i][j], 0.0f);
   }
 
-  for (int64_t t = p.schedule.item_begin[item]; t < p.schedule.item_begin[item + 1]; ++t) {
-    const int64_t x0 = static_cast<int64_t>(p.schedule.others[t]) * kBN;
+  TileCursor cursor = p.schedule.cursor(item);
+  for (int64_t tile; cursor.next(tile);) {
+    const int64_t x0 = tile * kBN;
     const int64_t r0 = kForK ? x0 : own0, c0 = kForK ? own0 : x0;
     load_column_codes(cl, cg, p.col_label, p.col_group, c0, p.m);
     // This thread's row of the tile and its backward factors.
