@@ -5,8 +5,9 @@
 // computes about one column tile per row tile).
 //
 // TF32: off for the call (FullFloat32Products), so s_ij matches pair_stats' lse.
-// Host synchronisation: make_codes compacts labels with at::_unique2 (one sync), and the tile
-// filter reads the codes on the host (one copy of n + m int32 codes); nothing else syncs.
+// Host synchronisation: one per pass -- the tile filter reads the codes on the host (one copy
+// of n + m int32 codes), since the host loop decides which tile products to launch; nothing
+// else syncs (make_codes compacts labels by a sort).
 // Deterministic: tiles run in a fixed order on one stream, each row's sum over a tile is a
 // fixed-order block reduction, and the gradients come from GEMMs without atomics.
 // Memory: O((N + M)·D) (the backward's operands in float32 for half inputs) plus one kTile x
