@@ -5,6 +5,8 @@
   it never passes silently.
 * ``seed``: every test starts from the same torch RNG state (autouse).
 * ``num_threads``: pins torch's intra-op thread count for a test and restores it afterwards.
+* ``LEVELS`` / ``at_level``: the CPU kernel levels as test parameters, and a fixture that runs
+  the kernels at one of them.
 * ``assert_close_half_rule``: the low-precision rule -- the error against a float64 ground truth
   of the same input values, per row, bounded by a documented multiple of the dtype's epsilon
   times the float64 result's scale (``fastiml.testing.half_rule``, shared with
@@ -78,6 +80,28 @@ def num_threads():
     before = torch.get_num_threads()
     yield torch.set_num_threads
     torch.set_num_threads(before)
+
+
+# CPU kernel levels (fastiml.ops.CPU_CAPABILITIES) as test parameters: the ones this CPU lacks
+# are skipped with the reason.
+SUPPORTED_LEVELS = ops.supported_cpu_capabilities()
+
+
+def _level(level):
+    missing = level not in SUPPORTED_LEVELS
+    return pytest.param(level, id=level, marks=pytest.mark.skipif(
+        missing, reason=f"this CPU lacks {level!r} (it runs at most {SUPPORTED_LEVELS[-1]!r})"))
+
+
+LEVELS = [_level(level) for level in ops.CPU_CAPABILITIES]
+
+
+@pytest.fixture
+def at_level():
+    """``at_level(level)`` runs the CPU kernels at `level` inside the test; restored after."""
+    previous = ops.cpu_capability()
+    yield ops.set_cpu_capability
+    ops.set_cpu_capability(previous)
 
 
 # ------------------------------------------------------------------------------- tolerances

@@ -16,27 +16,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from conftest import LEVELS, SUPPORTED_LEVELS
 from fastiml import ops, reference
 
-SUPPORTED = ops.supported_cpu_capabilities()
+SUPPORTED = SUPPORTED_LEVELS
 EPS32 = torch.finfo(torch.float32).eps
-
-
-def _level(level):
-    missing = level not in SUPPORTED
-    return pytest.param(level, id=level, marks=pytest.mark.skipif(
-        missing, reason=f"this CPU lacks {level!r} (it runs at most {SUPPORTED[-1]!r})"))
-
-
-LEVELS = [_level(level) for level in ops.CPU_CAPABILITIES]
-
-
-@pytest.fixture
-def at_level():
-    """Runs the kernels at a given level inside the test; restores the level after."""
-    previous = ops.cpu_capability()
-    yield ops.set_cpu_capability
-    ops.set_cpu_capability(previous)
 
 
 # ------------------------------------------------------------------------------- workloads

@@ -8,7 +8,8 @@ independent formula and an independent indexing, so agreement checks both.
 import pytest
 import torch
 
-from conftest import assert_close_half_rule, assert_close_scaled, float32_arg_error, generator
+from conftest import (LEVELS, assert_close_half_rule, assert_close_scaled, float32_arg_error,
+                      generator)
 from fastiml import ops, reference
 from fastiml.losses import PivotConsistencyLoss
 
@@ -216,6 +217,61 @@ def test_padding_cells_weigh_zero_with_weight_other():
         l1 = fn(a, b, klass, 4, weight_other=0.7)
         l2 = fn(a2, b, klass, 4, weight_other=0.7)
         torch.testing.assert_close(l1, l2, rtol=1e-12, atol=0)
+
+
+# The CPU kernel walks each pixel row in blocks of 16 pixels: blocks that weigh nothing are
+# skipped, blocks of one weight (merged into runs) multiply by it, the others weigh per pixel.
+# Contour cells (p = 4) in a 70-pixel row: cells 3-4 straddle the first block border (pixels
+# 12-19), cell 13 lies inside block 3, cell 17 in the 6-pixel tail; cell 9 (pixels 36-39)
+# shares block 2 with zero-weight pixels only. In the second image cells 4-7 fill block 1, next
+# to block 0 of weight_other: two one-weight blocks of different weights side by side.
+SPARSE_CELLS = (3, 4, 9, 13, 17)
+
+
+def sparse_problem(dtype=torch.float64, seed=11):
+    a, b, _ = make_problem(2, 10, 70, 4, dtype=dtype, seed=seed)
+    klass = torch.zeros(2, 3, 18, dtype=torch.int8)
+    klass[0, 0, list(SPARSE_CELLS)] = 2
+    klass[1, 0, 4:8] = 2
+    klass[1, 2, [0, 17]] = 2  # the last cell row is partial (rows 8-9)
+    klass[1, 1, 5] = -1
+    return a, b, klass
+
+
+@pytest.mark.parametrize("level", LEVELS)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("weight_other", [0.0, 0.5])
+def test_sparse_contour_cells_across_pixel_blocks(dtype, weight_other, level, at_level):
+    """At every CPU level: each level skips empty groups of its own vector width."""
+    at_level(level)
+    a, b, klass = sparse_problem(dtype)
+    loss, ga, gb = loss_and_grads(ops.pivot_consistency, a, b, klass, 4, 2.0,
+                                  weight_other=weight_other)
+    exact, ea, eb = loss_and_grads(reference.pivot_consistency, a.double(), b.double(), klass, 4,
+                                   2.0, weight_other=weight_other)
+    rtol = F64_RTOL if dtype == torch.float64 else F32_RTOL
+    torch.testing.assert_close(loss.double(), exact, rtol=rtol, atol=0)
+    torch.testing.assert_close(ga.double(), ea, rtol=rtol, atol=rtol * ea.abs().max().item())
+    torch.testing.assert_close(gb.double(), eb, rtol=rtol, atol=rtol * eb.abs().max().item())
+    if weight_other == 0.0:  # exact zeros wherever a pixel weighs nothing
+        counted = klass.repeat_interleave(4, 1).repeat_interleave(4, 2)[:, None, :10, :70] == 2
+        assert (ga[~counted] == 0).all() and (gb[~counted] == 0).all()
+        assert (ga[counted] != 0).all()
+
+
+@pytest.mark.parametrize("level", LEVELS)
+def test_pixels_that_weigh_nothing_never_reach_the_sum(level, at_level):
+    """Non-finite logits in zero-weight pixels -- here next to counted ones in the same pixel
+    block -- change neither the loss nor the other gradients, and get a zero gradient."""
+    at_level(level)
+    a, b, klass = sparse_problem(torch.float32)
+    clean = loss_and_grads(ops.pivot_consistency, a, b, klass, 4)
+    a2, b2 = a.clone(), b.clone()
+    a2[0, 0, 0, 20:24] = float("inf")  # cell 5: zero weight, in block 1 with cell 4's pixels
+    b2[0, 0, 1, 34:36] = float("nan")  # cell 8, block 2 with cell 9's pixels
+    dirty = loss_and_grads(ops.pivot_consistency, a2, b2, klass, 4)
+    assert torch.equal(clean[0], dirty[0])
+    assert torch.equal(clean[1], dirty[1]) and torch.equal(clean[2], dirty[2])
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])

@@ -1,8 +1,8 @@
-// pivot_consistency on the CPU: walks each pixel row cell by cell -- the class is read once per
-// cell, runs of cells with the same weight are merged, zero-weight runs are skipped (forward) or
-// zero-filled (backward) -- and the pixels of a run go through a vectorisable loop (branch-free
-// sigmoid, no division by the patch). Closed-form backward. Row partial sums are added in a
-// fixed order: deterministic.
+// pivot_consistency on the CPU: per cell row, how each block of 16 pixels weighs (nothing, one
+// weight, or per pixel); then each pixel row a block at a time: blocks that weigh nothing are
+// skipped (forward) or zero-filled (backward), the others go through a vectorisable loop
+// (branch-free sigmoid). Closed-form backward. Row partial sums are added in a fixed order:
+// deterministic.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -52,22 +52,61 @@ int64_t rows_per_task(int64_t width) {
   return std::max<int64_t>(1, (int64_t(1) << 15) / std::max<int64_t>(1, width));
 }
 
-// Calls visit(x0, x1, w) for each maximal run of the pixel row [0, W) whose cells all have the
-// same weight w (zero-weight runs included: the backward writes zeros there).
-template <typename acc_t, typename Visit>
-void for_each_run(const int8_t* krow, int64_t gw, int64_t W, int64_t patch, acc_t wc, acc_t wo,
-                  Visit&& visit) {
-  int64_t cx = 0;
-  while (cx < gw) {
-    const acc_t w = pixel_weight(krow[cx], wc, wo);
-    int64_t end = cx + 1;
-    while (end < gw && pixel_weight(krow[end], wc, wo) == w) ++end;
-    visit(cx * patch, std::min(W, end * patch), w);
-    cx = end;
-  }
-}
+constexpr int64_t kLanes = 16;  // pixels per block: one 16-lane vector of float32
 
-constexpr int64_t kLanes = 16;  // independent partial sums: a vectorisable reduction
+// float32 lanes of one vector at the level this file is compiled for (ops/cpu/isa/*.cpp; the
+// base build: SSE2's 4). A block with per-pixel weights runs in groups of this many pixels and
+// skips the groups that weigh nothing: at 4 lanes a whole block costs 4 vectors, and contour
+// runs of a few cells leave most of them empty.
+#ifndef FASTIML_CPU_FLOAT_LANES
+#define FASTIML_CPU_FLOAT_LANES 4
+#endif
+constexpr int64_t kGroup = FASTIML_CPU_FLOAT_LANES;
+static_assert(kLanes % kGroup == 0, "a block is whole groups");
+
+// How the pixels of a cell row weigh, per block of kLanes pixels: the row goes through the
+// vectorised loops a whole block at a time, blocks that weigh nothing are skipped (forward) or
+// zero-filled (backward). With NCL's setting (contour cells only, patch 4) the weighted pixels
+// come in runs of a few cells, which a loop per run would run almost entirely in its scalar
+// tail; a block whose cells all weigh the same (every block when weight_other > 0 and there is
+// no padding) multiplies by one weight.
+enum class BlockKind : uint8_t { kEmpty, kUniform, kMixed };
+
+template <typename acc_t>
+class RowWeights {
+ public:
+  RowWeights(int64_t gw, int64_t W)
+      : cell_(gw), kind_((W + kLanes - 1) / kLanes), uniform_(kind_.size()), pixel_(W) {}
+
+  // The weights of the cell row krow (gw cells of `patch` pixels, W pixels in all).
+  void set(const int8_t* krow, int64_t gw, int64_t W, int64_t patch, acc_t wc, acc_t wo) {
+    for (int64_t cx = 0; cx < gw; ++cx) cell_[cx] = pixel_weight(krow[cx], wc, wo);
+    for (int64_t block = 0; block < static_cast<int64_t>(kind_.size()); ++block) {
+      const int64_t x0 = block * kLanes, x1 = std::min(W, x0 + kLanes);
+      const int64_t c0 = x0 / patch, c1 = (x1 - 1) / patch;
+      const acc_t w = cell_[c0];
+      bool same = true;
+      for (int64_t c = c0 + 1; c <= c1; ++c) same &= cell_[c] == w;
+      uniform_[block] = w;
+      if (same) {
+        kind_[block] = w == acc_t(0) ? BlockKind::kEmpty : BlockKind::kUniform;
+      } else {
+        kind_[block] = BlockKind::kMixed;
+        for (int64_t x = x0; x < x1; ++x) pixel_[x] = cell_[x / patch];
+      }
+    }
+  }
+
+  BlockKind kind(int64_t block) const { return kind_[block]; }
+  acc_t uniform(int64_t block) const { return uniform_[block]; }
+  const acc_t* pixel() const { return pixel_.data(); }  // valid in mixed blocks
+
+ private:
+  std::vector<acc_t> cell_;
+  std::vector<BlockKind> kind_;
+  std::vector<acc_t> uniform_;
+  std::vector<acc_t> pixel_;
+};
 
 // Sum of jeffreys(a[i], b[i]) over i < n, in kLanes lanes added in a fixed order.
 template <typename scalar_t, typename acc_t>
@@ -94,6 +133,108 @@ void jeffreys_grad_run(const scalar_t* a, const scalar_t* b, int64_t n, acc_t w,
   }
 }
 
+// Walks the row's blocks: empty(x0, x1) for a maximal run of blocks that weigh nothing,
+// uniform(x0, x1, w) for a maximal run of blocks of one weight w, mixed(x0, x1, w) for a block
+// with per-pixel weights w[x0, x1) (x1 < x0 + kLanes only for the row's last block).
+template <typename acc_t, typename Empty, typename Uniform, typename Mixed>
+void for_each_block(const RowWeights<acc_t>& rw, int64_t W, Empty&& empty, Uniform&& uniform,
+                    Mixed&& mixed) {
+  const int64_t blocks = (W + kLanes - 1) / kLanes;
+  for (int64_t block = 0; block < blocks;) {
+    const int64_t x0 = block * kLanes;
+    const BlockKind kind = rw.kind(block);
+    if (kind == BlockKind::kUniform) {
+      const acc_t w = rw.uniform(block);
+      int64_t end = block + 1;
+      while (end < blocks && rw.kind(end) == BlockKind::kUniform && rw.uniform(end) == w) ++end;
+      uniform(x0, std::min(W, end * kLanes), w);
+      block = end;
+      continue;
+    }
+    if (kind == BlockKind::kEmpty) {
+      int64_t end = block + 1;
+      while (end < blocks && rw.kind(end) == BlockKind::kEmpty) ++end;
+      empty(x0, std::min(W, end * kLanes));
+      block = end;
+      continue;
+    }
+    mixed(x0, std::min(W, x0 + kLanes), rw.pixel());
+    ++block;
+  }
+}
+
+// Whether any of the kGroup weights from w on is not 0.
+template <typename acc_t>
+bool any_weight(const acc_t* w) {
+  bool any = false;
+  for (int64_t j = 0; j < kGroup; ++j) any |= w[j] != acc_t(0);
+  return any;
+}
+
+// Sum over the row's pixels of w * jeffreys(a, b): a uniform run as w * (its sum), a mixed
+// block in kLanes lanes where a pixel of weight 0 adds an exact 0 (a select, not 0 * J: its
+// logits may be anything). Added in a fixed order: deterministic.
+template <typename scalar_t, typename acc_t>
+acc_t weighted_jeffreys_row(const scalar_t* a, const scalar_t* b, const RowWeights<acc_t>& rw,
+                            int64_t W) {
+  acc_t total = 0;
+  acc_t lanes[kLanes] = {};
+  for_each_block<acc_t>(
+      rw, W, [](int64_t, int64_t) {},
+      [&](int64_t x0, int64_t x1, acc_t w) {
+        total += w * jeffreys_sum<scalar_t, acc_t>(a + x0, b + x0, x1 - x0);
+      },
+      [&](int64_t x0, int64_t x1, const acc_t* wp) {
+        if (x1 - x0 < kLanes) {  // the row's last, partial block
+          for (int64_t x = x0; x < x1; ++x)
+            if (wp[x] != acc_t(0)) lanes[x - x0] += wp[x] * jeffreys(acc_t(a[x]), acc_t(b[x]));
+          return;
+        }
+        for (int64_t g = 0; g < kLanes; g += kGroup) {
+          if (!any_weight(wp + x0 + g)) continue;
+          for (int64_t j = g; j < g + kGroup; ++j) {
+            const acc_t J = jeffreys(acc_t(a[x0 + j]), acc_t(b[x0 + j]));
+            lanes[j] += wp[x0 + j] != acc_t(0) ? wp[x0 + j] * J : acc_t(0);
+          }
+        }
+      });
+  for (int64_t j = 0; j < kLanes; ++j) total += lanes[j];
+  return total;
+}
+
+// ga[x], gb[x] = w[x] * dJ/da, w[x] * dJ/db over the row; exact zeros where w[x] = 0.
+template <typename scalar_t, typename acc_t>
+void weighted_jeffreys_grad_row(const scalar_t* a, const scalar_t* b,
+                                const RowWeights<acc_t>& rw, int64_t W, scalar_t* ga,
+                                scalar_t* gb) {
+  for_each_block<acc_t>(
+      rw, W,
+      [&](int64_t x0, int64_t x1) {
+        std::fill(ga + x0, ga + x1, scalar_t(0));
+        std::fill(gb + x0, gb + x1, scalar_t(0));
+      },
+      [&](int64_t x0, int64_t x1, acc_t w) {
+        jeffreys_grad_run(a + x0, b + x0, x1 - x0, w, ga + x0, gb + x0);
+      },
+      [&](int64_t x0, int64_t x1, const acc_t* wp) {
+        for (int64_t g0 = x0; g0 < x1; g0 += kGroup) {
+          const int64_t g1 = std::min(x1, g0 + kGroup);
+          if (g1 - g0 == kGroup && !any_weight(wp + g0)) {
+            std::fill(ga + g0, ga + g1, scalar_t(0));
+            std::fill(gb + g0, gb + g1, scalar_t(0));
+            continue;
+          }
+          for (int64_t x = g0; x < g1; ++x) {
+            acc_t da, db;
+            jeffreys_grad(acc_t(a[x]), acc_t(b[x]), da, db);
+            const bool counted = wp[x] != acc_t(0);
+            ga[x] = scalar_t(counted ? wp[x] * da : acc_t(0));
+            gb[x] = scalar_t(counted ? wp[x] * db : acc_t(0));
+          }
+        }
+      });
+}
+
 }  // namespace
 
 at::Tensor pivot_forward_cpu(const at::Tensor& logit_a, const at::Tensor& logit_b,
@@ -114,16 +255,14 @@ at::Tensor pivot_forward_cpu(const at::Tensor& logit_a, const at::Tensor& logit_
     const acc_t wc = acc_t(weight_contour), wo = acc_t(weight_other);
     std::vector<double> row_sum(B * H, 0.0);
     at::parallel_for(0, B * H, rows_per_task(W), [&](int64_t begin, int64_t end) {
+      RowWeights<acc_t> weights(gw, W);
       for (int64_t row = begin; row < end; ++row) {
         const int64_t bi = row / H, y = row % H;
-        const int8_t* krow = pk + (bi * gh + y / patch) * gw;
-        const scalar_t* ra = pa + row * W;
-        const scalar_t* rb = pb + row * W;
-        double s = 0;
-        for_each_run<acc_t>(krow, gw, W, patch, wc, wo, [&](int64_t x0, int64_t x1, acc_t w) {
-          if (w != acc_t(0)) s += double(w * jeffreys_sum<scalar_t, acc_t>(ra + x0, rb + x0, x1 - x0));
-        });
-        row_sum[row] = s;
+        // The pixel rows of one cell row share its weights.
+        if (row == begin || y % patch == 0)
+          weights.set(pk + (bi * gh + y / patch) * gw, gw, W, patch, wc, wo);
+        row_sum[row] =
+            double(weighted_jeffreys_row<scalar_t, acc_t>(pa + row * W, pb + row * W, weights, W));
       }
     });
     double total = 0;
@@ -159,18 +298,14 @@ std::tuple<at::Tensor, at::Tensor> pivot_backward_cpu(const at::Tensor& grad,
     scalar_t* gb = grad_b.data_ptr<scalar_t>();
     const acc_t wc = acc_t(weight_contour * scale), wo = acc_t(weight_other * scale);
     at::parallel_for(0, B * H, rows_per_task(W), [&](int64_t begin, int64_t end) {
+      RowWeights<acc_t> weights(gw, W);
       for (int64_t row = begin; row < end; ++row) {
         const int64_t bi = row / H, y = row % H;
-        const int8_t* krow = pk + (bi * gh + y / patch) * gw;
+        if (row == begin || y % patch == 0)
+          weights.set(pk + (bi * gh + y / patch) * gw, gw, W, patch, wc, wo);
+        // The gradients are empty, not zeroed, tensors: every pixel is written.
         const int64_t o = row * W;
-        for_each_run<acc_t>(krow, gw, W, patch, wc, wo, [&](int64_t x0, int64_t x1, acc_t w) {
-          if (w == acc_t(0)) {  // the gradients are empty, not zeroed, tensors: write the zeros
-            std::fill(ga + o + x0, ga + o + x1, scalar_t(0));
-            std::fill(gb + o + x0, gb + o + x1, scalar_t(0));
-          } else {
-            jeffreys_grad_run(pa + o + x0, pb + o + x0, x1 - x0, w, ga + o + x0, gb + o + x0);
-          }
-        });
+        weighted_jeffreys_grad_row<scalar_t, acc_t>(pa + o, pb + o, weights, W, ga + o, gb + o);
       }
     });
   });

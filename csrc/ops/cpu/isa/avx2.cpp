@@ -6,5 +6,6 @@
 #pragma GCC target("avx2,fma")
 #define FASTIML_CPU_CAPABILITY avx2
 #define FASTIML_CPU_FMA 1
+#define FASTIML_CPU_FLOAT_LANES 8  // float32 lanes of one vector
 #include "ops/cpu/isa/kernels.h"
 #endif

@@ -8,5 +8,6 @@
 #pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,prefer-vector-width=512")
 #define FASTIML_CPU_CAPABILITY avx512
 #define FASTIML_CPU_FMA 1
+#define FASTIML_CPU_FLOAT_LANES 16  // float32 lanes of one vector
 #include "ops/cpu/isa/kernels.h"
 #endif
