@@ -28,7 +28,12 @@
 // in a second kernel whose blocks own column tiles and walk row tiles: every output element is
 // written by exactly one block, no atomics, deterministic. A block owns kDV = 128 gradient columns
 // (64 for double); larger D adds blocks along grid.y, each recomputing S (the recompute is then
-// D / kDV times the forward's work: D <= 128, the common case, recomputes once). On tensor cores G
+// D / kDV times the forward's work: D <= 128, the common case, recomputes once). Computing S once
+// for all of D would need the block's whole [64 x D] accumulator alive across its walk: at
+// D = 512 that is 128 KiB -- 4x the registers the tensor-core backward already fills, so either
+// shared memory (one block per SM) or a read-modify-write of a global float32 tile per tile pair
+// (~16 FLOP per byte of L2 traffic, against ~180 that keep the tensor cores busy). Whether either
+// beats the recompute (2.5x the ideal work at D = 512) needs a GPU measurement. On tensor cores G
 // is rounded to the input dtype (as FlashAttention does with P); it is first scaled by a power of
 // two 2^(15 - e), 2^e > |dL/dlse_i| + |dL/dpos_mean_i| / count_i >= max_j |G_ij| -- per row i in
 // the dq pass (undone per output row), per row tile in the dk pass (whose sums run over rows:
@@ -50,13 +55,13 @@
 // 2 x 2 for S, and uses 202-212 registers (no spill; CUDA 13.0, see the README's table); the
 // forward holds 32 shifted similarities per thread in the epilogue and uses 80-128. That is 2
 // blocks (8 warps) per SM for the tensor-core backward and 4 for the forward on sm_80/sm_90,
-// which their shared memory also allows (2 x 44.5 KiB, 4 x 27.5 KiB < 164 KiB on sm_80). Not done yet (known next steps): cp.async
-// double buffering (each D chunk is loaded, synchronised and multiplied in turn), exp2 with a
-// pre-scaled log2(e), and the symmetric (upper-triangular) schedule in self mode, which the CPU
-// kernel uses: a tile's mirrored (column) sums belong to rows another block owns, and adding
-// them deterministically takes a fixed-order partial buffer per contributing block (see the
-// README: the split's partial buffers are bounded by the split count, the symmetric schedule's
-// would grow with N).
+// which their shared memory also allows (2 x 44.5 KiB, 4 x 27.5 KiB < 164 KiB on sm_80). Not
+// done yet (known next steps): cp.async double buffering (each D chunk is loaded, synchronised
+// and multiplied in turn), exp2 with a pre-scaled log2(e), and the symmetric (upper-triangular)
+// schedule in self mode, which the CPU kernel uses: a tile's mirrored (column) sums belong to
+// rows another block owns, and adding them deterministically takes a fixed-order partial buffer
+// per contributing block (see the README: the split's partial buffers are bounded by the split
+// count, the symmetric schedule's would grow with N).
 #pragma once
 
 #include <cuda_bf16.h>
