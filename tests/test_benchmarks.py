@@ -86,6 +86,7 @@ def test_pivot_cases():
         losses[provider] = out["loss"]
         if provider == "fused":  # both floors, timed in the fused case's own process
             assert out["floor_s"] > 0 and out["clone_floor_s"] > 0
+            assert out["clone_floor_ratio"] > 0
     assert losses["fused"] > 0
     assert losses["fused"] == pytest.approx(losses["plain"], rel=1e-4)
     assert losses["fused"] == pytest.approx(losses["reference"], rel=1e-4)
