@@ -32,19 +32,31 @@ void check_inputs(const at::Tensor& a, const at::Tensor& b, const at::Tensor& kl
               "pivot_consistency: klass must be int8 [B, ceil(H/patch), ceil(W/patch)]");
 }
 
-// Sum over pixels of the weights: per cell, its weight times its number of pixels.
+// Sum over pixels of the weights: the number of pixels of contour cells and of the other
+// counted cells (exact integers, counted per cell row: every cell but the last is `patch`
+// wide), each times its weight (pixel_weight's rule: padding weighs 0).
 template <typename acc_t>
 acc_t weight_total(const int8_t* klass, int64_t B, int64_t H, int64_t W, int64_t patch,
                    acc_t wc, acc_t wo) {
   const int64_t gh = contour::cells(H, patch), gw = contour::cells(W, patch);
-  acc_t total = 0;
+  if (gw == 0) return acc_t(0);
+  const int64_t last_width = W - (gw - 1) * patch;
+  int64_t contour_pixels = 0, other_pixels = 0;
   for (int64_t b = 0; b < B; ++b)
-    for (int64_t cy = 0; cy < gh; ++cy)
-      for (int64_t cx = 0; cx < gw; ++cx) {
-        const int64_t h = std::min(patch, H - cy * patch), w = std::min(patch, W - cx * patch);
-        total += pixel_weight(klass[(b * gh + cy) * gw + cx], wc, wo) * acc_t(h * w);
+    for (int64_t cy = 0; cy < gh; ++cy) {
+      const int8_t* row = klass + (b * gh + cy) * gw;
+      int64_t contour_cells = 0, other_cells = 0;  // of the full-width cells
+      for (int64_t cx = 0; cx + 1 < gw; ++cx) {
+        contour_cells += row[cx] == contour::kContour;
+        other_cells += row[cx] != contour::kContour && row[cx] != contour::kPadding;
       }
-  return total;
+      const int8_t last = row[gw - 1];
+      const int64_t h = std::min(patch, H - cy * patch);
+      contour_pixels += h * (contour_cells * patch + (last == contour::kContour) * last_width);
+      other_pixels += h * (other_cells * patch +
+                           (last != contour::kContour && last != contour::kPadding) * last_width);
+    }
+  return wc * acc_t(contour_pixels) + wo * acc_t(other_pixels);
 }
 
 // Rows of `width` pixels per parallel task: at least ~32K pixels.
