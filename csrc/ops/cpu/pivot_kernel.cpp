@@ -34,7 +34,8 @@ void check_inputs(const at::Tensor& a, const at::Tensor& b, const at::Tensor& kl
 
 // Sum over pixels of the weights: the number of pixels of contour cells and of the other
 // counted cells (exact integers, counted per cell row: every cell but the last is `patch`
-// wide), each times its weight (pixel_weight's rule: padding weighs 0).
+// wide), each times its weight. pixel_weight with weights 1 / 0 and 0 / 1 tells the classes
+// apart, so its rule (padding weighs 0) is the one place that says which cells count.
 template <typename acc_t>
 acc_t weight_total(const int8_t* klass, int64_t B, int64_t H, int64_t W, int64_t patch,
                    acc_t wc, acc_t wo) {
@@ -47,14 +48,14 @@ acc_t weight_total(const int8_t* klass, int64_t B, int64_t H, int64_t W, int64_t
       const int8_t* row = klass + (b * gh + cy) * gw;
       int64_t contour_cells = 0, other_cells = 0;  // of the full-width cells
       for (int64_t cx = 0; cx + 1 < gw; ++cx) {
-        contour_cells += row[cx] == contour::kContour;
-        other_cells += row[cx] != contour::kContour && row[cx] != contour::kPadding;
+        contour_cells += pixel_weight<int64_t>(row[cx], 1, 0);
+        other_cells += pixel_weight<int64_t>(row[cx], 0, 1);
       }
       const int8_t last = row[gw - 1];
       const int64_t h = std::min(patch, H - cy * patch);
-      contour_pixels += h * (contour_cells * patch + (last == contour::kContour) * last_width);
-      other_pixels += h * (other_cells * patch +
-                           (last != contour::kContour && last != contour::kPadding) * last_width);
+      contour_pixels +=
+          h * (contour_cells * patch + pixel_weight<int64_t>(last, 1, 0) * last_width);
+      other_pixels += h * (other_cells * patch + pixel_weight<int64_t>(last, 0, 1) * last_width);
     }
   return wc * acc_t(contour_pixels) + wo * acc_t(other_pixels);
 }
