@@ -274,6 +274,39 @@ def test_pixels_that_weigh_nothing_never_reach_the_sum(level, at_level):
     assert torch.equal(clean[1], dirty[1]) and torch.equal(clean[2], dirty[2])
 
 
+@pytest.mark.parametrize("level", LEVELS)
+@pytest.mark.parametrize("p", [1, 3, 5, 7, 16, 20])
+def test_cells_of_every_width_across_pixel_blocks(p, level, at_level):
+    """The kernel walks the cells under each 16-pixel block along the row: cells that straddle
+    block borders at every offset (p = 3, 5, 7, 20), one cell per pixel (p = 1), a cell per
+    block (p = 16), and an 83-pixel row ending in a partial block and a partial cell."""
+    at_level(level)
+    a, b, klass = make_problem(2, 9, 83, p, dtype=torch.float32, seed=p,
+                               klass_values=(-1, 0, 2, 2))
+    loss, ga, gb = loss_and_grads(ops.pivot_consistency, a, b, klass, p, 2.0, weight_other=0.25)
+    exact, ea, eb = loss_and_grads(closed_form, a.double(), b.double(), klass, p, 2.0,
+                                   weight_other=0.25)
+    torch.testing.assert_close(loss.double(), exact, rtol=F32_RTOL, atol=0)
+    torch.testing.assert_close(ga.double(), ea, rtol=F32_RTOL, atol=F32_RTOL * ea.abs().max().item())
+    torch.testing.assert_close(gb.double(), eb, rtol=F32_RTOL, atol=F32_RTOL * eb.abs().max().item())
+
+
+@pytest.mark.parametrize("level", LEVELS)
+def test_nan_in_a_counted_pixel_is_not_hidden(level, at_level):
+    """A NaN logit where the weight is not 0 makes the loss NaN and that pixel's gradients NaN
+    (the sigmoid alone would map it to a finite value: J's (a - b) factor must carry it)."""
+    at_level(level)
+    a, b, klass = sparse_problem(torch.float32)
+    for x in (a, b):
+        x2 = x.clone()
+        x2[0, 0, 0, 13] = float("nan")  # cell 3: contour
+        args = (x2, b, klass, 4) if x is a else (a, x2, klass, 4)
+        loss, ga, gb = loss_and_grads(ops.pivot_consistency, *args)
+        assert torch.isnan(loss)
+        assert torch.isnan(ga[0, 0, 0, 13]) and torch.isnan(gb[0, 0, 0, 13])
+        assert torch.isfinite(ga[0, 0, 0, 12]) and torch.isfinite(gb[0, 0, 0, 12])
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("b,h,w,p", [(2, 8, 8, 4), (2, 7, 9, 3), (1, 5, 6, 1)])
 def test_half_logits(dtype, b, h, w, p):

@@ -11,12 +11,13 @@
 namespace FASTIML_NAMESPACE {
 namespace pivot {
 
-// sigmoid without overflow: exp is only taken of a non-positive number. Branch-free (two
-// selects, one division), so that the CPU loops over a run of pixels vectorise.
+// sigmoid without overflow: exp is only taken of -|x|. Branch-free (a select, one division),
+// so that the CPU loops over a run of pixels vectorise. A NaN x gives a finite sigmoid here;
+// the callers' (a - b) factor carries it into J and its gradient.
 template <typename T>
 FASTIML_HD T sigmoid(T x) {
   const bool pos = x >= T(0);
-  const T e = exp_acc(pos ? -x : x);
+  const T e = exp_nonpositive(-abs_acc(x));
   const T r = T(1) / (T(1) + e);
   return pos ? r : e * r;
 }

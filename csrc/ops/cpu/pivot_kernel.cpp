@@ -91,21 +91,28 @@ class RowWeights {
   RowWeights(int64_t gw, int64_t W)
       : cell_(gw), kind_((W + kLanes - 1) / kLanes), uniform_(kind_.size()), pixel_(W) {}
 
-  // The weights of the cell row krow (gw cells of `patch` pixels, W pixels in all).
+  // The weights of the cell row krow (gw cells of `patch` pixels, W pixels in all). The cells
+  // under each block are walked along, not divided out: at patch 4 this runs once per 4 pixel
+  // rows, and a division per block (or per pixel of a mixed block) weighed as much as they do.
   void set(const int8_t* krow, int64_t gw, int64_t W, int64_t patch, acc_t wc, acc_t wo) {
     for (int64_t cx = 0; cx < gw; ++cx) cell_[cx] = pixel_weight(krow[cx], wc, wo);
+    int64_t c0 = 0, c0_end = patch;  // the block's first cell, and the pixel where it ends
     for (int64_t block = 0; block < static_cast<int64_t>(kind_.size()); ++block) {
       const int64_t x0 = block * kLanes, x1 = std::min(W, x0 + kLanes);
-      const int64_t c0 = x0 / patch, c1 = (x1 - 1) / patch;
+      while (c0_end <= x0) ++c0, c0_end += patch;
       const acc_t w = cell_[c0];
       bool same = true;
-      for (int64_t c = c0 + 1; c <= c1; ++c) same &= cell_[c] == w;
+      int64_t c1 = c0;  // the block's last cell
+      for (int64_t end = c0_end; end < x1; end += patch) same &= cell_[++c1] == w;
       uniform_[block] = w;
       if (same) {
         kind_[block] = w == acc_t(0) ? BlockKind::kEmpty : BlockKind::kUniform;
-      } else {
-        kind_[block] = BlockKind::kMixed;
-        for (int64_t x = x0; x < x1; ++x) pixel_[x] = cell_[x / patch];
+        continue;
+      }
+      kind_[block] = BlockKind::kMixed;
+      for (int64_t c = c0, x = x0; c <= c1; ++c) {
+        const int64_t end = std::min(x1, (c + 1) * patch);
+        for (; x < end; ++x) pixel_[x] = cell_[c];
       }
     }
   }
