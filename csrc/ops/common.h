@@ -73,8 +73,8 @@ FASTIML_HD float exp_acc(float x) {
 
 // exp(x) for x <= 0, the same value as exp_acc there (a NaN comes out as exp(-87), so a caller
 // that must keep a NaN keeps it by other terms). One clamp, written as the operand order of
-// maxps so that it is one instruction: the two clamps of exp_acc compile to nine, a quarter
-// of a sigmoid's.
+// maxps so that it is one instruction: the two clamps of exp_acc compile to nine instructions,
+// about a quarter of a sigmoid's.
 FASTIML_HD float exp_nonpositive(float x) {
 #if defined(__CUDA_ARCH__)
   return expf(x);
