@@ -6,6 +6,7 @@ reference; float64 results must be bit-equal across levels (same sum order, no F
 float32 results may differ only by the last bits the FMA-contracted exponential moves. Levels the
 CPU lacks are skipped with the reason.
 """
+import functools
 import os
 import re
 import shutil
@@ -328,28 +329,80 @@ _AVX = re.compile(r"^\s*[0-9a-f]+:\s+(v(?!err|erw)[a-z0-9]+|k(?:and|or|xor|not|m
 _LEVEL_NAMESPACES = ("7fastiml4avx2", "7fastiml6avx512")  # fastiml::avx2, fastiml::avx512
 
 
-@pytest.mark.skipif(shutil.which("objdump") is None, reason="objdump (binutils) not installed")
-@pytest.mark.skipif(os.environ.get("FASTIML_CPU_FLAGS", "") != "",
-                    reason="FASTIML_CPU_FLAGS may compile the base code for a wider ISA")
-@pytest.mark.skipif(not sys.platform.startswith("linux") or os.uname().machine != "x86_64",
-                    reason="x86-64 Linux only")
-def test_no_avx_instruction_outside_the_level_namespaces():
-    """Import must never raise SIGILL: only code in fastiml::avx2 / fastiml::avx512, which runs
-    only when the CPU has the level, may hold AVX instructions -- not an inline std / c10 / ATen
-    function the linker could pick for the whole library, nor a static initialiser."""
+_DISASSEMBLY = [
+    pytest.mark.skipif(shutil.which("objdump") is None, reason="objdump (binutils) not installed"),
+    pytest.mark.skipif(not sys.platform.startswith("linux") or os.uname().machine != "x86_64",
+                       reason="x86-64 Linux only"),
+]
+
+
+@functools.lru_cache(maxsize=1)
+def _disassembly():
+    """(function, instruction line) for every instruction of the built library."""
     from fastiml import _C
     dis = subprocess.run(["objdump", "-d", "--no-show-raw-insn", _C.__file__],
                          capture_output=True, text=True, check=True).stdout
-    offenders, function, in_levels = {}, None, 0
+    lines, function = [], None
     for line in dis.splitlines():
         head = re.match(r"^[0-9a-f]+ <(.*)>:$", line)
         if head:
             function = head.group(1)
-            continue
-        if function and _AVX.search(line):
+        elif function:
+            lines.append((function, line))
+    return lines
+
+
+@pytest.mark.skipif(os.environ.get("FASTIML_CPU_FLAGS", "") != "",
+                    reason="FASTIML_CPU_FLAGS may compile the base code for a wider ISA")
+@_DISASSEMBLY[0]
+@_DISASSEMBLY[1]
+def test_no_avx_instruction_outside_the_level_namespaces():
+    """Import must never raise SIGILL: only code in fastiml::avx2 / fastiml::avx512, which runs
+    only when the CPU has the level, may hold AVX instructions -- not an inline std / c10 / ATen
+    function the linker could pick for the whole library, nor a static initialiser."""
+    offenders, in_levels = {}, 0
+    for function, line in _disassembly():
+        if _AVX.search(line):
             if any(ns in function for ns in _LEVEL_NAMESPACES):
                 in_levels += 1
             else:
                 offenders.setdefault(function, line.strip())
     assert in_levels > 1000, "the avx2 / avx512 variants are missing from the library"
     assert not offenders, f"AVX outside the level namespaces: {list(offenders.items())[:5]}"
+
+
+@_DISASSEMBLY[0]
+@_DISASSEMBLY[1]
+def test_pivot_kernels_keep_their_prefetch():
+    """pivot_consistency asks for the next pixel row's scattered counted pixels
+    (prefetch_next_row in pivot_kernel.cpp): at patch 4 that halves its time, and nothing else
+    would notice if the compiler dropped it -- as GCC does with calls to a function that only
+    prefetches, unless it is inlined."""
+    levels = {"base": "7fastiml5pivot", "avx2": "7fastiml4avx25pivot",
+              "avx512": "7fastiml6avx5125pivot"}
+    prefetches = {level: 0 for level in levels}
+    for function, line in _disassembly():
+        if "prefetcht0" in line:
+            for level, namespace in levels.items():
+                prefetches[level] += namespace in function
+    assert all(prefetches.values()), f"prefetch instructions in the pivot kernels: {prefetches}"
+
+
+# Per-element math that the CPU kernels' vectorised loops call (FASTIML_HD_INLINE in
+# csrc/ops/common.h and pivot.h), by mangled name at every level.
+_FORCED_INLINE = re.compile(r"\bcall\b.*<_ZN7fastiml\w*?(12exp_in_range|15exp_nonpositive|7abs_acc|"
+                            r"5pivot7sigmoid|5pivot8jeffreys|5pivot13jeffreys_grad)")
+
+
+@_DISASSEMBLY[0]
+@_DISASSEMBLY[1]
+def test_per_element_math_is_never_called():
+    """A call to the per-element math left in a loop keeps that loop scalar: at the base level
+    pivot's backward over every pixel took 4x as long when GCC stopped inlining jeffreys_grad,
+    with every result still right."""
+    calls = {}
+    for function, line in _disassembly():
+        match = _FORCED_INLINE.search(line)
+        if match:
+            calls.setdefault(match.group(1), function)
+    assert not calls, f"out-of-line calls (callee: a caller): {calls}"

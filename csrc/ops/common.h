@@ -12,6 +12,17 @@
 #define FASTIML_HD inline
 #endif
 
+// FASTIML_HD that the host compiler must inline as well: per-element math called inside the
+// CPU kernels' vectorised loops, where a call left in keeps the loop scalar. GCC's inliner
+// may leave one when the calling loop grows: pivot's jeffreys_grad stayed a call at the base
+// level once a prefetch was added beside it, and the backward over every pixel took 4x as
+// long (tests/test_cpu_capability.py checks the built library for such calls).
+#if defined(__CUDACC__)
+#define FASTIML_HD_INLINE FASTIML_HD
+#else
+#define FASTIML_HD_INLINE inline __attribute__((always_inline))
+#endif
+
 // The namespace of every fastiml kernel symbol. The CPU kernels' avx2 / avx512 variants
 // (ops/cpu/isa/*.cpp) define FASTIML_CPU_CAPABILITY and so put theirs in fastiml::<level>:
 // an inline function compiled for AVX-512 never shares a name with the base build's.
@@ -41,7 +52,7 @@ FASTIML_HD float fma_acc(float a, float b, float c) {
 // calls so that GCC vectorises the loops that call it (Cephes' expf: Cody-Waite range
 // reduction and a degree-6 polynomial, about 1 ulp). The CPU path of exp_acc and
 // exp_nonpositive, which clamp x into that range.
-FASTIML_HD float exp_in_range(float x) {
+FASTIML_HD_INLINE float exp_in_range(float x) {
   // n = round(x / ln 2) without a libm call (floor() is one unless -fno-trapping-math, and a
   // call stops vectorisation): adding and subtracting 1.5 * 2^23 rounds to nearest.
   const float n = fma_acc(x, 1.44269504088896341f, 12582912.0f) - 12582912.0f;
@@ -75,7 +86,7 @@ FASTIML_HD float exp_acc(float x) {
 // that must keep a NaN keeps it by other terms). One clamp, written as the operand order of
 // maxps so that it is one instruction: the two clamps of exp_acc compile to nine instructions,
 // about a quarter of a sigmoid's.
-FASTIML_HD float exp_nonpositive(float x) {
+FASTIML_HD_INLINE float exp_nonpositive(float x) {
 #if defined(__CUDA_ARCH__)
   return expf(x);
 #else
@@ -83,12 +94,12 @@ FASTIML_HD float exp_nonpositive(float x) {
 #endif
 }
 
-FASTIML_HD double exp_nonpositive(double x) { return exp(x); }
+FASTIML_HD_INLINE double exp_nonpositive(double x) { return exp(x); }
 
 FASTIML_HD double exp_acc(double x) { return exp(x); }
 
-FASTIML_HD float abs_acc(float x) { return fabsf(x); }
-FASTIML_HD double abs_acc(double x) { return fabs(x); }
+FASTIML_HD_INLINE float abs_acc(float x) { return fabsf(x); }
+FASTIML_HD_INLINE double abs_acc(double x) { return fabs(x); }
 
 FASTIML_HD float log_acc(float x) { return logf(x); }
 FASTIML_HD double log_acc(double x) { return log(x); }

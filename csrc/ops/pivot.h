@@ -15,7 +15,7 @@ namespace pivot {
 // so that the CPU loops over a run of pixels vectorise. A NaN x gives a finite sigmoid here;
 // the callers' (a - b) factor carries it into J and its gradient.
 template <typename T>
-FASTIML_HD T sigmoid(T x) {
+FASTIML_HD_INLINE T sigmoid(T x) {
   const bool pos = x >= T(0);
   const T e = exp_nonpositive(-abs_acc(x));
   const T r = T(1) / (T(1) + e);
@@ -23,13 +23,13 @@ FASTIML_HD T sigmoid(T x) {
 }
 
 template <typename T>
-FASTIML_HD T jeffreys(T a, T b) {
+FASTIML_HD_INLINE T jeffreys(T a, T b) {
   return (sigmoid(a) - sigmoid(b)) * (a - b);
 }
 
 // dJ/da and dJ/db.
 template <typename T>
-FASTIML_HD void jeffreys_grad(T a, T b, T& da, T& db) {
+FASTIML_HD_INLINE void jeffreys_grad(T a, T b, T& da, T& db) {
   const T sa = sigmoid(a), sb = sigmoid(b), diff = sa - sb, delta = a - b;
   da = diff + delta * sa * (T(1) - sa);
   db = -diff - delta * sb * (T(1) - sb);
