@@ -329,11 +329,12 @@ _AVX = re.compile(r"^\s*[0-9a-f]+:\s+(v(?!err|erw)[a-z0-9]+|k(?:and|or|xor|not|m
 _LEVEL_NAMESPACES = ("7fastiml4avx2", "7fastiml6avx512")  # fastiml::avx2, fastiml::avx512
 
 
-_DISASSEMBLY = [
-    pytest.mark.skipif(shutil.which("objdump") is None, reason="objdump (binutils) not installed"),
-    pytest.mark.skipif(not sys.platform.startswith("linux") or os.uname().machine != "x86_64",
-                       reason="x86-64 Linux only"),
-]
+def _reads_disassembly(test):
+    """The marks of a test that reads the built library's x86-64 disassembly."""
+    x86_64_linux = sys.platform.startswith("linux") and os.uname().machine == "x86_64"
+    test = pytest.mark.skipif(shutil.which("objdump") is None,
+                              reason="objdump (binutils) not installed")(test)
+    return pytest.mark.skipif(not x86_64_linux, reason="x86-64 Linux only")(test)
 
 
 @functools.lru_cache(maxsize=1)
@@ -354,8 +355,7 @@ def _disassembly():
 
 @pytest.mark.skipif(os.environ.get("FASTIML_CPU_FLAGS", "") != "",
                     reason="FASTIML_CPU_FLAGS may compile the base code for a wider ISA")
-@_DISASSEMBLY[0]
-@_DISASSEMBLY[1]
+@_reads_disassembly
 def test_no_avx_instruction_outside_the_level_namespaces():
     """Import must never raise SIGILL: only code in fastiml::avx2 / fastiml::avx512, which runs
     only when the CPU has the level, may hold AVX instructions -- not an inline std / c10 / ATen
@@ -371,8 +371,7 @@ def test_no_avx_instruction_outside_the_level_namespaces():
     assert not offenders, f"AVX outside the level namespaces: {list(offenders.items())[:5]}"
 
 
-@_DISASSEMBLY[0]
-@_DISASSEMBLY[1]
+@_reads_disassembly
 def test_pivot_kernels_keep_their_prefetch():
     """pivot_consistency asks for the next pixel row's scattered counted pixels
     (prefetch_next_row in pivot_kernel.cpp): at patch 4 that halves its time, and nothing else
@@ -394,8 +393,7 @@ _FORCED_INLINE = re.compile(r"\bcall\b.*<_ZN7fastiml\w*?(12exp_in_range|15exp_no
                             r"5pivot7sigmoid|5pivot8jeffreys|5pivot13jeffreys_grad)")
 
 
-@_DISASSEMBLY[0]
-@_DISASSEMBLY[1]
+@_reads_disassembly
 def test_per_element_math_is_never_called():
     """A call to the per-element math left in a loop keeps that loop scalar: at the base level
     pivot's backward over every pixel took 4x as long when GCC stopped inlining jeffreys_grad,
