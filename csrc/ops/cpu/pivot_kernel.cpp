@@ -136,7 +136,8 @@ class RowWeights {
 // hardware, which streams them.
 constexpr int64_t kPrefetchRun = 2 * kLanes;  // pixels: runs up to this long are prefetched
 
-// Asks for a[x0 + next_row, x1 + next_row) and the same of b (next_row = 0: nothing to ask).
+// Asks for a[x0 + next_row, x1 + next_row) and the same of b when the run [x0, x1) is at most
+// kPrefetchRun pixels long (every mixed block is) and there is a next row (next_row != 0).
 // Always inlined: GCC takes a function that only prefetches for one without side effects and
 // drops the calls to it (GCC 12, -O1 and up); inlined, the prefetches stay in the caller.
 // tests/test_cpu_capability.py checks that the built library holds them.
@@ -144,7 +145,7 @@ template <typename scalar_t>
 inline __attribute__((always_inline)) void prefetch_next_row(const scalar_t* a, const scalar_t* b,
                                                              int64_t x0, int64_t x1,
                                                              int64_t next_row) {
-  if (next_row == 0) return;
+  if (next_row == 0 || x1 - x0 > kPrefetchRun) return;
   constexpr int64_t kLine = 64 / int64_t(sizeof(scalar_t));  // elements of a cache line
   for (int64_t x = x0 + next_row; x < x1 + next_row; x += kLine) {
     __builtin_prefetch(a + x);
@@ -226,7 +227,7 @@ acc_t weighted_jeffreys_row(const scalar_t* a, const scalar_t* b, const RowWeigh
   for_each_block<acc_t>(
       rw, W, [](int64_t, int64_t) {},
       [&](int64_t x0, int64_t x1, acc_t w) {
-        if (x1 - x0 <= kPrefetchRun) prefetch_next_row(a, b, x0, x1, next_row);
+        prefetch_next_row(a, b, x0, x1, next_row);
         total += w * jeffreys_sum<scalar_t, acc_t>(a + x0, b + x0, x1 - x0);
       },
       [&](int64_t x0, int64_t x1, const acc_t* wp) {
@@ -260,7 +261,7 @@ void weighted_jeffreys_grad_row(const scalar_t* a, const scalar_t* b,
         std::fill(gb + x0, gb + x1, scalar_t(0));
       },
       [&](int64_t x0, int64_t x1, acc_t w) {
-        if (x1 - x0 <= kPrefetchRun) prefetch_next_row(a, b, x0, x1, next_row);
+        prefetch_next_row(a, b, x0, x1, next_row);
         jeffreys_grad_run(a + x0, b + x0, x1 - x0, w, ga + x0, gb + x0);
       },
       [&](int64_t x0, int64_t x1, const acc_t* wp) {
