@@ -1,7 +1,7 @@
 // pivot_consistency on the CPU: per cell row, how each block of 16 pixels weighs (nothing, one
-// weight, or per pixel); then each pixel row a block at a time: blocks that weigh nothing are
-// skipped (forward) or zero-filled (backward), the others go through a vectorisable loop
-// (branch-free sigmoid). Closed-form backward. Row partial sums are added in a fixed order:
+// weight, or per pixel), as runs of blocks; then each pixel row a run at a time: runs that weigh
+// nothing are skipped (forward) or zero-filled (backward), the others go through a vectorisable
+// loop (branch-free sigmoid). Closed-form backward. Row partial sums are added in a fixed order:
 // deterministic.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
@@ -46,10 +46,11 @@ acc_t weight_total(const int8_t* klass, int64_t B, int64_t H, int64_t W, int64_t
   for (int64_t b = 0; b < B; ++b)
     for (int64_t cy = 0; cy < gh; ++cy) {
       const int8_t* row = klass + (b * gh + cy) * gw;
-      int64_t contour_cells = 0, other_cells = 0;  // of the full-width cells
+      // int32 counts of the full-width cells: a loop the compiler vectorises over the bytes.
+      int32_t contour_cells = 0, other_cells = 0;
       for (int64_t cx = 0; cx + 1 < gw; ++cx) {
-        contour_cells += pixel_weight<int64_t>(row[cx], 1, 0);
-        other_cells += pixel_weight<int64_t>(row[cx], 0, 1);
+        contour_cells += pixel_weight<int32_t>(row[cx], 1, 0);
+        other_cells += pixel_weight<int32_t>(row[cx], 0, 1);
       }
       const int8_t last = row[gw - 1];
       const int64_t h = std::min(patch, H - cy * patch);
@@ -85,47 +86,78 @@ static_assert(kLanes % kGroup == 0, "a block is whole groups");
 // no padding) multiplies by one weight.
 enum class BlockKind : uint8_t { kEmpty, kUniform, kMixed };
 
+// A cell row's blocks as runs: a maximal run of blocks that weigh nothing, a maximal run of
+// blocks of one weight w, or one block with per-pixel weights. The pixel rows of the cell row
+// walk these runs; they are made once per cell row, not once per pixel row.
+template <typename acc_t>
+struct BlockRun {
+  int64_t x0, x1;  // pixels [x0, x1) of the row
+  BlockKind kind;
+  acc_t w;  // the weight of a uniform run
+};
+
 template <typename acc_t>
 class RowWeights {
  public:
-  RowWeights(int64_t gw, int64_t W)
-      : cell_(gw), kind_((W + kLanes - 1) / kLanes), uniform_(kind_.size()), pixel_(W) {}
+  // wc, wo: the weights of contour and of other cells (padding weighs 0). Each cell is given a
+  // code, the same for two cells exactly when their weights are the same: the blocks' cells are
+  // then compared as bytes (float compares cost a NaN test each, and this walk runs over every
+  // cell whatever the logits).
+  RowWeights(int64_t gw, int64_t W, acc_t wc, acc_t wo) : code_(gw), pixel_(W) {
+    runs_.reserve((W + kLanes - 1) / kLanes);
+    contour_code_ = wc == acc_t(0) ? 0 : 1;
+    other_code_ = wo == acc_t(0) ? 0 : (wo == wc ? contour_code_ : 2);
+    weight_of_code_[0] = acc_t(0);
+    weight_of_code_[1] = wc;
+    weight_of_code_[2] = wo;
+  }
 
   // The weights of the cell row krow (gw cells of `patch` pixels, W pixels in all). The cells
   // under each block are walked along, not divided out: at patch 4 this runs once per 4 pixel
   // rows, and a division per block (or per pixel of a mixed block) weighed as much as they do.
-  void set(const int8_t* krow, int64_t gw, int64_t W, int64_t patch, acc_t wc, acc_t wo) {
-    for (int64_t cx = 0; cx < gw; ++cx) cell_[cx] = pixel_weight(krow[cx], wc, wo);
+  void set(const int8_t* krow, int64_t gw, int64_t W, int64_t patch) {
+    // Through a local pointer: a store to a uint8_t may alias the vector's own pointer, which
+    // the compiler would then reload on every cell.
+    uint8_t* const code = code_.data();
+    const uint8_t contour_code = contour_code_, other_code = other_code_;
+    for (int64_t cx = 0; cx < gw; ++cx)
+      code[cx] = pixel_weight<uint8_t>(krow[cx], contour_code, other_code);
+    runs_.clear();
+    int last_code = -1;  // the code of the last run's blocks; -1 when that run is a mixed block
     int64_t c0 = 0, c0_end = patch;  // the block's first cell, and the pixel where it ends
-    for (int64_t block = 0; block < static_cast<int64_t>(kind_.size()); ++block) {
-      const int64_t x0 = block * kLanes, x1 = std::min(W, x0 + kLanes);
+    for (int64_t x0 = 0; x0 < W; x0 += kLanes) {
+      const int64_t x1 = std::min(W, x0 + kLanes);
       while (c0_end <= x0) ++c0, c0_end += patch;
-      const acc_t w = cell_[c0];
-      bool same = true;
+      const uint8_t first = code[c0];
+      uint8_t differs = 0;
       int64_t c1 = c0;  // the block's last cell
-      for (int64_t end = c0_end; end < x1; end += patch) same &= cell_[++c1] == w;
-      uniform_[block] = w;
-      if (same) {
-        kind_[block] = w == acc_t(0) ? BlockKind::kEmpty : BlockKind::kUniform;
-        continue;
-      }
-      kind_[block] = BlockKind::kMixed;
-      for (int64_t c = c0, x = x0; c <= c1; ++c) {
-        const int64_t end = std::min(x1, (c + 1) * patch);
-        for (; x < end; ++x) pixel_[x] = cell_[c];
+      for (int64_t end = c0_end; end < x1; end += patch) differs |= code[++c1] ^ first;
+      if (differs != 0) {
+        runs_.push_back({x0, x1, BlockKind::kMixed, acc_t(0)});
+        last_code = -1;
+        for (int64_t c = c0, x = x0; c <= c1; ++c) {
+          const int64_t end = std::min(x1, (c + 1) * patch);
+          for (; x < end; ++x) pixel_[x] = weight_of_code_[code[c]];
+        }
+      } else if (first == last_code) {
+        runs_.back().x1 = x1;
+      } else {
+        runs_.push_back({x0, x1, first == 0 ? BlockKind::kEmpty : BlockKind::kUniform,
+                         weight_of_code_[first]});
+        last_code = first;
       }
     }
   }
 
-  BlockKind kind(int64_t block) const { return kind_[block]; }
-  acc_t uniform(int64_t block) const { return uniform_[block]; }
+  const std::vector<BlockRun<acc_t>>& runs() const { return runs_; }
   const acc_t* pixel() const { return pixel_.data(); }  // valid in mixed blocks
 
  private:
-  std::vector<acc_t> cell_;
-  std::vector<BlockKind> kind_;
-  std::vector<acc_t> uniform_;
+  std::vector<uint8_t> code_;  // per cell: 0 weighs nothing, else an index into weight_of_code_
+  std::vector<BlockRun<acc_t>> runs_;
   std::vector<acc_t> pixel_;
+  uint8_t contour_code_, other_code_;
+  acc_t weight_of_code_[3];
 };
 
 // The counted pixels at NCL's setting (contour cells only, patch 4) are scattered: runs of a
@@ -178,33 +210,18 @@ void jeffreys_grad_run(const scalar_t* a, const scalar_t* b, int64_t n, acc_t w,
   }
 }
 
-// Walks the row's blocks: empty(x0, x1) for a maximal run of blocks that weigh nothing,
-// uniform(x0, x1, w) for a maximal run of blocks of one weight w, mixed(x0, x1, w) for a block
-// with per-pixel weights w[x0, x1) (x1 < x0 + kLanes only for the row's last block).
+// Walks the row's runs: empty(x0, x1) for a run of blocks that weigh nothing, uniform(x0, x1, w)
+// for a run of blocks of one weight w, mixed(x0, x1, w) for a block with per-pixel weights
+// w[x0, x1) (x1 < x0 + kLanes only for the row's last block).
 template <typename acc_t, typename Empty, typename Uniform, typename Mixed>
-void for_each_block(const RowWeights<acc_t>& rw, int64_t W, Empty&& empty, Uniform&& uniform,
-                    Mixed&& mixed) {
-  const int64_t blocks = (W + kLanes - 1) / kLanes;
-  for (int64_t block = 0; block < blocks;) {
-    const int64_t x0 = block * kLanes;
-    const BlockKind kind = rw.kind(block);
-    if (kind == BlockKind::kUniform) {
-      const acc_t w = rw.uniform(block);
-      int64_t end = block + 1;
-      while (end < blocks && rw.kind(end) == BlockKind::kUniform && rw.uniform(end) == w) ++end;
-      uniform(x0, std::min(W, end * kLanes), w);
-      block = end;
-      continue;
-    }
-    if (kind == BlockKind::kEmpty) {
-      int64_t end = block + 1;
-      while (end < blocks && rw.kind(end) == BlockKind::kEmpty) ++end;
-      empty(x0, std::min(W, end * kLanes));
-      block = end;
-      continue;
-    }
-    mixed(x0, std::min(W, x0 + kLanes), rw.pixel());
-    ++block;
+void for_each_run(const RowWeights<acc_t>& rw, Empty&& empty, Uniform&& uniform, Mixed&& mixed) {
+  for (const BlockRun<acc_t>& run : rw.runs()) {
+    if (run.kind == BlockKind::kEmpty)
+      empty(run.x0, run.x1);
+    else if (run.kind == BlockKind::kUniform)
+      uniform(run.x0, run.x1, run.w);
+    else
+      mixed(run.x0, run.x1, rw.pixel());
   }
 }
 
@@ -221,17 +238,19 @@ bool any_weight(const acc_t* w) {
 // logits may be anything). Added in a fixed order: deterministic.
 template <typename scalar_t, typename acc_t>
 acc_t weighted_jeffreys_row(const scalar_t* a, const scalar_t* b, const RowWeights<acc_t>& rw,
-                            int64_t W, int64_t next_row) {
+                            int64_t next_row) {
   acc_t total = 0;
   acc_t lanes[kLanes] = {};
-  for_each_block<acc_t>(
-      rw, W, [](int64_t, int64_t) {},
+  bool any_mixed = false;  // lanes that were never added to would add 16 zeros to total
+  for_each_run<acc_t>(
+      rw, [](int64_t, int64_t) {},
       [&](int64_t x0, int64_t x1, acc_t w) {
         prefetch_next_row(a, b, x0, x1, next_row);
         total += w * jeffreys_sum<scalar_t, acc_t>(a + x0, b + x0, x1 - x0);
       },
       [&](int64_t x0, int64_t x1, const acc_t* wp) {
         prefetch_next_row(a, b, x0, x1, next_row);
+        any_mixed = true;
         if (x1 - x0 < kLanes) {  // the row's last, partial block
           for (int64_t x = x0; x < x1; ++x)
             if (wp[x] != acc_t(0)) lanes[x - x0] += wp[x] * jeffreys(acc_t(a[x]), acc_t(b[x]));
@@ -245,17 +264,18 @@ acc_t weighted_jeffreys_row(const scalar_t* a, const scalar_t* b, const RowWeigh
           }
         }
       });
-  for (int64_t j = 0; j < kLanes; ++j) total += lanes[j];
+  if (any_mixed)
+    for (int64_t j = 0; j < kLanes; ++j) total += lanes[j];
   return total;
 }
 
 // ga[x], gb[x] = w[x] * dJ/da, w[x] * dJ/db over the row; exact zeros where w[x] = 0.
 template <typename scalar_t, typename acc_t>
 void weighted_jeffreys_grad_row(const scalar_t* a, const scalar_t* b,
-                                const RowWeights<acc_t>& rw, int64_t W, scalar_t* ga,
-                                scalar_t* gb, int64_t next_row) {
-  for_each_block<acc_t>(
-      rw, W,
+                                const RowWeights<acc_t>& rw, scalar_t* ga, scalar_t* gb,
+                                int64_t next_row) {
+  for_each_run<acc_t>(
+      rw,
       [&](int64_t x0, int64_t x1) {
         std::fill(ga + x0, ga + x1, scalar_t(0));
         std::fill(gb + x0, gb + x1, scalar_t(0));
@@ -304,15 +324,15 @@ at::Tensor pivot_forward_cpu(const at::Tensor& logit_a, const at::Tensor& logit_
     const acc_t wc = acc_t(weight_contour), wo = acc_t(weight_other);
     std::vector<double> row_sum(B * H, 0.0);
     at::parallel_for(0, B * H, rows_per_task(W), [&](int64_t begin, int64_t end) {
-      RowWeights<acc_t> weights(gw, W);
+      RowWeights<acc_t> weights(gw, W, wc, wo);
       for (int64_t row = begin; row < end; ++row) {
         const int64_t bi = row / H, y = row % H;
         // The pixel rows of one cell row share its weights.
         if (row == begin || y % patch == 0)
-          weights.set(pk + (bi * gh + y / patch) * gw, gw, W, patch, wc, wo);
+          weights.set(pk + (bi * gh + y / patch) * gw, gw, W, patch);
         const int64_t next_row = row + 1 < B * H ? W : 0;
         row_sum[row] = double(
-            weighted_jeffreys_row<scalar_t, acc_t>(pa + row * W, pb + row * W, weights, W, next_row));
+            weighted_jeffreys_row<scalar_t, acc_t>(pa + row * W, pb + row * W, weights, next_row));
       }
     });
     double total = 0;
@@ -348,15 +368,15 @@ std::tuple<at::Tensor, at::Tensor> pivot_backward_cpu(const at::Tensor& grad,
     scalar_t* gb = grad_b.data_ptr<scalar_t>();
     const acc_t wc = acc_t(weight_contour * scale), wo = acc_t(weight_other * scale);
     at::parallel_for(0, B * H, rows_per_task(W), [&](int64_t begin, int64_t end) {
-      RowWeights<acc_t> weights(gw, W);
+      RowWeights<acc_t> weights(gw, W, wc, wo);
       for (int64_t row = begin; row < end; ++row) {
         const int64_t bi = row / H, y = row % H;
         if (row == begin || y % patch == 0)
-          weights.set(pk + (bi * gh + y / patch) * gw, gw, W, patch, wc, wo);
+          weights.set(pk + (bi * gh + y / patch) * gw, gw, W, patch);
         // The gradients are empty, not zeroed, tensors: every pixel is written.
         const int64_t o = row * W;
         const int64_t next_row = row + 1 < B * H ? W : 0;
-        weighted_jeffreys_grad_row<scalar_t, acc_t>(pa + o, pb + o, weights, W, ga + o, gb + o,
+        weighted_jeffreys_grad_row<scalar_t, acc_t>(pa + o, pb + o, weights, ga + o, gb + o,
                                                     next_row);
       }
     });
