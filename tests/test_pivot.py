@@ -90,7 +90,7 @@ def test_matches_reference_float64(b, h, w, p, weights, device):
     assert_close_scaled(gb, rgb, F64_RTOL, "grad_b")
     torch.testing.assert_close(loss, closed_form(a, bb, klass, p, wc, wo), rtol=1e-10,
                                atol=1e-12)
-    assert loss > 0 or (wc == 0 and (klass == 2).all())  # a shape of one contour cell
+    assert loss > 0 or (wc == 0 and (klass == 2).all())  # every cell contour, weighing 0
 
 
 def test_weights_kept_in_double():
