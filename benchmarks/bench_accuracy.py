@@ -10,6 +10,7 @@ tampered) is printed beside it.
     python -m benchmarks.bench_accuracy --minutes 4 --n-train 800 --methods ncl bce --seeds 0
     python -m benchmarks.bench_accuracy --steps 400 --minutes 60    # equal steps instead of time
     python -m benchmarks.bench_accuracy --variants scratch trace     # camera-trace stage or not
+    python -m benchmarks.bench_accuracy --copy-move off              # the networks' maps alone
 
 Each run is ``fastiml demo`` (its config, data and schedule; ``--set`` passes overrides on)
 followed by ``fastiml eval`` on every set; the photo sets are built first when missing (apt
@@ -102,6 +103,8 @@ def run_one(method: str, variant: str, seed: int, args, data: Dict[str, str]) ->
                "--data", data[name], "--out", str(ev), "--workers", "0"]
         if args.resolution:
             cmd += ["--resolution", args.resolution]
+        if args.copy_move:
+            cmd += ["--copy-move", args.copy_move]
         _run(cmd, log)
         row[name] = _summary(json.loads((ev / "metrics.json").read_text()))
     return row
@@ -136,6 +139,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--photos", default="", help="folder of the photo sets (default: OUT/photos, "
                    "built with benchmarks.photo_sets and benchmarks.independent_sets)")
     p.add_argument("--resolution", choices=("native", "train"), default="")
+    p.add_argument("--copy-move", choices=("keypoints", "off"), default="",
+                   help="eval's --copy-move (default: the checkpoint's eval.copy_move, keypoints)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     args = p.parse_args(argv)
     Path(args.out).mkdir(parents=True, exist_ok=True)

@@ -7,7 +7,8 @@ import importlib
 
 __version__ = "0.1.0"
 
-_SUBMODULES = ("ops", "reference", "losses", "models", "methods", "data", "metrics", "engine", "cli")
+_SUBMODULES = ("ops", "reference", "losses", "models", "methods", "data", "metrics", "engine", "cli",
+               "copy_move")
 
 
 def __getattr__(name):

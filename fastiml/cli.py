@@ -153,6 +153,10 @@ def _resolution_options(p) -> None:
     p.add_argument("--max-pixels", type=int, default=0, help="native: one pass up to this many "
                    "pixels, tiles above (default: the checkpoint's eval.max_pixels)")
     p.add_argument("--tile", type=int, default=0, help="native: tile side (default: eval.tile)")
+    p.add_argument("--copy-move", choices=("keypoints", "off"), default="",
+                   help="keypoints: fuse the copies found by matching the image with itself "
+                   "(fastiml.copy_move) into the map; off: the network's map alone (default: the "
+                   "checkpoint's eval.copy_move, else keypoints)")
 
 
 def _version() -> str:
@@ -287,6 +291,18 @@ def _tiling(state: Dict, args):
         raise CLIError(str(e)) from None
 
 
+def _copy_move(state: Dict, args) -> str:
+    """--copy-move, else the checkpoint's eval.copy_move."""
+    from fastiml.engine.evaluate import copy_move_from_config
+
+    if args.copy_move:
+        return args.copy_move
+    try:
+        return copy_move_from_config(state["config"].get("eval", {}))
+    except ValueError as e:
+        raise CLIError(str(e)) from None
+
+
 def _synth_kinds(data: str) -> Dict[str, str]:
     """{image path: forgery kind} from the meta.json that `fastiml synth` writes beside list.json."""
     folder = os.path.dirname(data) if os.path.isfile(data) else data
@@ -327,7 +343,8 @@ def cmd_eval(args) -> int:
     amp = state["config"]["train"].get("amp", "off")
     tiling = _tiling(state, args)
     mode = "native" if tiling is not None else dc["mode"]  # native: images differ in size
-    ds = ForgeryDataset(args.data, size=dc["size"], mode=mode)
+    copy_move = _copy_move(state, args)
+    ds = ForgeryDataset(args.data, size=dc["size"], mode=mode, copy_move=copy_move)
     score_kw = image_score_from_config(state["config"].get("eval", {}))
     kw = dict(batch_size=1 if tiling is not None else args.batch_size, device=dev, amp=amp,
               num_workers=max(0, args.workers), threshold=args.threshold,
@@ -352,11 +369,13 @@ def cmd_eval(args) -> int:
     result.update(checkpoint=os.path.abspath(args.checkpoint), data=os.path.abspath(args.data),
                   method=state["method"]["name"], size=dc["size"], mode=dc["mode"],
                   resolution="native" if tiling is not None else "train",
-                  threshold=args.threshold)
+                  threshold=args.threshold, copy_move=copy_move)
     by_kind = _metrics_by_kind(rows)
     if by_kind:
         result["by_kind"] = by_kind
-    _print(f"{len(ds)} images ({result['resolution']} resolution): " + _metric_line(metrics)
+    _print(f"{len(ds)} images ({result['resolution']} resolution"
+           + (", copy-move matching fused" if copy_move != "off" else "") + "): "
+           + _metric_line(metrics)
            + (f" ({len(ds.skipped)} unreadable file(s) skipped, listed in metrics.json)"
               if ds.skipped else ""))
     for kind, m in by_kind.items():
@@ -364,7 +383,7 @@ def cmd_eval(args) -> int:
                f"pixel_auc {_fmt(m['pixel_auc'])}")
     if args.robustness:
         result["robustness"] = robustness(model, method, args.data, size=dc["size"],
-                                          mode=mode, log=_print, **kw)
+                                          mode=mode, copy_move=copy_move, log=_print, **kw)
     path = os.path.join(out, "metrics.json")
     with open(path, "w", encoding="utf-8") as f:  # standard JSON: NaN (e.g. one class) -> null
         json.dump(json_safe(result), f, indent=2, allow_nan=False)
@@ -421,6 +440,7 @@ def cmd_predict(args) -> int:
     dc = state["config"]["data"]
     amp = state["config"]["train"].get("amp", "off")
     tiling = _tiling(state, args)
+    copy_move = _copy_move(state, args)
     failed = []
     for path, stem in zip(files, _output_stems(files)):
         try:
@@ -431,7 +451,7 @@ def cmd_predict(args) -> int:
             continue
         prob = predict_image(model, method, img, size=dc["size"], mode=dc["mode"], device=dev,
                              amp=amp, input_filter_kind=dc.get("input_filter", "none"),
-                             tiling=tiling)
+                             tiling=tiling, copy_move=copy_move)
         write_png(os.path.join(out, f"{stem}_overlay.png"), heatmap_overlay(img, prob))
         write_png(os.path.join(out, f"{stem}_mask.png"), binary_mask(prob, args.threshold))
         _print(f"{path}: max probability {float(prob.max()):.3f}, "
@@ -623,6 +643,7 @@ def cmd_demo(args) -> int:
     curve = os.path.join(out, "loss_curve.png")
     loss_curve(os.path.join(out, "train_log.jsonl"), curve, title=f"{args.method}: training loss")
     from fastiml.engine import model_from_checkpoint
+    from fastiml.engine.evaluate import copy_move_from_config
     model, method, state = model_from_checkpoint(result["checkpoint"])
     test = ForgeryDataset(cfg["data"]["test"], size=size, mode=cfg["data"]["mode"], check="none")
     tampered = [s for s in test.samples if s[1] is not None]
@@ -635,7 +656,8 @@ def cmd_demo(args) -> int:
         img = read_image(img_path)
         mask = read_mask(mask_path) if mask_path else np.zeros(img.shape[:2], np.uint8)
         prob = predict_image(model, method, img, size=size, mode=cfg["data"]["mode"],
-                             input_filter_kind=cfg["data"]["input_filter"])
+                             input_filter_kind=cfg["data"]["input_filter"],
+                             copy_move=copy_move_from_config(cfg["eval"]))
         name = Path(img_path).stem + ("" if mask_path else "_authentic") + ".png"
         write_png(os.path.join(overlay_dir, name), panel(img, prob, mask, title=Path(img_path).name))
         overlay_files.append(os.path.join("overlays", name))

@@ -291,6 +291,20 @@ def test_synth(runs):
     assert len(pairs) == 3
 
 
+def test_eval_records_its_copy_move_setting(runs, tmp_path, capsys):
+    """The default fuses copy-move matching (the checkpoint's eval.copy_move); --copy-move off
+    scores the network alone; metrics.json and the printed line say which."""
+    from fastiml.cli import main
+    tmp, r = runs
+    _ok(r["eval"])
+    assert json.loads((tmp / "eval" / "metrics.json").read_text())["copy_move"] == "keypoints"
+    assert "copy-move matching fused" in r["eval"].stdout + r["eval"].stderr
+    code = main(["eval", "--checkpoint", str(tmp / "run" / "model.pt"), "--data", str(tmp / "data"),
+                 "--out", str(tmp_path / "off"), "--workers", "0", "--copy-move", "off"])
+    assert code == 0 and "copy-move" not in capsys.readouterr().out
+    assert json.loads((tmp_path / "off" / "metrics.json").read_text())["copy_move"] == "off"
+
+
 def test_eval_stops_at_a_file_that_breaks_after_listing(runs, monkeypatch, capsys):
     """A file corrupted after the data set was listed: one error line naming it, and no
     metrics.json or per_image.csv -- the next item in its place would count one image twice and

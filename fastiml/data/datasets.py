@@ -28,6 +28,7 @@ import numpy as np
 import torch
 from torch.utils.data import ConcatDataset, Dataset, Sampler
 
+from ..copy_move import COPY_MOVE_MODES, copy_move_regions
 from .transforms import resize_or_pad
 
 __all__ = ["ForgeryDataset", "BalancedSampler", "read_image", "read_mask", "image_size",
@@ -280,6 +281,11 @@ class ForgeryDataset(Dataset):
             pixel data and non-binary masks then surface while loading, see below); ``"none"`` only
             checks that the files exist.
         seed: seed of the degradation generators.
+        copy_move: ``"keypoints"`` adds each item's copy-move regions
+            (:func:`fastiml.copy_move.copy_move_regions`, found at the image's own resolution
+            after ``degrade``, then brought to S x S as the mask is) as ``copy_move``, which
+            :func:`fastiml.engine.evaluate` fuses into the network's map; ``"off"`` (default):
+            no such key.
 
     Items that fail to load mid-epoch (file deleted or corrupted after construction, or not caught
     by a lighter ``check``) do not crash training: a warning names the file and the next readable
@@ -291,12 +297,13 @@ class ForgeryDataset(Dataset):
         ``image`` float32 Tensor[3, S, S] in [0, 1], RGB; ``mask`` float32 Tensor[S, S] in {0, 1};
         ``valid`` bool Tensor[S, S]; ``label`` int64 Tensor[] (1 when the final mask has a tampered
         pixel, else 0); ``name`` str (the image's file name); ``size`` int64 Tensor[2], the original
-        (H, W) of the file.
+        (H, W) of the file; with ``copy_move="keypoints"`` also ``copy_move`` float32 Tensor[S, S]
+        in {0, 1}.
     """
 
     def __init__(self, source, size: int = 512, mode: str = "resize", augment: Optional[Transform] = None,
                  degrade: Optional[Transform] = None, on_error: str = "warn", check: str = "full",
-                 seed: int = 0):
+                 seed: int = 0, copy_move: str = "off"):
         if isinstance(size, bool) or not isinstance(size, (int, np.integer)) or size < 1:
             raise ValueError(f"size must be a positive int, got {size!r}")
         if mode not in ("resize", "pad", "native"):
@@ -305,6 +312,8 @@ class ForgeryDataset(Dataset):
             raise ValueError(f"on_error must be 'warn' or 'raise', got {on_error!r}")
         if check not in ("full", "header", "none"):
             raise ValueError(f"check must be 'full', 'header' or 'none', got {check!r}")
+        if copy_move not in COPY_MOVE_MODES:
+            raise ValueError(f"copy_move must be one of {', '.join(COPY_MOVE_MODES)}, got {copy_move!r}")
         for name, fn in (("augment", augment), ("degrade", degrade)):
             if fn is not None and not callable(fn):
                 raise ValueError(f"{name} must be None or a callable (img, mask, rng) -> (img, mask), "
@@ -312,6 +321,7 @@ class ForgeryDataset(Dataset):
         self.size, self.mode = int(size), mode
         self.augment, self.degrade = augment, degrade
         self.on_error, self.check, self.seed = on_error, check, int(seed)
+        self.copy_move = copy_move
 
         pairs, problems = _collect(source)
         for path, reason in problems:
@@ -427,12 +437,15 @@ class ForgeryDataset(Dataset):
         if self.augment is not None:
             seed = int(torch.randint(0, 2**62, ()).item())  # per worker / epoch via torch's seeding
             img, mask = self._apply(self.augment, "augment", img, mask, np.random.default_rng(seed))
+        copies = copy_move_regions(img) if self.copy_move == "keypoints" else None
+        if copies is not None:  # resized with the mask, as bit 1 of it (nearest keeps the bits)
+            mask = (mask > 0).astype(np.uint8) | (copies << 1)
         img, mask, valid = resize_or_pad(img, mask, self.size, self.mode)
         # Conversions in numpy: single-threaded and cheap; torch's intra-op threads would only
         # contend with the DataLoader's worker processes.
         chw = np.ascontiguousarray(img.transpose(2, 0, 1))
-        binary = mask > 0
-        return {
+        binary = (mask & 1 if copies is not None else mask) > 0
+        item = {
             "image": torch.from_numpy(np.divide(chw, 255, dtype=np.float32)),
             "mask": torch.from_numpy(binary.astype(np.float32)),
             "valid": torch.from_numpy(valid),
@@ -440,6 +453,9 @@ class ForgeryDataset(Dataset):
             "name": os.path.basename(self.samples[index][0]),
             "size": torch.tensor(orig_hw, dtype=torch.int64),
         }
+        if copies is not None:
+            item["copy_move"] = torch.from_numpy((mask >> 1).astype(np.float32))
+        return item
 
     @staticmethod
     def _apply(fn, name, img, mask, rng):

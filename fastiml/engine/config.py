@@ -53,6 +53,7 @@ Sections and keys (every key is optional; the defaults are in :data:`DEFAULTS`):
     overlap = 96                    # pixels shared by neighbouring tiles (blended; see engine.inference)
     image_score = "max"             # image score of image_auc / image_acc: max, topk, area, mean, weighted, contrast (fastiml.metrics.image_scores)
     image_topk = 0.01               # topk / contrast: the mean of this fraction of the map's highest pixels, in (0, 1]
+    copy_move = "keypoints"         # "keypoints": copies found by matching the image with itself fused into the map (fastiml.copy_move); "off"
 
     [output]
     dir = "runs/fastiml"
@@ -74,6 +75,7 @@ import os
 import tomllib
 from typing import Any, Dict, Iterable, Optional
 
+from fastiml.copy_move import COPY_MOVE_MODES
 from fastiml.metrics import DEFAULT_IMAGE_SCORE, DEFAULT_IMAGE_TOPK, IMAGE_SCORES
 
 __all__ = ["DEFAULTS", "ConfigError", "load_config", "read_toml", "apply_override", "validate", "default_config",
@@ -128,6 +130,7 @@ DEFAULTS: Dict[str, Dict[str, Any]] = {
         "overlap": 96,
         "image_score": DEFAULT_IMAGE_SCORE,
         "image_topk": DEFAULT_IMAGE_TOPK,
+        "copy_move": "keypoints",
     },
     "output": {
         "dir": "runs/fastiml",
@@ -147,6 +150,7 @@ CHOICES = {
     ("train", "batchnorm"): ("batch", "frozen", "sync"),
     ("eval", "resolution"): ("native", "train"),
     ("eval", "image_score"): IMAGE_SCORES,
+    ("eval", "copy_move"): COPY_MOVE_MODES,
 }
 POSITIVE = {("data", "size"), ("train", "batch_size"), ("eval", "max_pixels"), ("eval", "tile")}
 AT_MOST_ONE = {("eval", "image_topk")}  # fractions in (0, 1]

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Sampler, default_collate
 
+from fastiml.copy_move import COPY_MOVE_MODES, COPY_MOVE_SCORE, copy_move_regions
 from fastiml.data import ROBUSTNESS_PROTOCOL, Degrade, ForgeryDataset, resize_or_pad
 from fastiml.engine import distributed as D
 from fastiml.engine.checkpoint import unwrap
@@ -26,7 +27,8 @@ from fastiml.engine.precision import autocast, resolve_amp  # re-exported: the o
 from fastiml.metrics import DEFAULT_IMAGE_SCORE, DEFAULT_IMAGE_TOPK, IMLMetrics
 
 __all__ = ["evaluate", "robustness", "predict_image", "resolve_amp", "autocast", "ShardSampler",
-           "REQUIRED_KEYS", "INPUT_FILTERS", "input_filter", "image_score_from_config"]
+           "REQUIRED_KEYS", "INPUT_FILTERS", "input_filter", "image_score_from_config",
+           "copy_move_from_config", "fuse_copy_move"]
 
 #: Keys every metrics.json written by fastiml holds.
 REQUIRED_KEYS = ("pixel_f1", "pixel_iou", "pixel_auc", "image_auc", "image_acc")
@@ -67,6 +69,24 @@ def image_score_from_config(eval_cfg: Dict) -> Dict:
     before the keys existed (old checkpoints) get the defaults."""
     return {"image_score": eval_cfg.get("image_score", DEFAULT_IMAGE_SCORE),
             "image_topk": eval_cfg.get("image_topk", DEFAULT_IMAGE_TOPK)}
+
+
+def copy_move_from_config(eval_cfg: Dict) -> str:
+    """A config's ``eval.copy_move`` ("keypoints" or "off"); configs from before the key
+    existed (old checkpoints) get the default, "keypoints"."""
+    mode = eval_cfg.get("copy_move", "keypoints")
+    if mode not in COPY_MOVE_MODES:
+        raise ValueError(f"eval.copy_move must be one of {', '.join(COPY_MOVE_MODES)}, got {mode!r}")
+    return mode
+
+
+def fuse_copy_move(prob, copies):
+    """A network's tampering map with copy-move regions (:mod:`fastiml.copy_move`) fused in:
+    the larger of the two, a found copy counting as :data:`COPY_MOVE_SCORE`. Tensors or arrays of
+    one shape."""
+    if isinstance(prob, torch.Tensor):
+        return torch.maximum(prob, copies.to(prob.dtype) * COPY_MOVE_SCORE)
+    return np.maximum(prob, copies.astype(prob.dtype) * COPY_MOVE_SCORE)
 
 
 class ShardSampler(Sampler):
@@ -144,6 +164,9 @@ def evaluate(model: nn.Module, method, dataset: Dataset, *, batch_size: int = 8,
         image_score, image_topk: the image score of ``image_auc`` / ``image_acc`` (config keys
             ``eval.image_score``, ``eval.image_topk``; see :class:`fastiml.metrics.IMLMetrics`).
 
+    Items with a ``copy_move`` map (``ForgeryDataset(copy_move="keypoints")``) are scored on the
+    network's map fused with it (:func:`fuse_copy_move`); ``on_batch`` sees the fused map.
+
     An item that cannot be read (a file removed or corrupted after the data set was listed) is a
     ValueError naming the file, whatever ``num_workers``: a ForgeryDataset's training behaviour,
     the next readable item in its place, would count one image twice, miss another, and give
@@ -178,6 +201,8 @@ def evaluate(model: nn.Module, method, dataset: Dataset, *, batch_size: int = 8,
                 prob = (method.predict(net, x) if tiling is None
                         else predict_tiled(lambda t: method.predict(net, t), x, tiling))
             prob = prob.float().clamp_(0.0, 1.0)
+            if "copy_move" in batch:  # ForgeryDataset(copy_move="keypoints")
+                prob = fuse_copy_move(prob, batch["copy_move"][:, None])
             metrics.update(prob, batch["mask"], batch.get("valid"))
             if on_batch is not None:
                 on_batch(batch, prob)
@@ -190,12 +215,13 @@ def evaluate(model: nn.Module, method, dataset: Dataset, *, batch_size: int = 8,
 
 
 def robustness(model: nn.Module, method, source, *, size: int, mode: str,
-               protocol: Optional[Dict[str, List[float]]] = None,
+               protocol: Optional[Dict[str, List[float]]] = None, copy_move: str = "off",
                log: Optional[Callable[[str], None]] = None, **eval_kwargs) -> Dict[str, Dict[str, Dict]]:
     """The robustness sweep: ``evaluate`` on ``source`` degraded at each protocol level.
 
     Degradations are applied at the original resolution, before resize / pad, reproducibly
     (noise seeded per image). ``protocol`` defaults to :data:`fastiml.data.ROBUSTNESS_PROTOCOL`.
+    ``copy_move``: as :class:`fastiml.data.ForgeryDataset`'s (matched on the degraded image).
 
     Returns ``{kind: {str(level): metrics}}``.
     """
@@ -205,7 +231,7 @@ def robustness(model: nn.Module, method, source, *, size: int, mode: str,
         out[kind] = {}
         for level in levels:
             ds = ForgeryDataset(source, size=size, mode=mode, degrade=Degrade(kind, level),
-                                check="header")
+                                check="header", copy_move=copy_move)
             m = evaluate(model, method, ds, **eval_kwargs)
             out[kind][str(level)] = m
             if log is not None:
@@ -224,7 +250,8 @@ def _fmt(x) -> str:
 @torch.no_grad()
 def predict_image(model: nn.Module, method, img: np.ndarray, *, size: int, mode: str,
                   device: Optional[torch.device] = None, amp: str = "off",
-                  input_filter_kind: str = "none", tiling: Optional[Tiling] = None) -> np.ndarray:
+                  input_filter_kind: str = "none", tiling: Optional[Tiling] = None,
+                  copy_move: str = "off") -> np.ndarray:
     """Tampering probability of one image at its original resolution.
 
     Args:
@@ -234,11 +261,15 @@ def predict_image(model: nn.Module, method, img: np.ndarray, *, size: int, mode:
         tiling: None: the image is brought to ``size`` by ``mode`` (as in training). A
             :class:`fastiml.engine.inference.Tiling`: the network sees the image's own pixels,
             in blended tiles when it is large (``size`` and ``mode`` are then not used).
+        copy_move: "keypoints": the map is fused (:func:`fuse_copy_move`) with the image's
+            copy-move regions, found at its own resolution; "off": the network's map alone.
 
     Returns:
         float32 [H, W] in [0, 1]: the network's map, cropped to the real pixels (``pad``) and
         resized back to H x W (bilinear).
     """
+    if copy_move not in COPY_MOVE_MODES:
+        raise ValueError(f"copy_move must be one of {', '.join(COPY_MOVE_MODES)}, got {copy_move!r}")
     net = unwrap(model)
     if device is None:
         p = next(net.parameters(), None)
@@ -261,4 +292,7 @@ def predict_image(model: nn.Module, method, img: np.ndarray, *, size: int, mode:
     prob = prob[: rows[-1] + 1, : cols[-1] + 1]  # the real pixels (all of them for "resize")
     if prob.shape != (h, w):
         prob = cv2.resize(prob, (w, h), interpolation=cv2.INTER_LINEAR)
-    return np.clip(prob, 0.0, 1.0).astype(np.float32)
+    prob = np.clip(prob, 0.0, 1.0).astype(np.float32)
+    if copy_move == "keypoints":
+        prob = fuse_copy_move(prob, copy_move_regions(img))
+    return prob

@@ -63,7 +63,8 @@ from fastiml.data import Augment, ForgeryDataset
 from fastiml.engine import distributed as D
 from fastiml.engine.checkpoint import load_checkpoint, save_checkpoint, unwrap
 from fastiml.engine.config import ConfigError, config_to_toml
-from fastiml.engine.evaluate import evaluate, image_score_from_config, input_filter
+from fastiml.engine.evaluate import (copy_move_from_config, evaluate, image_score_from_config,
+                                     input_filter)
 from fastiml.engine.guards import (GlobalState, StopSignals, TrainingDiverged, TrainingInterrupted,
                                    ignore_interrupts_in_worker, non_finite_weights,
                                    remove_stale_temp_files, skipped_files)
@@ -184,13 +185,16 @@ def _has_source(src) -> bool:
     return bool(src) if not isinstance(src, list) else len(src) > 0
 
 
-def build_dataset(source, data_cfg: Dict, train: bool) -> Dataset:
+def build_dataset(source, data_cfg: Dict, train: bool, copy_move: str = "off") -> Dataset:
     """The training (``train=True``: augmentation / preload as configured) or evaluation data set
-    of ``source`` under the config's ``[data]`` table."""
+    of ``source`` under the config's ``[data]`` table; ``copy_move`` (evaluation sets only) as
+    :class:`ForgeryDataset`'s, e.g. ``copy_move_from_config(cfg["eval"])``."""
     size, mode = data_cfg["size"], data_cfg["mode"]
     on_error = data_cfg.get("on_error", "warn")
     if not train:
-        return ForgeryDataset(source, size=size, mode=mode, on_error=on_error)
+        return ForgeryDataset(source, size=size, mode=mode, on_error=on_error, copy_move=copy_move)
+    if copy_move != "off":
+        raise ValueError(f"copy_move is for evaluation sets (train=False), got {copy_move!r}")
     if data_cfg["preload"]:
         return InMemoryDataset(ForgeryDataset(source, size=size, mode=mode, on_error=on_error),
                                augment=data_cfg["augment"])
@@ -488,9 +492,12 @@ class _Run:
         if not _has_source(dc["train"]):
             raise ConfigError("no training data: set data.train (a JSON list or a Tp/Gt folder)")
         self.train_set = build_dataset(dc["train"], dc, train=True)
-        self.val_set = build_dataset(dc["val"], dc, train=False) if _has_source(dc["val"]) else None
-        self.test_set = (build_dataset(dc["test"], dc, train=False) if _has_source(dc["test"])
-                         else None)
+        # Validation and test are scored as `fastiml eval` scores the checkpoint (eval.copy_move).
+        copy_move = copy_move_from_config(self.cfg["eval"])
+        self.val_set = (build_dataset(dc["val"], dc, train=False, copy_move=copy_move)
+                        if _has_source(dc["val"]) else None)
+        self.test_set = (build_dataset(dc["test"], dc, train=False, copy_move=copy_move)
+                         if _has_source(dc["test"]) else None)
         bs = tc["batch_size"]
         self.sampler = _EpochSampler(self.train_set, info.rank, info.world_size, tc["seed"])
         workers = 0 if isinstance(self.train_set, InMemoryDataset) else dc["num_workers"]
