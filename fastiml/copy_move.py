@@ -84,7 +84,7 @@ def _transforms(P: np.ndarray, Q: np.ndarray, min_matches: int) -> List[Tuple[np
     A pair is unordered: each is tried both ways against a fitted M."""
     found = []
     for _ in range(_MAX_TRANSFORMS):
-        if len(P) < max(min_matches, 2):
+        if len(P) < min_matches:
             break
         # Orient pairs by a half-plane for RANSAC (a shift's pairs then agree); the pairs a
         # rotation flips are recovered below by trying both directions.
@@ -175,9 +175,8 @@ def copy_move_regions(image: np.ndarray, *, ratio: float = 0.6, min_ncc: float =
     if isinstance(max_side, bool) or not isinstance(max_side, int) or max_side < 64:
         raise ValueError(f"max_side must be an int >= 64, got {max_side!r}")
     h0, w0 = gray.shape
-    out = np.zeros((h0, w0), np.uint8)
     if min(h0, w0) < 16:
-        return out
+        return np.zeros((h0, w0), np.uint8)
     f = min(1.0, max_side / max(h0, w0))
     if f < 1.0:
         gray = cv2.resize(gray, (max(1, round(w0 * f)), max(1, round(h0 * f))),
@@ -187,16 +186,15 @@ def copy_move_regions(image: np.ndarray, *, ratio: float = 0.6, min_ncc: float =
     min_offset = max(10.0, 0.03 * max(h, w))
     min_area = max(64, int(0.002 * h * w))
     P, Q = _matched_pairs(gray, ratio, min_offset)
-    grey = gray.astype(np.float32)
+    gray_f = gray.astype(np.float32)
     found = np.zeros((h, w), np.uint8)
     for M, src, dst in _transforms(P, Q, min_matches):
         scale = math.sqrt(abs(float(np.linalg.det(M[:, :2]))))
         if not _SCALES[0] <= scale <= _SCALES[1]:
             continue
-        found |= _verified_copy(grey, M, src, min_ncc, min_offset, min_area)
-        found |= _verified_copy(grey, cv2.invertAffineTransform(M), dst, min_ncc, min_offset,
+        found |= _verified_copy(gray_f, M, src, min_ncc, min_offset, min_area)
+        found |= _verified_copy(gray_f, cv2.invertAffineTransform(M), dst, min_ncc, min_offset,
                                 min_area)
     if f < 1.0:
         found = cv2.resize(found, (w0, h0), interpolation=cv2.INTER_NEAREST)
-    out[:] = found
-    return out
+    return found
