@@ -203,3 +203,27 @@ def test_config_key():
     assert copy_move_from_config({"copy_move": "off"}) == "off"
     with pytest.raises(ValueError, match="eval.copy_move must be one of keypoints, off"):
         copy_move_from_config({"copy_move": True})
+
+
+def test_training_scores_test_with_the_matching_and_val_without(tmp_path):
+    """train's final test score is `fastiml eval`'s (eval.copy_move); its val score, taken every
+    train.eval_every steps, watches the network alone (the matching does not change as it trains)."""
+    from fastiml.data import synthesize
+    from fastiml.engine import load_config, model_from_checkpoint, train
+    _write_set(tmp_path / "cm")
+    synthesize(tmp_path / "train", 4, size=32, seed=3, authentic_fraction=0.25)
+    cm = str(tmp_path / "cm")
+    cfg = load_config(None, [f"data.train={tmp_path / 'train' / 'list.json'}", f"data.val={cm}",
+                             f"data.test={cm}", "data.size=32", "data.augment=false",
+                             "data.num_workers=0", "train.method=bce", "train.steps=1",
+                             "train.batch_size=4", "train.threads=1", "train.progress=false",
+                             f"output.dir={tmp_path / 'run'}"])
+    cfg["method"] = {"model": {"encoder": "resnet18", "base_width": 8, "decoder_channels": 16}}
+    got = train(cfg)["metrics"]
+    model, method, _ = model_from_checkpoint(tmp_path / "run" / "model.pt")
+    want = {mode: evaluate(model, method, ForgeryDataset(cm, size=32, copy_move=mode))
+            for mode in ("keypoints", "off")}
+    assert want["keypoints"]["pixel_auc"] != pytest.approx(want["off"]["pixel_auc"], abs=1e-3)
+    for key in ("pixel_auc", "pixel_f1", "image_auc"):
+        assert got["test"][key] == pytest.approx(want["keypoints"][key], abs=1e-6)
+        assert got["val"][key] == pytest.approx(want["off"][key], abs=1e-6)

@@ -492,11 +492,12 @@ class _Run:
         if not _has_source(dc["train"]):
             raise ConfigError("no training data: set data.train (a JSON list or a Tp/Gt folder)")
         self.train_set = build_dataset(dc["train"], dc, train=True)
-        # Validation and test are scored as `fastiml eval` scores the checkpoint (eval.copy_move).
-        copy_move = copy_move_from_config(self.cfg["eval"])
-        self.val_set = (build_dataset(dc["val"], dc, train=False, copy_move=copy_move)
-                        if _has_source(dc["val"]) else None)
-        self.test_set = (build_dataset(dc["test"], dc, train=False, copy_move=copy_move)
+        # Validation (every train.eval_every steps) watches the network alone: copy-move matching
+        # does not change as it trains, and would be recomputed on every image each time. Test
+        # is scored once, as `fastiml eval` scores the checkpoint (eval.copy_move).
+        self.val_set = build_dataset(dc["val"], dc, train=False) if _has_source(dc["val"]) else None
+        self.test_set = (build_dataset(dc["test"], dc, train=False,
+                                       copy_move=copy_move_from_config(self.cfg["eval"]))
                          if _has_source(dc["test"]) else None)
         bs = tc["batch_size"]
         self.sampler = _EpochSampler(self.train_set, info.rank, info.world_size, tc["seed"])
