@@ -31,7 +31,7 @@ from typing import List, Tuple
 import cv2
 import numpy as np
 
-__all__ = ["COPY_MOVE_MODES", "COPY_MOVE_SCORE", "copy_move_regions"]
+__all__ = ["COPY_MOVE_MODES", "COPY_MOVE_SCORE", "check_mode", "copy_move_regions"]
 
 #: ``eval.copy_move`` values: "keypoints" (this module) or "off".
 COPY_MOVE_MODES = ("keypoints", "off")
@@ -43,6 +43,13 @@ _RANSAC_PX = 3.0  # reprojection error of a pair that fits a transform
 _NCC_WINDOW = 7
 _MIN_VARIANCE = 4.0  # grey levels^2: below it a window is flat and verifies nothing
 _SCALES = (0.5, 2.0)  # scale range of an accepted transform
+
+
+def check_mode(mode, name: str = "copy_move") -> str:
+    """``mode`` when it is one of :data:`COPY_MOVE_MODES`, else a ValueError naming ``name``."""
+    if mode not in COPY_MOVE_MODES:
+        raise ValueError(f"{name} must be one of {', '.join(COPY_MOVE_MODES)}, got {mode!r}")
+    return mode
 
 
 def _check_image(image) -> np.ndarray:

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from torch.utils.data import ConcatDataset, Dataset, Sampler
 
-from ..copy_move import COPY_MOVE_MODES, copy_move_regions
+from ..copy_move import check_mode, copy_move_regions
 from .transforms import resize_or_pad
 
 __all__ = ["ForgeryDataset", "BalancedSampler", "read_image", "read_mask", "image_size",
@@ -312,8 +312,7 @@ class ForgeryDataset(Dataset):
             raise ValueError(f"on_error must be 'warn' or 'raise', got {on_error!r}")
         if check not in ("full", "header", "none"):
             raise ValueError(f"check must be 'full', 'header' or 'none', got {check!r}")
-        if copy_move not in COPY_MOVE_MODES:
-            raise ValueError(f"copy_move must be one of {', '.join(COPY_MOVE_MODES)}, got {copy_move!r}")
+        check_mode(copy_move)
         for name, fn in (("augment", augment), ("degrade", degrade)):
             if fn is not None and not callable(fn):
                 raise ValueError(f"{name} must be None or a callable (img, mask, rng) -> (img, mask), "

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Sampler, default_collate
 
-from fastiml.copy_move import COPY_MOVE_MODES, COPY_MOVE_SCORE, copy_move_regions
+from fastiml.copy_move import COPY_MOVE_SCORE, check_mode, copy_move_regions
 from fastiml.data import ROBUSTNESS_PROTOCOL, Degrade, ForgeryDataset, resize_or_pad
 from fastiml.engine import distributed as D
 from fastiml.engine.checkpoint import unwrap
@@ -74,10 +74,7 @@ def image_score_from_config(eval_cfg: Dict) -> Dict:
 def copy_move_from_config(eval_cfg: Dict) -> str:
     """A config's ``eval.copy_move`` ("keypoints" or "off"); configs from before the key
     existed (old checkpoints) get the default, "keypoints"."""
-    mode = eval_cfg.get("copy_move", "keypoints")
-    if mode not in COPY_MOVE_MODES:
-        raise ValueError(f"eval.copy_move must be one of {', '.join(COPY_MOVE_MODES)}, got {mode!r}")
-    return mode
+    return check_mode(eval_cfg.get("copy_move", "keypoints"), "eval.copy_move")
 
 
 def fuse_copy_move(prob, copies):
@@ -268,8 +265,7 @@ def predict_image(model: nn.Module, method, img: np.ndarray, *, size: int, mode:
         float32 [H, W] in [0, 1]: the network's map, cropped to the real pixels (``pad``) and
         resized back to H x W (bilinear).
     """
-    if copy_move not in COPY_MOVE_MODES:
-        raise ValueError(f"copy_move must be one of {', '.join(COPY_MOVE_MODES)}, got {copy_move!r}")
+    check_mode(copy_move)
     net = unwrap(model)
     if device is None:
         p = next(net.parameters(), None)
