@@ -242,6 +242,33 @@ def test_frozen_batchnorm_keeps_running_stats(data, tmp_path):
     assert means and all(torch.count_nonzero(m) == 0 for m in means)
 
 
+def test_backbone_lr_mult_slows_only_the_encoder(data, tmp_path):
+    """train.backbone_lr_mult = 0: the encoder's weights stay where they started (same seed, so
+    two runs of different lengths agree on them) while the rest trains; at 1 they move."""
+    def weights(mult, steps):
+        out = tmp_path / f"m{mult}_{steps}"
+        train(tiny_cfg(data, out, "ncl", steps=steps, backbone_lr_mult=mult))
+        state = load_checkpoint(out / "model.pt")["model"]
+        split = lambda head: {k: v for k, v in state.items()
+                              if k.startswith("backbone.") != head and v.is_floating_point()
+                              and "running_" not in k}
+        return split(False), split(True)
+    (enc2, head2), (enc4, head4) = weights(0.0, 2), weights(0.0, 4)
+    assert enc2 and all(torch.equal(enc2[k], enc4[k]) for k in enc2)
+    assert any(not torch.equal(head2[k], head4[k]) for k in head2)
+    (enc2, _), (enc4, _) = weights(1.0, 2), weights(1.0, 4)
+    assert any(not torch.equal(enc2[k], enc4[k]) for k in enc2)
+    with pytest.raises(ConfigError, match="train.backbone_lr_mult"):
+        load_config(None, ["train.backbone_lr_mult=-1"])
+    # the optimiser's state is per group: a resume must keep the value, or be told so
+    ckpt = tmp_path / "m0.0_2" / "model.pt"
+    with pytest.raises(ConfigError, match="backbone_lr_mult = 0.0, not 1.0"):
+        train(tiny_cfg(data, tmp_path / "r1", "ncl", steps=4, backbone_lr_mult=1.0), resume=str(ckpt))
+    train(tiny_cfg(data, tmp_path / "r0", "ncl", steps=4, backbone_lr_mult=0.0), resume=str(ckpt))
+    assert torch.equal(load_checkpoint(tmp_path / "r0" / "model.pt")["model"]["backbone.trunk.stem.0.weight"],
+                       load_checkpoint(ckpt)["model"]["backbone.trunk.stem.0.weight"])
+
+
 # --------------------------------------------------------------------------- evaluate, predict
 def test_evaluate_and_predict_from_checkpoint(data, tmp_path):
     out = tmp_path / "run"

@@ -26,6 +26,7 @@ Sections and keys (every key is optional; the defaults are in :data:`DEFAULTS`):
     weight_decay = 1e-4             # AdamW; not applied to biases and normalisation weights
     warmup_steps = 100              # linear warm-up at the start of every stage
     min_lr_ratio = 0.0              # the cosine ends at lr * min_lr_ratio
+    backbone_lr_mult = 1.0          # the encoder (model.backbone) trains at lr * this: < 1 keeps more of the weights train.init loaded
     amp = "auto"                    # "bf16", "fp16" (GradScaler), "off"; "auto" = bf16 on a CUDA GPU that has it, else off
     seed = 0
     grad_clip = 1.0                 # max global gradient norm (0 = no clipping)
@@ -106,6 +107,7 @@ DEFAULTS: Dict[str, Dict[str, Any]] = {
         "weight_decay": 1e-4,
         "warmup_steps": 100,
         "min_lr_ratio": 0.0,
+        "backbone_lr_mult": 1.0,
         "amp": "auto",
         "seed": 0,
         "grad_clip": 1.0,
@@ -160,7 +162,7 @@ NON_NEGATIVE = {("data", "num_workers"), ("data", "source_n"), ("train", "epochs
                 ("train", "grad_clip"), ("train", "log_every"), ("train", "ckpt_every"),
                 ("train", "ckpt_minutes"), ("train", "max_nonfinite_steps"),
                 ("train", "eval_every"), ("train", "eval_batch_size"), ("train", "threads"),
-                ("eval", "overlap")}
+                ("train", "backbone_lr_mult"), ("eval", "overlap")}
 
 
 class ConfigError(ValueError):

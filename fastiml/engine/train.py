@@ -324,14 +324,18 @@ def _set_train_mode(model: nn.Module, batchnorm: str) -> None:
                 m.eval()
 
 
-def _param_groups(params: Sequence[nn.Parameter], weight_decay: float) -> List[Dict]:
-    decay = [p for p in params if p.ndim > 1]
-    no_decay = [p for p in params if p.ndim <= 1]
+def _param_groups(params: Sequence[nn.Parameter], weight_decay: float, lr: float,
+                  backbone: Sequence[nn.Parameter] = (), backbone_lr_mult: float = 1.0) -> List[Dict]:
+    """AdamW groups: no decay on biases and normalisation weights; ``backbone`` at
+    ``lr * backbone_lr_mult``."""
+    slow = {id(p) for p in backbone} if backbone_lr_mult != 1.0 else set()
     groups = []
-    if decay:
-        groups.append({"params": decay, "weight_decay": weight_decay})
-    if no_decay:
-        groups.append({"params": no_decay, "weight_decay": 0.0})
+    for scaled in (False, True):
+        for decayed in (True, False):
+            ps = [p for p in params if (p.ndim > 1) == decayed and (id(p) in slow) == scaled]
+            if ps:
+                groups.append({"params": ps, "weight_decay": weight_decay if decayed else 0.0,
+                               "lr": lr * (backbone_lr_mult if scaled else 1.0)})
     return groups
 
 
@@ -467,6 +471,11 @@ class _Run:
             raise ConfigError(f"checkpoint {resume} was trained with method "
                               f"{state['method']['name']!r} and other [method] options; resume it "
                               "with its own configuration (omit --config)")
+        saved = state.get("config", {}).get("train", {}).get("backbone_lr_mult", 1.0)
+        if saved != self.tc["backbone_lr_mult"]:  # the optimiser's state is kept per group
+            raise ConfigError(f"checkpoint {resume} was trained with train.backbone_lr_mult = "
+                              f"{saved}, not {self.tc['backbone_lr_mult']}; resume it with its own "
+                              "value")
         return state
 
     def _build_model(self) -> nn.Module:
@@ -597,7 +606,11 @@ class _Run:
             net = nn.parallel.DistributedDataParallel(
                 self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None,
                 find_unused_parameters=tc["find_unused_parameters"])
-        optimizer = torch.optim.AdamW(_param_groups(params, tc["weight_decay"]), lr=tc["lr"])
+        backbone = getattr(self.model, "backbone", None)
+        optimizer = torch.optim.AdamW(
+            _param_groups(params, tc["weight_decay"], tc["lr"],
+                          () if backbone is None else list(backbone.parameters()),
+                          tc["backbone_lr_mult"]), lr=tc["lr"])
         scheduler = WarmupCosine(optimizer, total, tc["warmup_steps"], tc["min_lr_ratio"])
         scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
         if resumed_here and state.get("optimizer") is not None and step > 0:
